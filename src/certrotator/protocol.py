@@ -1,0 +1,347 @@
+"""The rotation protocol: the one place for topics, the job document, statuses and message shapes.
+
+Both sides (device agent and backend, AWS and local) import these; nothing else spells a topic.
+See DESIGN.md §2 for the message sequence.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any, Final
+
+JOB_DOCUMENT: Final[dict[str, str]] = {"operation": "ROTATE_CERTIFICATE"}
+
+# Keys inside a job execution's statusDetails. The terminal rule selects on STATUS_DETAILS_KEY,
+# so a device must always set it when it touches a rotation execution.
+STATUS_DETAILS_KEY: Final = "CertificateRotator"
+FAILURE_REASON_KEY: Final = "DeviceFailureReason"
+
+MAX_CSR_BYTES: Final = 16 * 1024
+# AWS IoT's MQTT payload limit; anything larger cannot be a legitimate request.
+MAX_PAYLOAD_BYTES: Final = 128 * 1024
+MAX_JOB_ID_LENGTH: Final = 64
+
+_JOB_ID_RE: Final = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
+_THING_NAME_RE: Final = re.compile(r"^[a-zA-Z0-9:_-]{1,128}$")
+
+
+class ProtocolError(ValueError):
+    """A message or topic that does not follow the contract; the text says exactly what is wrong."""
+
+
+class JobExecutionStatus(StrEnum):
+    QUEUED = "QUEUED"
+    IN_PROGRESS = "IN_PROGRESS"
+    SUCCEEDED = "SUCCEEDED"
+    FAILED = "FAILED"
+    TIMED_OUT = "TIMED_OUT"
+    REJECTED = "REJECTED"
+    REMOVED = "REMOVED"
+    CANCELED = "CANCELED"
+
+    @property
+    def is_terminal(self) -> bool:
+        return self not in (JobExecutionStatus.QUEUED, JobExecutionStatus.IN_PROGRESS)
+
+
+class RotationProgress(StrEnum):
+    """How far the backend has carried a thing's rotation (kept in the rotation-state store)."""
+
+    CREATED = "created"
+    COMMITTED = "committed"
+
+
+def is_rotation_document(document: object) -> bool:
+    return document == JOB_DOCUMENT
+
+
+def validate_thing_name(thing: str) -> str:
+    if not _THING_NAME_RE.match(thing):
+        raise ProtocolError(f"invalid thing name {thing!r}: 1-128 of [a-zA-Z0-9:_-]")
+    return thing
+
+
+def validate_job_id(job_id: object) -> str:
+    if not isinstance(job_id, str) or not _JOB_ID_RE.match(job_id):
+        raise ProtocolError(f"invalid jobId {job_id!r}: 1-{MAX_JOB_ID_LENGTH} of [a-zA-Z0-9_-]")
+    return job_id
+
+
+# --------------------------------------------------------------------------------------------- topics
+
+_JOBS = "$aws/things/{thing}/jobs"
+_CERT = "awslabs/things/{thing}/certificate"
+
+
+class Topics:
+    """Topic builders. Reply topics are the request topic plus `/accepted` or `/rejected`."""
+
+    @staticmethod
+    def notify_next(thing: str) -> str:
+        return f"{_JOBS.format(thing=thing)}/notify-next"
+
+    @staticmethod
+    def next_get(thing: str) -> str:
+        return f"{_JOBS.format(thing=thing)}/$next/get"
+
+    @staticmethod
+    def job_get(thing: str, job_id: str) -> str:
+        return f"{_JOBS.format(thing=thing)}/{job_id}/get"
+
+    @staticmethod
+    def job_update(thing: str, job_id: str) -> str:
+        return f"{_JOBS.format(thing=thing)}/{job_id}/update"
+
+    @staticmethod
+    def create(thing: str) -> str:
+        return f"{_CERT.format(thing=thing)}/create"
+
+    @staticmethod
+    def commit(thing: str) -> str:
+        return f"{_CERT.format(thing=thing)}/commit"
+
+    @staticmethod
+    def accepted(topic: str) -> str:
+        return f"{topic}/accepted"
+
+    @staticmethod
+    def rejected(topic: str) -> str:
+        return f"{topic}/rejected"
+
+    @staticmethod
+    def job_execution_event(job_id: str, status: JobExecutionStatus) -> str:
+        # AWS IoT publishes e.g. $aws/events/jobExecution/{jobId}/timed_out
+        return f"$aws/events/jobExecution/{job_id}/{status.value.lower()}"
+
+    @staticmethod
+    def device_subscriptions(thing: str) -> list[str]:
+        """Every topic filter the device agent subscribes to (and the recipe grants)."""
+        jobs, cert = _JOBS.format(thing=thing), _CERT.format(thing=thing)
+        return [
+            f"{jobs}/notify-next",
+            f"{jobs}/+/get/accepted",
+            f"{jobs}/+/get/rejected",
+            f"{jobs}/+/update/accepted",
+            f"{jobs}/+/update/rejected",
+            f"{cert}/create/accepted",
+            f"{cert}/create/rejected",
+            f"{cert}/commit/accepted",
+            f"{cert}/commit/rejected",
+        ]
+
+
+class TopicKind(StrEnum):
+    NOTIFY_NEXT = "notify-next"
+    GET = "get"
+    UPDATE = "update"
+    CREATE = "create"
+    COMMIT = "commit"
+    JOB_EXECUTION_EVENT = "job-execution-event"
+
+
+class Reply(StrEnum):
+    ACCEPTED = "accepted"
+    REJECTED = "rejected"
+
+
+@dataclass(frozen=True, slots=True)
+class ParsedTopic:
+    kind: TopicKind
+    thing: str | None
+    job_id: str | None = None  # "$next" for $next/get
+    reply: Reply | None = None
+    status: str | None = None  # job execution events only
+
+
+def parse_topic(topic: str) -> ParsedTopic:
+    """Classify a protocol topic; raises ProtocolError for anything outside the contract."""
+    parts = topic.split("/")
+    reply: Reply | None = None
+    if parts[-1] in (Reply.ACCEPTED, Reply.REJECTED):
+        reply = Reply(parts[-1])
+        parts = parts[:-1]
+    if len(parts) == 5 and parts[:2] == ["$aws", "things"] and parts[3] == "jobs":
+        if parts[4] == "notify-next" and reply is None:
+            return ParsedTopic(TopicKind.NOTIFY_NEXT, validate_thing_name(parts[2]))
+    if len(parts) == 6 and parts[:2] == ["$aws", "things"] and parts[3] == "jobs":
+        thing, job_id, verb = validate_thing_name(parts[2]), parts[4], parts[5]
+        if job_id != "$next":
+            validate_job_id(job_id)
+        if verb == "get":
+            return ParsedTopic(TopicKind.GET, thing, job_id, reply)
+        if verb == "update" and job_id != "$next":
+            return ParsedTopic(TopicKind.UPDATE, thing, job_id, reply)
+    if len(parts) == 5 and parts[:2] == ["awslabs", "things"] and parts[3] == "certificate":
+        if parts[4] in ("create", "commit"):
+            return ParsedTopic(TopicKind(parts[4]), validate_thing_name(parts[2]), None, reply)
+    if len(parts) == 5 and parts[:3] == ["$aws", "events", "jobExecution"] and reply is None:
+        return ParsedTopic(TopicKind.JOB_EXECUTION_EVENT, None, validate_job_id(parts[3]), None, parts[4])
+    raise ProtocolError(f"topic {topic!r} is not part of the rotation protocol")
+
+
+# ------------------------------------------------------------------------------------------- payloads
+
+
+def decode_json_object(payload: bytes | str | dict[str, Any], what: str) -> dict[str, Any]:
+    """Decode a payload into a JSON object, with a message naming the message type on failure."""
+    if isinstance(payload, dict):
+        return payload
+    if len(payload) > MAX_PAYLOAD_BYTES:
+        raise ProtocolError(f"{what}: payload of {len(payload)} bytes exceeds {MAX_PAYLOAD_BYTES}")
+    try:
+        value = json.loads(payload)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ProtocolError(f"{what}: payload is not valid JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise ProtocolError(f"{what}: payload must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+def encode(message: dict[str, Any]) -> bytes:
+    return json.dumps(message, separators=(",", ":")).encode()
+
+
+@dataclass(frozen=True, slots=True)
+class CreateCertificateRequest:
+    job_id: str
+    csr: str
+
+    @classmethod
+    def parse(cls, payload: bytes | str | dict[str, Any]) -> CreateCertificateRequest:
+        body = decode_json_object(payload, "create-certificate request")
+        job_id = validate_job_id(body.get("jobId"))
+        csr = body.get("csr")
+        if not isinstance(csr, str) or not csr:
+            raise ProtocolError("create-certificate request: 'csr' must be a non-empty PEM string")
+        if len(csr.encode()) > MAX_CSR_BYTES:
+            raise ProtocolError(f"create-certificate request: CSR exceeds {MAX_CSR_BYTES} bytes")
+        return cls(job_id, csr)
+
+    def to_payload(self) -> dict[str, Any]:
+        return {"jobId": self.job_id, "csr": self.csr}
+
+
+@dataclass(frozen=True, slots=True)
+class CommitCertificateRequest:
+    job_id: str
+
+    @classmethod
+    def parse(cls, payload: bytes | str | dict[str, Any]) -> CommitCertificateRequest:
+        body = decode_json_object(payload, "commit-certificate request")
+        return cls(validate_job_id(body.get("jobId")))
+
+    def to_payload(self) -> dict[str, Any]:
+        return {"jobId": self.job_id}
+
+
+def certificate_accepted(certificate_pem: str) -> dict[str, Any]:
+    return {"certificatePem": certificate_pem}
+
+
+def commit_accepted() -> dict[str, Any]:
+    return {}
+
+
+def rejected(error_msg: str) -> dict[str, Any]:
+    return {"errorMsg": error_msg}
+
+
+def parse_certificate_accepted(payload: bytes | str | dict[str, Any]) -> str:
+    body = decode_json_object(payload, "create-certificate reply")
+    pem = body.get("certificatePem")
+    if not isinstance(pem, str) or "BEGIN CERTIFICATE" not in pem:
+        raise ProtocolError("create-certificate reply: 'certificatePem' must be a PEM certificate")
+    return pem
+
+
+def parse_rejected(payload: bytes | str | dict[str, Any]) -> str:
+    body = decode_json_object(payload, "rejected reply")
+    msg = body.get("errorMsg", body.get("message"))
+    return str(msg) if msg is not None else "no reason given"
+
+
+# ---------------------------------------------------------------------------- backend request envelope
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerContext:
+    """What the broker knows of a request and the device cannot forge (the IoT rule adds it)."""
+
+    thing: str
+    client_id: str
+    principal: str  # certificate id of the TLS connection
+    topic: str
+
+    @classmethod
+    def from_event(cls, event: dict[str, Any]) -> BrokerContext:
+        missing = [k for k in ("thingName", "clientId", "principal", "topic") if not event.get(k)]
+        if missing:
+            raise ProtocolError(f"request event lacks broker context: {', '.join(missing)}")
+        return cls(
+            thing=validate_thing_name(str(event["thingName"])),
+            client_id=str(event["clientId"]),
+            principal=str(event["principal"]).lower(),
+            topic=str(event["topic"]),
+        )
+
+    def to_event_fields(self) -> dict[str, str]:
+        return {
+            "thingName": self.thing,
+            "clientId": self.client_id,
+            "principal": self.principal,
+            "topic": self.topic,
+        }
+
+
+# ------------------------------------------------------------------------------------ jobs payloads
+
+
+def status_update(
+    status: JobExecutionStatus, detail: str = "", failure_reason: str | None = None
+) -> dict[str, Any]:
+    """A device's job execution update. statusDetails always carries STATUS_DETAILS_KEY."""
+    details = {STATUS_DETAILS_KEY: detail or status.value}
+    if failure_reason is not None:
+        details[FAILURE_REASON_KEY] = failure_reason[:1024]
+    return {"status": status.value, "statusDetails": details}
+
+
+@dataclass(frozen=True, slots=True)
+class JobExecutionEvent:
+    """A terminal job execution event ($aws/events/jobExecution/...), as the terminal rule forwards it."""
+
+    thing: str
+    job_id: str
+    status: JobExecutionStatus
+    status_details: dict[str, str]
+
+    @classmethod
+    def parse(cls, event: dict[str, Any]) -> JobExecutionEvent:
+        thing_arn = event.get("thingArn")
+        if not isinstance(thing_arn, str) or ":thing/" not in thing_arn:
+            raise ProtocolError(f"job execution event: bad thingArn {thing_arn!r}")
+        try:
+            status = JobExecutionStatus(event.get("status"))
+        except ValueError:
+            raise ProtocolError(f"job execution event: unknown status {event.get('status')!r}") from None
+        details = event.get("statusDetails") or {}
+        if not isinstance(details, dict):
+            raise ProtocolError("job execution event: statusDetails must be an object")
+        return cls(
+            thing=validate_thing_name(thing_arn.split(":thing/", 1)[1]),
+            job_id=validate_job_id(event.get("jobId")),
+            status=status,
+            status_details={str(k): str(v) for k, v in details.items()},
+        )
+
+    def to_event(self, thing_arn_prefix: str = "arn:aws:iot:local:000000000000:thing/") -> dict[str, Any]:
+        return {
+            "eventType": "JOB_EXECUTION",
+            "jobId": self.job_id,
+            "thingArn": f"{thing_arn_prefix}{self.thing}",
+            "status": self.status.value,
+            "statusDetails": dict(self.status_details),
+        }
