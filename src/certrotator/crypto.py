@@ -14,7 +14,7 @@ from enum import StrEnum
 from typing import Any
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
@@ -32,7 +32,9 @@ class Family(StrEnum):
     EC = "EC"
 
 
-_HASHES: dict[str, type[hashes.HashAlgorithm]] = {
+Digest = hashes.SHA256 | hashes.SHA384 | hashes.SHA512
+
+_HASHES: dict[str, type[Digest]] = {
     "SHA256": hashes.SHA256,
     "SHA384": hashes.SHA384,
     "SHA512": hashes.SHA512,
@@ -88,7 +90,7 @@ class SigningAlgorithm(StrEnum):
     def is_pss(self) -> bool:
         return self.value.endswith("ANDMGF1")
 
-    def hash(self) -> hashes.HashAlgorithm:
+    def hash(self) -> Digest:
         name = self.value[:6] if self.family is Family.RSA else self.value[-6:]
         return _HASHES[name]()
 
@@ -116,7 +118,7 @@ class CaSigningAlgorithm(StrEnum):
     def family(self) -> Family:
         return Family.EC if self.value.endswith("ECDSA") else Family.RSA
 
-    def hash(self) -> hashes.HashAlgorithm:
+    def hash(self) -> Digest:
         return _HASHES[self.value[:6]]()
 
 
@@ -190,7 +192,9 @@ def public_key_der(key: CertificatePublicKeyTypes | PrivateKey) -> bytes:
     return public.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
-def same_public_key(a: CertificatePublicKeyTypes | PrivateKey, b: CertificatePublicKeyTypes | PrivateKey) -> bool:
+def same_public_key(
+    a: CertificatePublicKeyTypes | PrivateKey, b: CertificatePublicKeyTypes | PrivateKey
+) -> bool:
     return public_key_der(a) == public_key_der(b)
 
 
@@ -221,15 +225,15 @@ class CsrInfo:
 
 def inspect_csr(pem: str | bytes) -> CsrInfo:
     """Parse a PEM CSR; raises CryptoError if it is not one. Signature validity is reported, not raised."""
-    data = pem.encode() if isinstance(pem, str) else pem
     try:
+        data = pem.encode() if isinstance(pem, str) else pem
         csr = x509.load_pem_x509_csr(data)
         public_key = csr.public_key()
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
         raise CryptoError(f"CSR is not a well-formed PEM certificate signing request ({exc})") from None
     try:
         valid = csr.is_signature_valid
-    except (ValueError, InvalidSignature, TypeError):
+    except (ValueError, InvalidSignature, TypeError, UnsupportedAlgorithm):
         valid = False
     return CsrInfo(csr=csr, public_key=public_key, subject=csr.subject, signature_valid=valid)
 
@@ -238,8 +242,8 @@ def inspect_csr(pem: str | bytes) -> CsrInfo:
 
 
 def load_certificate(pem: str | bytes) -> x509.Certificate:
-    data = pem.encode() if isinstance(pem, str) else pem
     try:
+        data = pem.encode() if isinstance(pem, str) else pem
         return x509.load_pem_x509_certificate(data)
     except ValueError as exc:
         raise CryptoError(f"not a PEM X.509 certificate ({exc})") from None
@@ -280,8 +284,10 @@ class ExternalRSAKey(rsa.RSAPrivateKey):
     def __init__(self, public: rsa.RSAPublicKey, sign: ExternalSign) -> None:
         self._public, self._sign = public, sign
 
-    def sign(self, data: bytes, padding: padding.AsymmetricPadding, algorithm: Any) -> bytes:
-        return self._sign(data, padding, algorithm)
+    def sign(
+        self, data: bytes | bytearray | memoryview, padding: padding.AsymmetricPadding, algorithm: Any
+    ) -> bytes:
+        return self._sign(bytes(data), padding, algorithm)
 
     def public_key(self) -> rsa.RSAPublicKey:
         return self._public
@@ -305,11 +311,13 @@ class ExternalECKey(ec.EllipticCurvePrivateKey):
     def __init__(self, public: ec.EllipticCurvePublicKey, sign: ExternalSign) -> None:
         self._public, self._sign = public, sign
 
-    def sign(self, data: bytes, signature_algorithm: ec.EllipticCurveSignatureAlgorithm) -> bytes:
+    def sign(
+        self, data: bytes | bytearray | memoryview, signature_algorithm: ec.EllipticCurveSignatureAlgorithm
+    ) -> bytes:
         assert isinstance(signature_algorithm, ec.ECDSA)
         algorithm = signature_algorithm.algorithm
         assert isinstance(algorithm, hashes.HashAlgorithm)
-        return self._sign(data, None, algorithm)
+        return self._sign(bytes(data), None, algorithm)
 
     def public_key(self) -> ec.EllipticCurvePublicKey:
         return self._public

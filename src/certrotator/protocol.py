@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import unicodedata
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Final
@@ -59,13 +60,13 @@ def is_rotation_document(document: object) -> bool:
 
 
 def validate_thing_name(thing: str) -> str:
-    if not _THING_NAME_RE.match(thing):
+    if not _THING_NAME_RE.fullmatch(thing):
         raise ProtocolError(f"invalid thing name {thing!r}: 1-128 of [a-zA-Z0-9:_-]")
     return thing
 
 
 def validate_job_id(job_id: object) -> str:
-    if not isinstance(job_id, str) or not _JOB_ID_RE.match(job_id):
+    if not isinstance(job_id, str) or not _JOB_ID_RE.fullmatch(job_id):
         raise ProtocolError(f"invalid jobId {job_id!r}: 1-{MAX_JOB_ID_LENGTH} of [a-zA-Z0-9_-]")
     return job_id
 
@@ -113,7 +114,9 @@ class Topics:
 
     @staticmethod
     def job_execution_event(job_id: str, status: JobExecutionStatus) -> str:
-        # AWS IoT publishes e.g. $aws/events/jobExecution/{jobId}/timed_out
+        # AWS IoT publishes e.g. $aws/events/jobExecution/{jobId}/timed_out, for terminal statuses only
+        if not status.is_terminal:
+            raise ProtocolError(f"no job execution event topic for non-terminal status {status.value}")
         return f"$aws/events/jobExecution/{job_id}/{status.value.lower()}"
 
     @staticmethod
@@ -131,6 +134,9 @@ class Topics:
             f"{cert}/commit/accepted",
             f"{cert}/commit/rejected",
         ]
+
+
+_EVENT_STATUSES: Final = frozenset(s.value.lower() for s in JobExecutionStatus if s.is_terminal)
 
 
 class TopicKind(StrEnum):
@@ -163,10 +169,10 @@ def parse_topic(topic: str) -> ParsedTopic:
     if parts[-1] in (Reply.ACCEPTED, Reply.REJECTED):
         reply = Reply(parts[-1])
         parts = parts[:-1]
-    if len(parts) == 5 and parts[:2] == ["$aws", "things"] and parts[3] == "jobs":
-        if parts[4] == "notify-next" and reply is None:
-            return ParsedTopic(TopicKind.NOTIFY_NEXT, validate_thing_name(parts[2]))
-    if len(parts) == 6 and parts[:2] == ["$aws", "things"] and parts[3] == "jobs":
+    jobs = len(parts) in (5, 6) and parts[:2] == ["$aws", "things"] and parts[3] == "jobs"
+    if jobs and len(parts) == 5 and parts[4] == "notify-next" and reply is None:
+        return ParsedTopic(TopicKind.NOTIFY_NEXT, validate_thing_name(parts[2]))
+    if jobs and len(parts) == 6:
         thing, job_id, verb = validate_thing_name(parts[2]), parts[4], parts[5]
         if job_id != "$next":
             validate_job_id(job_id)
@@ -174,9 +180,9 @@ def parse_topic(topic: str) -> ParsedTopic:
             return ParsedTopic(TopicKind.GET, thing, job_id, reply)
         if verb == "update" and job_id != "$next":
             return ParsedTopic(TopicKind.UPDATE, thing, job_id, reply)
-    if len(parts) == 5 and parts[:2] == ["awslabs", "things"] and parts[3] == "certificate":
-        if parts[4] in ("create", "commit"):
-            return ParsedTopic(TopicKind(parts[4]), validate_thing_name(parts[2]), None, reply)
+    cert = len(parts) == 5 and parts[:2] == ["awslabs", "things"] and parts[3] == "certificate"
+    if cert and parts[4] in ("create", "commit"):
+        return ParsedTopic(TopicKind(parts[4]), validate_thing_name(parts[2]), None, reply)
     if len(parts) == 5 and parts[:3] == ["$aws", "events", "jobExecution"] and reply is None:
         return ParsedTopic(TopicKind.JOB_EXECUTION_EVENT, None, validate_job_id(parts[3]), None, parts[4])
     raise ProtocolError(f"topic {topic!r} is not part of the rotation protocol")
@@ -189,10 +195,13 @@ def decode_json_object(payload: bytes | str | dict[str, Any], what: str) -> dict
     """Decode a payload into a JSON object, with a message naming the message type on failure."""
     if isinstance(payload, dict):
         return payload
-    if len(payload) > MAX_PAYLOAD_BYTES:
-        raise ProtocolError(f"{what}: payload of {len(payload)} bytes exceeds {MAX_PAYLOAD_BYTES}")
+    size = len(payload.encode("utf-8", "surrogatepass")) if isinstance(payload, str) else len(payload)
+    if size > MAX_PAYLOAD_BYTES:
+        raise ProtocolError(f"{what}: payload of {size} bytes exceeds {MAX_PAYLOAD_BYTES}")
     try:
         value = json.loads(payload)
+    except RecursionError:
+        raise ProtocolError(f"{what}: payload is not valid JSON (nested too deeply)") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ProtocolError(f"{what}: payload is not valid JSON ({exc})") from None
     if not isinstance(value, dict):
@@ -216,7 +225,9 @@ class CreateCertificateRequest:
         csr = body.get("csr")
         if not isinstance(csr, str) or not csr:
             raise ProtocolError("create-certificate request: 'csr' must be a non-empty PEM string")
-        if len(csr.encode()) > MAX_CSR_BYTES:
+        if not csr.isascii():
+            raise ProtocolError("create-certificate request: 'csr' must be ASCII (PEM)")
+        if len(csr) > MAX_CSR_BYTES:
             raise ProtocolError(f"create-certificate request: CSR exceeds {MAX_CSR_BYTES} bytes")
         return cls(job_id, csr)
 
@@ -299,13 +310,22 @@ class BrokerContext:
 # ------------------------------------------------------------------------------------ jobs payloads
 
 
+MAX_STATUS_DETAIL_LENGTH: Final = 1024
+
+
+def _status_detail_value(text: str, fallback: str) -> str:
+    """A statusDetails value AWS IoT accepts: 1-1024 characters, none of Unicode category C."""
+    cleaned = "".join(" " if unicodedata.category(ch).startswith("C") else ch for ch in text).strip()
+    return (cleaned or fallback)[:MAX_STATUS_DETAIL_LENGTH]
+
+
 def status_update(
     status: JobExecutionStatus, detail: str = "", failure_reason: str | None = None
 ) -> dict[str, Any]:
     """A device's job execution update. statusDetails always carries STATUS_DETAILS_KEY."""
-    details = {STATUS_DETAILS_KEY: detail or status.value}
+    details = {STATUS_DETAILS_KEY: _status_detail_value(detail, status.value)}
     if failure_reason is not None:
-        details[FAILURE_REASON_KEY] = failure_reason[:1024]
+        details[FAILURE_REASON_KEY] = _status_detail_value(failure_reason, "unspecified")
     return {"status": status.value, "statusDetails": details}
 
 
@@ -324,7 +344,7 @@ class JobExecutionEvent:
         if not isinstance(thing_arn, str) or ":thing/" not in thing_arn:
             raise ProtocolError(f"job execution event: bad thingArn {thing_arn!r}")
         try:
-            status = JobExecutionStatus(event.get("status"))
+            status = JobExecutionStatus(str(event.get("status")))
         except ValueError:
             raise ProtocolError(f"job execution event: unknown status {event.get('status')!r}") from None
         details = event.get("statusDetails") or {}

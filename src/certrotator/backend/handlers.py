@@ -1,0 +1,257 @@
+"""The three backend handlers: create-certificate, commit-certificate, job-execution-terminal.
+
+Each one gathers facts through the ports (lazily: a fact is fetched only when a decision needs it,
+because every port call is an AWS API call on Lambda), asks `decisions` what to do, then acts.
+The same code runs on AWS Lambda and inside the local IoT Core; only the ports differ.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from certrotator import crypto
+from certrotator.backend import decisions
+from certrotator.backend.ports import Notification, Ports, RotationState, ThingNotFound
+from certrotator.protocol import (
+    STATUS_DETAILS_KEY,
+    BrokerContext,
+    CommitCertificateRequest,
+    CreateCertificateRequest,
+    JobExecutionEvent,
+    ProtocolError,
+    RotationProgress,
+    Topics,
+    certificate_accepted,
+    commit_accepted,
+    rejected,
+    validate_thing_name,
+)
+
+log = logging.getLogger("certrotator.backend")
+
+
+@dataclass(frozen=True, slots=True)
+class HandlerResult:
+    handler: str
+    thing: str | None
+    job_id: str | None
+    outcome: str
+    reason: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class Rejection(Exception):
+    """A precondition failed; the text goes to the device as errorMsg."""
+
+
+def _record(result: HandlerResult) -> HandlerResult:
+    # One structured record per decision; powertools turns the extra keys into JSON fields on Lambda.
+    level = logging.INFO if result.outcome in ("accepted", "succeeded") else logging.WARNING
+    log.log(level, "%s %s: %s", result.handler, result.outcome, result.reason or "ok", extra=result.to_dict())
+    return result
+
+
+def _reply_thing(event: dict[str, Any]) -> str | None:
+    try:
+        return validate_thing_name(str(event.get("thingName", "")))
+    except ProtocolError:
+        return None
+
+
+def _reject(
+    ports: Ports, handler: str, base_topic: str | None, thing: str | None, job_id: str | None, reason: str
+) -> HandlerResult:
+    if base_topic is not None:
+        ports.publisher.publish(Topics.rejected(base_topic), rejected(reason))
+    return _record(HandlerResult(handler, thing, job_id, "rejected", reason))
+
+
+def _check(reason: str | None) -> None:
+    if reason is not None:
+        raise Rejection(reason)
+
+
+def _common_preconditions(ports: Ports, context: BrokerContext, job_id: str) -> list[str]:
+    """Client id, chain of custody, and the thing's exclusive principals."""
+    _check(decisions.client_id_violation(context))
+    execution = ports.jobs.describe_execution(context.thing, job_id)
+    _check(decisions.execution_violation(execution, context.thing, job_id))
+    try:
+        return ports.registry.exclusive_principals(context.thing)
+    except ThingNotFound:
+        raise Rejection(f"thing {context.thing!r} is not in the registry") from None
+
+
+# ------------------------------------------------------------------------------------------- create
+
+
+def handle_create_certificate(event: dict[str, Any], ports: Ports) -> HandlerResult:
+    name = "create-certificate"
+    thing = _reply_thing(event)
+    base_topic = Topics.create(thing) if thing else None
+    job_id: str | None = None
+    try:
+        context = BrokerContext.from_event(event)
+        request = CreateCertificateRequest.parse(event)
+        job_id = request.job_id
+        return _create(ports, context, request)
+    except (ProtocolError, Rejection) as exc:
+        return _reject(ports, name, base_topic, thing, job_id, str(exc))
+
+
+def _create(ports: Ports, context: BrokerContext, request: CreateCertificateRequest) -> HandlerResult:
+    name, thing, job_id = "create-certificate", context.thing, request.job_id
+    principals = _common_preconditions(ports, context, job_id)
+    if len(principals) == 2:
+        resent = _resend_issued(ports, context, request, principals)
+        if resent is not None:
+            return resent
+    _check(decisions.current_certificate_violation(principals, context.principal))
+    current = ports.registry.describe_certificate(context.principal)
+    _check(decisions.certificate_record_violation(current))
+    assert current is not None
+    _check(decisions.csr_violation(request.csr, current.pem))
+
+    try:
+        issued = ports.issuer.issue(thing, request.csr)
+    except Exception as exc:
+        log.exception("issuing a certificate for %s failed", thing)
+        raise Rejection(f"the certificate authority refused the CSR: {exc}") from None
+    try:
+        ports.state.save(
+            thing,
+            RotationState(job_id, current.certificate_id, issued.certificate_id, RotationProgress.CREATED),
+        )
+        for policy in ports.registry.certificate_policies(current.certificate_id):
+            ports.registry.attach_policy(policy, issued.certificate_id)
+        ports.registry.attach_exclusive(thing, issued.certificate_id)
+    except Exception as exc:
+        # Never leave a half-set-up certificate behind: the device will not get it, so nothing uses it.
+        log.exception("setting up certificate %s for %s failed; removing it", issued.certificate_id, thing)
+        _undo_issue(ports, thing, issued.certificate_id)
+        raise Rejection(f"the backend could not set up the new certificate: {exc}") from None
+    ports.publisher.publish(Topics.accepted(Topics.create(thing)), certificate_accepted(issued.pem))
+    return _record(HandlerResult(name, thing, job_id, "accepted", f"issued {issued.certificate_id}"))
+
+
+def _undo_issue(ports: Ports, thing: str, certificate_id: str) -> None:
+    try:
+        ports.registry.delete_certificate(thing, certificate_id)
+        ports.state.clear(thing)
+    except Exception:
+        log.exception("could not remove certificate %s of %s", certificate_id, thing)
+
+
+def _resend_issued(
+    ports: Ports, context: BrokerContext, request: CreateCertificateRequest, principals: list[str]
+) -> HandlerResult | None:
+    """A create repeated after success (its reply was lost): re-send, never issue a second time."""
+    state = ports.state.load(context.thing)
+    if state is None or state.job_id != request.job_id:
+        return None
+    issued = ports.registry.describe_certificate(state.new_certificate_id)
+    try:
+        csr_key = crypto.inspect_csr(request.csr).public_key
+    except crypto.CryptoError:
+        csr_key = None
+    issued_key = crypto.load_certificate(issued.pem).public_key() if issued is not None else None
+    verdict = decisions.repeated_create(
+        state, principals, context.principal, request.job_id, csr_key, issued_key
+    )
+    if verdict is None:
+        return None
+    if verdict is decisions.RepeatCreate.CONFLICT or issued is None:
+        raise Rejection(f"a certificate was already issued for job {request.job_id!r} for another key")
+    ports.publisher.publish(Topics.accepted(Topics.create(context.thing)), certificate_accepted(issued.pem))
+    return _record(
+        HandlerResult(
+            "create-certificate",
+            context.thing,
+            request.job_id,
+            "accepted",
+            f"re-sent {issued.certificate_id} (repeated request)",
+        )
+    )
+
+
+# ------------------------------------------------------------------------------------------- commit
+
+
+def handle_commit_certificate(event: dict[str, Any], ports: Ports) -> HandlerResult:
+    name = "commit-certificate"
+    thing = _reply_thing(event)
+    base_topic = Topics.commit(thing) if thing else None
+    job_id: str | None = None
+    try:
+        context = BrokerContext.from_event(event)
+        job_id = CommitCertificateRequest.parse(event).job_id
+        principals = _common_preconditions(ports, context, job_id)
+        state = ports.state.load(context.thing)
+        decision = decisions.commit_decision(state, principals, context.principal, job_id)
+        if not isinstance(decision, decisions.CommitDecision):
+            raise Rejection(decision)
+        assert state is not None
+        if decision is decisions.CommitDecision.COMMIT:
+            ports.state.save(
+                context.thing,
+                RotationState(
+                    state.job_id,
+                    state.old_certificate_id,
+                    state.new_certificate_id,
+                    RotationProgress.COMMITTED,
+                ),
+            )
+        ports.publisher.publish(Topics.accepted(Topics.commit(context.thing)), commit_accepted())
+        return _record(HandlerResult(name, context.thing, job_id, "accepted", decision.value))
+    except (ProtocolError, Rejection) as exc:
+        return _reject(ports, name, base_topic, thing, job_id, str(exc))
+
+
+# ----------------------------------------------------------------------------------------- terminal
+
+
+def handle_job_execution_terminal(event: dict[str, Any], ports: Ports) -> HandlerResult:
+    name = "job-execution-terminal"
+    try:
+        execution = JobExecutionEvent.parse(event)
+    except ProtocolError as exc:
+        return _record(HandlerResult(name, None, None, "ignored", str(exc)))
+    thing, job_id, status = execution.thing, execution.job_id, execution.status
+    if STATUS_DETAILS_KEY not in execution.status_details:
+        return _record(HandlerResult(name, thing, job_id, "ignored", "not a certificate rotation execution"))
+    if not status.is_terminal:
+        return _record(HandlerResult(name, thing, job_id, "ignored", f"{status.value} is not terminal"))
+
+    state = ports.state.load(thing)
+    ours = state if state is not None and state.job_id == job_id else None
+    plan = decisions.terminal_plan(status, ours.progress if ours else None)
+    outcome, action = plan.outcome, plan.action
+    if ours is not None and plan.cleanup is not decisions.Cleanup.NONE:
+        doomed = (
+            ours.old_certificate_id
+            if plan.cleanup is decisions.Cleanup.DELETE_OLD
+            else ours.new_certificate_id
+        )
+        try:
+            ports.registry.delete_certificate(thing, doomed)
+        except Exception as exc:
+            log.exception("deleting certificate %s of %s failed", doomed, thing)
+            outcome = f"{outcome} FAILED: could not delete certificate {doomed}: {exc}"
+            action = f"delete certificate {doomed} and detach it from {thing}"
+            plan = decisions.TerminalPlan(plan.cleanup, True, outcome, action)
+    if ours is not None:
+        ports.state.clear(thing)
+    if plan.notify:
+        details = dict(execution.status_details)
+        if ours is not None:
+            details |= {
+                "oldCertificateId": ours.old_certificate_id,
+                "newCertificateId": ours.new_certificate_id,
+                "progress": ours.progress.value,
+            }
+        ports.notifier.notify(Notification(thing, job_id, status.value, outcome, action, details))
+    return _record(HandlerResult(name, thing, job_id, status.value.lower(), outcome))
