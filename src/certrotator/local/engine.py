@@ -1,0 +1,351 @@
+"""The local IoT Core engine: broker + registry + CA + Jobs + rules + notifications, on one asyncio loop.
+
+Messages from devices arrive through the broker's callback, already authenticated: Jobs API topics go
+to `jobs_api`, the create/commit topics through their rules to the shared backend handlers, and
+terminal job executions through the terminal rule to the terminal handler. Timers (rollout, in-progress
+timeouts) are scheduled for the moment they are due; nothing polls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from certrotator.backend.handlers import (
+    HandlerResult,
+    handle_commit_certificate,
+    handle_create_certificate,
+    handle_job_execution_terminal,
+)
+from certrotator.backend.ports import CertificateStatus, Ports
+from certrotator.crypto import CaSigningAlgorithm
+from certrotator.local.adapters import (
+    BufferedPublisher,
+    IssuerPort,
+    JobsDataPort,
+    LocalNotifier,
+    RegistryPort,
+    StatePort,
+)
+from certrotator.local.broker import Connection, LocalBroker, default_topic_policy
+from certrotator.local.ca import IssuerName, LocalCa, ensure_local_ca
+from certrotator.local.db import Database
+from certrotator.local.jobs import DEFAULT_TEMPLATE, Execution, JobConfig, JobError, JobStore
+from certrotator.local.jobs_api import handle_jobs_request, notify_next_message
+from certrotator.local.registry import LocalRegistry, RegistryError
+from certrotator.protocol import (
+    STATUS_DETAILS_KEY,
+    JobExecutionEvent,
+    JobExecutionStatus,
+    ProtocolError,
+    TopicKind,
+    Topics,
+    decode_json_object,
+    encode,
+    parse_topic,
+    rejected,
+)
+
+log = logging.getLogger("certrotator.local")
+
+
+@dataclass
+class EngineConfig:
+    data_dir: Path
+    host: str = "127.0.0.1"
+    port: int = 8883  # 0 = a free port from the OS
+    issuer: IssuerName = IssuerName.IOT
+    private_ca_signing_algorithm: CaSigningAlgorithm = CaSigningAlgorithm.SHA256WITHECDSA
+    private_ca_validity_days: int = 365
+    webhook_url: str | None = None
+
+
+@dataclass
+class _Rollout:
+    tokens: float = 1.0
+    last: float = field(default_factory=time.monotonic)
+    timer: asyncio.TimerHandle | None = None
+
+
+class LocalIoTCore:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.db = Database(config.data_dir)
+        self.registry = LocalRegistry(self.db)
+        self.jobs = JobStore(self.db)
+        self.jobs.ensure_default_template()
+        self.ca: LocalCa = ensure_local_ca(
+            config.data_dir,
+            private_ca_signing_algorithm=config.private_ca_signing_algorithm,
+            private_ca_validity_days=config.private_ca_validity_days,
+        )
+        self.publisher = BufferedPublisher()
+        self.notifier = LocalNotifier(self.registry, config.data_dir, config.webhook_url)
+        self.ports = Ports(
+            registry=RegistryPort(self.registry, self._kick),
+            jobs=JobsDataPort(self.jobs),
+            issuer=IssuerPort(self.ca.issuer(config.issuer), self.registry),
+            state=StatePort(self.registry),
+            publisher=self.publisher,
+            notifier=self.notifier,
+        )
+        self.broker = LocalBroker(
+            host=config.host,
+            port=config.port,
+            server_cert_path=self.ca.files.server_cert,
+            server_key_path=self.ca.files.server_key,
+            client_ca_path=self.ca.files.client_ca_bundle,
+            authorizer=self,
+        )
+        self.broker.on_message(self._on_message)
+        self.results: list[HandlerResult] = []  # recent handler decisions, for tests and the demo
+        self._rollouts: dict[str, _Rollout] = {}
+        self._timeout_at = 0.0
+        self._timeout_timer: asyncio.TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._rule_cache: dict[str, bool] = {}
+
+    @property
+    def port(self) -> int:
+        return int(self.broker.port)
+
+    # ------------------------------------------------------------------------------- lifecycle
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        await self.broker.start()
+        now = time.time()
+        for job_id in self.jobs.active_jobs():
+            self._schedule_rollout(job_id)
+        await self._expire_timeouts_async(now)  # also those that timed out while the engine was down
+        log.info(
+            "local IoT Core listening on %s:%d (data in %s)",
+            self.config.host,
+            self.port,
+            self.config.data_dir,
+        )
+
+    async def stop(self) -> None:
+        for rollout in self._rollouts.values():
+            if rollout.timer:
+                rollout.timer.cancel()
+        if self._timeout_timer:
+            self._timeout_timer.cancel()
+        await self.broker.stop()
+        self.db.close()
+
+    # ---------------------------------------------------------------------------- authorisation
+
+    def authorize_connect(self, client_id: str, principal: str) -> str | None:
+        cert = self.registry.certificate(principal)
+        if cert is None or cert.status is not CertificateStatus.ACTIVE or cert.thing is None:
+            return None
+        if client_id == cert.thing or client_id.startswith(f"{cert.thing}#"):
+            return cert.thing
+        return None
+
+    def authorize_topic(self, thing: str, topic: str, action: str) -> bool:
+        return bool(default_topic_policy(thing, topic, action))
+
+    def _kick(self, certificate_id: str) -> None:
+        if self._loop is not None:
+            self._loop.create_task(self.broker.disconnect(certificate_id))
+
+    # ----------------------------------------------------------------------------------- admin
+
+    def rule_enabled(self, name: str) -> bool:
+        if name not in self._rule_cache:
+            self._rule_cache[name] = self.registry.rule_enabled(name)
+        return self._rule_cache[name]
+
+    def set_rule_enabled(self, name: str, enabled: bool) -> None:
+        self.registry.set_rule_enabled(name, enabled)
+        self._rule_cache[name] = enabled
+
+    async def set_certificate_status(self, certificate_id: str, status: CertificateStatus) -> None:
+        self.registry.set_certificate_status(certificate_id, status)
+        if status is not CertificateStatus.ACTIVE:
+            await self.broker.disconnect(certificate_id)
+
+    def resolve_targets(self, things: Sequence[str], groups: Sequence[str]) -> list[str]:
+        resolved: list[str] = []
+        for thing in things:
+            if not self.registry.thing_exists(thing):
+                raise RegistryError(f"thing {thing!r} does not exist")
+            resolved.append(thing)
+        for group in groups:
+            resolved.extend(self.registry.group_members(group))
+        return list(dict.fromkeys(resolved))  # snapshot, each thing once
+
+    def create_job(
+        self,
+        job_id: str,
+        things: Sequence[str] = (),
+        groups: Sequence[str] = (),
+        template: str = DEFAULT_TEMPLATE,
+        config: JobConfig | None = None,
+    ) -> None:
+        found = self.jobs.template(template)
+        if found is None:
+            raise JobError("ResourceNotFound", f"job template {template!r} does not exist")
+        document, template_config = found
+        targets = [f"thing/{t}" for t in things] + [f"thinggroup/{g}" for g in groups]
+        self.jobs.create_job(
+            job_id, document, self.resolve_targets(things, groups), config or template_config, targets
+        )
+        self._schedule_rollout(job_id)
+
+    async def cancel_job(self, job_id: str, force: bool = False) -> None:
+        for execution in self.jobs.cancel(job_id, force, time.time()):
+            await self._execution_changed(execution)
+
+    # -------------------------------------------------------------------------------- rollout
+
+    def _schedule_rollout(self, job_id: str) -> None:
+        rollout = self._rollouts.setdefault(job_id, _Rollout())
+        if self._loop is None:
+            return  # started later: start() schedules it
+        if rollout.timer is None:
+            rollout.timer = self._loop.call_soon(self._release, job_id)
+
+    def _release(self, job_id: str) -> None:
+        assert self._loop is not None
+        rollout = self._rollouts[job_id]
+        rollout.timer = None
+        job = self.jobs.job(job_id)
+        if job is None or job["status"] != "IN_PROGRESS":
+            return
+        config: JobConfig = job["config"]
+        rate = config.rate_per_minute(self.jobs.succeeded_count(job_id))
+        now_m = time.monotonic()
+        if rate is None:
+            count = self.jobs.pending_count(job_id)
+        else:
+            # token bucket refilled at the current rate; bursts capped at one second's worth
+            rollout.tokens = min(rollout.tokens + rate / 60.0 * (now_m - rollout.last), max(1.0, rate / 60.0))
+            count = int(rollout.tokens)
+        rollout.last = now_m
+        released = self.jobs.release(job_id, count, time.time()) if count else []
+        if rate is not None:
+            rollout.tokens -= len(released)
+        for thing in released:
+            self._notify_next_if_head(thing, job_id)
+        if self.jobs.pending_count(job_id):
+            delay = 0.0 if rate is None else max((1 - rollout.tokens) / (rate / 60.0), 0.001)
+            rollout.timer = self._loop.call_later(delay, self._release, job_id)
+
+    def _notify_next_if_head(self, thing: str, job_id: str) -> None:
+        head = self.jobs.next_execution(thing)
+        if head is not None and head.job_id == job_id:
+            self._send(Topics.notify_next(thing), notify_next_message(head, time.time()))
+
+    # ------------------------------------------------------------------------------- timeouts
+
+    def _add_timeout(self, at: float) -> None:
+        """Make sure the timer fires by `at`; one timer serves all executions (the DB knows the rest)."""
+        assert self._loop is not None
+        if self._timeout_timer is not None and self._timeout_at <= at:
+            return
+        if self._timeout_timer is not None:
+            self._timeout_timer.cancel()
+        self._timeout_at = at
+        self._timeout_timer = self._loop.call_later(max(at - time.time(), 0.0), self._on_timeout_timer)
+
+    def _on_timeout_timer(self) -> None:
+        assert self._loop is not None
+        self._timeout_timer = None
+        self._loop.create_task(self._expire_timeouts_async(time.time()))
+
+    async def _expire_timeouts_async(self, now: float) -> None:
+        for execution in self._expire_timeouts(now):
+            await self._execution_changed(execution)
+        next_timeout = self.jobs.next_timeout()
+        if next_timeout is not None:
+            self._add_timeout(next_timeout)
+
+    def _expire_timeouts(self, now: float) -> list[Execution]:
+        expired = []
+        for e in self.jobs.timeouts_due(now):
+            timed_out = replace(
+                e, status=JobExecutionStatus.TIMED_OUT, version=e.version + 1, updated_at=now, timeout_at=None
+            )
+            try:
+                self.jobs.save_execution(timed_out, e.version)
+            except JobError:
+                continue  # the device updated it meanwhile
+            expired.append(timed_out)
+        return expired
+
+    # ------------------------------------------------------------------------------- messages
+
+    def _send(self, topic: str, message: dict[str, Any]) -> None:
+        assert self._loop is not None
+        self._loop.create_task(self.broker.publish(topic, encode(message), 1))
+
+    async def _on_message(self, topic: str, payload: bytes, connection: Connection) -> None:
+        try:
+            parsed = parse_topic(topic)
+        except ProtocolError:
+            return  # a topic the thing's policy allowed but nothing here handles
+        try:
+            if parsed.kind in (TopicKind.GET, TopicKind.UPDATE) and parsed.reply is None:
+                outcome = handle_jobs_request(self.jobs, topic, parsed, payload, time.time())
+                for reply_topic, reply in outcome.replies:
+                    self._send(reply_topic, reply)
+                if outcome.changed is not None:
+                    await self._execution_changed(outcome.changed)
+            elif parsed.kind in (TopicKind.CREATE, TopicKind.COMMIT) and parsed.reply is None:
+                self._run_rule(parsed.kind, topic, payload, connection)
+        except Exception:
+            # A failing handler is logged and never takes the engine down.
+            log.exception("handling %s from %s failed", topic, connection.client_id)
+
+    def _run_rule(self, kind: TopicKind, topic: str, payload: bytes, connection: Connection) -> None:
+        if not self.rule_enabled(kind.value):
+            log.info("rule %s disabled: dropped %s", kind.value, topic)
+            return
+        try:
+            body = decode_json_object(payload, f"{kind.value}-certificate request")
+        except ProtocolError as exc:
+            self._send(Topics.rejected(topic), rejected(str(exc)))
+            return
+        # The rule's SELECT *, topic(3) AS thingName, topic() AS topic, clientid(), principal()
+        event = {
+            **body,
+            "thingName": topic.split("/")[2],
+            "topic": topic,
+            "clientId": connection.client_id,
+            "principal": connection.principal,
+        }
+        handler = handle_create_certificate if kind is TopicKind.CREATE else handle_commit_certificate
+        self._record(handler(event, self.ports))
+
+    def _record(self, result: HandlerResult) -> None:
+        self.results.append(result)
+        if len(self.results) > 10_000:
+            del self.results[:5_000]
+        for topic, message in self.publisher.drain():
+            self._send(topic, message)
+
+    async def _execution_changed(self, execution: Execution) -> None:
+        if execution.timeout_at is not None:
+            self._add_timeout(execution.timeout_at)
+        if not execution.status.is_terminal:
+            return
+        now = time.time()
+        head = self.jobs.next_execution(execution.thing)
+        self._send(Topics.notify_next(execution.thing), notify_next_message(head, now))
+        if STATUS_DETAILS_KEY in execution.status_details and self.rule_enabled("terminal"):
+            event = JobExecutionEvent(
+                execution.thing, execution.job_id, execution.status, dict(execution.status_details)
+            ).to_event()
+            self._record(handle_job_execution_terminal(event, self.ports))
+        if self.jobs.complete_if_done(execution.job_id, now):
+            self._rollouts.pop(execution.job_id, None)
+        elif execution.job_id in self._rollouts:
+            self._schedule_rollout(execution.job_id)  # successes may raise the exponential rate

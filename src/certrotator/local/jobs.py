@@ -1,0 +1,361 @@
+"""Local IoT Jobs: templates, jobs, rollout, job executions and their transitions, with AWS semantics.
+
+Transition rules are pure (`device_transition`); `JobStore` keeps everything in the shared SQLite
+database. Timing (rollout ticks, in-progress timeouts) is driven by the engine, which asks this module
+what is due; nothing here sleeps or polls.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+from certrotator.local.db import Database
+from certrotator.protocol import JOB_DOCUMENT, JobExecutionStatus, validate_job_id
+
+S = JobExecutionStatus
+DEFAULT_TEMPLATE = "AWSLabsCertificateRotator"
+
+
+class JobError(ValueError):
+    """A Jobs API request that AWS would reject; `code` is AWS's error code."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(frozen=True, slots=True)
+class JobConfig:
+    """Rollout and timeout configuration (AWS's jobExecutionsRolloutConfig + timeoutConfig)."""
+
+    max_per_minute: int | None = 1000  # None = release every target at once
+    base_rate_per_minute: int | None = 100  # exponential rollout; None = flat max_per_minute
+    increment_factor: float = 1.2
+    succeeded_per_increase: int = 100
+    in_progress_timeout_s: float | None = 300.0
+
+    def __post_init__(self) -> None:
+        if self.max_per_minute is not None and not 1 <= self.max_per_minute <= 1000:
+            raise JobError("InvalidRequest", "maximumPerMinute must be between 1 and 1000")
+        if self.base_rate_per_minute is not None and not 1 <= self.base_rate_per_minute <= 1000:
+            raise JobError("InvalidRequest", "baseRatePerMinute must be between 1 and 1000")
+        if not 1.1 <= self.increment_factor <= 5:
+            raise JobError("InvalidRequest", "incrementFactor must be between 1.1 and 5")
+        if self.succeeded_per_increase < 1:
+            raise JobError("InvalidRequest", "numberOfSucceededThings must be at least 1")
+        if self.in_progress_timeout_s is not None and self.in_progress_timeout_s <= 0:
+            raise JobError("InvalidRequest", "the in-progress timeout must be positive")
+
+    def rate_per_minute(self, succeeded: int) -> float | None:
+        """Executions released per minute after `succeeded` successes; None = unlimited."""
+        if self.base_rate_per_minute is None:
+            return None if self.max_per_minute is None else float(self.max_per_minute)
+        rate = self.base_rate_per_minute * self.increment_factor ** (succeeded // self.succeeded_per_increase)
+        return rate if self.max_per_minute is None else min(rate, float(self.max_per_minute))
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> JobConfig:
+        return cls(**json.loads(text))
+
+
+# The seed's template: 100/min, ×1.2 per 100 successes, 5 min in-progress timeout.
+DEFAULT_CONFIG = JobConfig()
+
+
+@dataclass(frozen=True, slots=True)
+class Execution:
+    job_id: str
+    thing: str
+    status: JobExecutionStatus
+    status_details: dict[str, str]
+    version: int
+    execution_number: int
+    queued_at: float
+    started_at: float | None
+    updated_at: float
+    timeout_at: float | None
+    document: dict[str, Any] = field(default_factory=dict)
+
+
+# What a device may ask for, from each status (AWS IoT Jobs UpdateJobExecution).
+_DEVICE_TARGETS = frozenset({S.IN_PROGRESS, S.SUCCEEDED, S.FAILED, S.REJECTED})
+
+
+def device_transition(
+    execution: Execution,
+    status: str,
+    status_details: object,
+    expected_version: object,
+    now: float,
+    timeout_s: float | None,
+) -> Execution:
+    """The execution after a device's update, or JobError with AWS's code. Pure."""
+    try:
+        target = S(status)
+    except ValueError:
+        raise JobError("InvalidRequest", f"unknown status {status!r}") from None
+    if expected_version is not None and expected_version != execution.version:
+        raise JobError(
+            "VersionMismatch", f"expected version {expected_version}, execution is at {execution.version}"
+        )
+    if execution.status.is_terminal:
+        raise JobError(
+            "InvalidStateTransition",
+            f"job execution is already {execution.status.value}; it cannot become {target.value}",
+        )
+    if target not in _DEVICE_TARGETS:
+        raise JobError("InvalidStateTransition", f"a device cannot set status {target.value}")
+    if status_details is not None and (
+        not isinstance(status_details, dict)
+        or not all(isinstance(k, str) and isinstance(v, str) for k, v in status_details.items())
+    ):
+        raise JobError("InvalidRequest", "statusDetails must map strings to strings")
+    details = dict(status_details) if isinstance(status_details, dict) else dict(execution.status_details)
+    started = execution.started_at
+    timeout_at = execution.timeout_at
+    if target is S.IN_PROGRESS and execution.status is S.QUEUED:
+        started = now
+        timeout_at = now + timeout_s if timeout_s is not None else None
+    if target.is_terminal:
+        timeout_at = None
+    return replace(
+        execution,
+        status=target,
+        status_details=details,
+        version=execution.version + 1,
+        started_at=started,
+        updated_at=now,
+        timeout_at=timeout_at,
+    )
+
+
+class JobStore:
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    # -------------------------------------------------------------------------------- templates
+
+    def put_template(self, name: str, document: dict[str, Any], config: JobConfig) -> None:
+        with self.db.transaction() as conn:
+            conn.execute(
+                "INSERT OR REPLACE INTO job_templates VALUES (?, ?, ?)",
+                (name, json.dumps(document), config.to_json()),
+            )
+
+    def ensure_default_template(self) -> None:
+        if self.template(DEFAULT_TEMPLATE) is None:
+            self.put_template(DEFAULT_TEMPLATE, dict(JOB_DOCUMENT), DEFAULT_CONFIG)
+
+    def template(self, name: str) -> tuple[dict[str, Any], JobConfig] | None:
+        rows = self.db.query("SELECT document, config FROM job_templates WHERE name=?", (name,))
+        if not rows:
+            return None
+        return json.loads(rows[0]["document"]), JobConfig.from_json(rows[0]["config"])
+
+    # ------------------------------------------------------------------------------------- jobs
+
+    def create_job(
+        self, job_id: str, document: dict[str, Any], things: list[str], config: JobConfig, targets: list[str]
+    ) -> None:
+        try:
+            validate_job_id(job_id)
+        except ValueError as exc:
+            raise JobError("InvalidRequest", str(exc)) from None
+        if not things:
+            raise JobError("InvalidRequest", "a job needs at least one target thing")
+        now = time.time()
+        with self.db.transaction() as conn:
+            if conn.execute("SELECT 1 FROM jobs WHERE job_id=?", (job_id,)).fetchone():
+                raise JobError("ResourceAlreadyExists", f"job {job_id!r} already exists")
+            conn.execute(
+                "INSERT INTO jobs VALUES (?, ?, ?, ?, 'IN_PROGRESS', ?, NULL)",
+                (job_id, json.dumps(document), config.to_json(), json.dumps(targets), now),
+            )
+            conn.executemany(
+                "INSERT INTO job_pending VALUES (?, ?, ?)", [(job_id, i, t) for i, t in enumerate(things)]
+            )
+
+    def job(self, job_id: str) -> dict[str, Any] | None:
+        rows = self.db.query("SELECT * FROM jobs WHERE job_id=?", (job_id,))
+        if not rows:
+            return None
+        r = rows[0]
+        return {
+            "jobId": r["job_id"],
+            "document": json.loads(r["document"]),
+            "config": JobConfig.from_json(r["config"]),
+            "targets": json.loads(r["targets"]),
+            "status": r["status"],
+            "created": r["created"],
+            "completed": r["completed"],
+        }
+
+    def jobs(self) -> list[dict[str, Any]]:
+        ids = [r["job_id"] for r in self.db.query("SELECT job_id FROM jobs ORDER BY created")]
+        return [j for j in (self.job(i) for i in ids) if j is not None]
+
+    def active_jobs(self) -> list[str]:
+        return [r["job_id"] for r in self.db.query("SELECT job_id FROM jobs WHERE status='IN_PROGRESS'")]
+
+    def pending_count(self, job_id: str) -> int:
+        return int(self.db.query("SELECT COUNT(*) FROM job_pending WHERE job_id=?", (job_id,))[0][0])
+
+    def release(self, job_id: str, count: int, now: float) -> list[str]:
+        """Roll out up to `count` pending targets as QUEUED executions; returns their things."""
+        with self.db.transaction() as conn:
+            rows = conn.execute(
+                "SELECT seq, thing_name FROM job_pending WHERE job_id=? ORDER BY seq LIMIT ?", (job_id, count)
+            ).fetchall()
+            released = []
+            for row in rows:
+                thing = row["thing_name"]
+                number = conn.execute(
+                    "SELECT COUNT(*) FROM job_executions WHERE thing_name=?", (thing,)
+                ).fetchone()[0]
+                conn.execute(
+                    "INSERT OR IGNORE INTO job_executions VALUES (?, ?, 'QUEUED', '{}', 1, ?, ?, NULL, ?, NULL)",
+                    (job_id, thing, number + 1, now, now),
+                )
+                conn.execute("DELETE FROM job_pending WHERE job_id=? AND seq=?", (job_id, row["seq"]))
+                released.append(thing)
+        return released
+
+    def status_counts(self, job_id: str) -> dict[str, int]:
+        rows = self.db.query(
+            "SELECT status, COUNT(*) AS n FROM job_executions WHERE job_id=? GROUP BY status", (job_id,)
+        )
+        counts = {r["status"]: int(r["n"]) for r in rows}
+        pending = self.pending_count(job_id)
+        if pending:
+            counts["PENDING_ROLLOUT"] = pending
+        return counts
+
+    def succeeded_count(self, job_id: str) -> int:
+        rows = self.db.query(
+            "SELECT COUNT(*) FROM job_executions WHERE job_id=? AND status='SUCCEEDED'", (job_id,)
+        )
+        return int(rows[0][0])
+
+    def complete_if_done(self, job_id: str, now: float) -> bool:
+        with self.db.transaction() as conn:
+            open_ = conn.execute(
+                "SELECT (SELECT COUNT(*) FROM job_pending WHERE job_id=?) + (SELECT COUNT(*) FROM job_executions "
+                "WHERE job_id=? AND status IN ('QUEUED','IN_PROGRESS'))",
+                (job_id, job_id),
+            ).fetchone()[0]
+            if open_:
+                return False
+            conn.execute(
+                "UPDATE jobs SET status='COMPLETED', completed=? WHERE job_id=? AND status='IN_PROGRESS'",
+                (now, job_id),
+            )
+        return True
+
+    # ------------------------------------------------------------------------------- executions
+
+    def execution(self, thing: str, job_id: str) -> Execution | None:
+        rows = self.db.query(
+            "SELECT e.*, j.document FROM job_executions e JOIN jobs j USING (job_id) "
+            "WHERE e.thing_name=? AND e.job_id=?",
+            (thing, job_id),
+        )
+        return _execution(rows[0]) if rows else None
+
+    def next_execution(self, thing: str) -> Execution | None:
+        """AWS's $next: IN_PROGRESS executions first, then QUEUED, oldest first."""
+        rows = self.db.query(
+            "SELECT e.*, j.document FROM job_executions e JOIN jobs j USING (job_id) "
+            "WHERE e.thing_name=? AND e.status IN ('IN_PROGRESS','QUEUED') "
+            "ORDER BY e.status='QUEUED', e.queued_at, e.job_id LIMIT 1",
+            (thing,),
+        )
+        return _execution(rows[0]) if rows else None
+
+    def executions(self, job_id: str) -> list[Execution]:
+        rows = self.db.query(
+            "SELECT e.*, j.document FROM job_executions e JOIN jobs j USING (job_id) WHERE e.job_id=? "
+            "ORDER BY e.thing_name",
+            (job_id,),
+        )
+        return [_execution(r) for r in rows]
+
+    def save_execution(self, execution: Execution, expected_version: int) -> None:
+        """Optimistic write: fails with VersionMismatch if someone else updated it meanwhile."""
+        with self.db.transaction() as conn:
+            changed = conn.execute(
+                "UPDATE job_executions SET status=?, status_details=?, version=?, started_at=?, updated_at=?, "
+                "timeout_at=? WHERE job_id=? AND thing_name=? AND version=?",
+                (
+                    execution.status.value,
+                    json.dumps(execution.status_details),
+                    execution.version,
+                    execution.started_at,
+                    execution.updated_at,
+                    execution.timeout_at,
+                    execution.job_id,
+                    execution.thing,
+                    expected_version,
+                ),
+            ).rowcount
+        if not changed:
+            raise JobError("VersionMismatch", "the job execution changed meanwhile; get it and retry")
+
+    def timeouts_due(self, now: float) -> list[Execution]:
+        rows = self.db.query(
+            "SELECT e.*, j.document FROM job_executions e JOIN jobs j USING (job_id) "
+            "WHERE e.timeout_at IS NOT NULL AND e.timeout_at <= ? AND e.status='IN_PROGRESS'",
+            (now,),
+        )
+        return [_execution(r) for r in rows]
+
+    def next_timeout(self) -> float | None:
+        rows = self.db.query("SELECT MIN(timeout_at) FROM job_executions WHERE status='IN_PROGRESS'")
+        value = rows[0][0]
+        return float(value) if value is not None else None
+
+    def cancel(self, job_id: str, force: bool, now: float) -> list[Execution]:
+        """Cancel a job: QUEUED executions (and IN_PROGRESS ones with force) become CANCELED."""
+        if self.job(job_id) is None:
+            raise JobError("ResourceNotFound", f"job {job_id!r} does not exist")
+        statuses = ("QUEUED", "IN_PROGRESS") if force else ("QUEUED",)
+        canceled = [e for e in self.executions(job_id) if e.status.value in statuses]
+        with self.db.transaction() as conn:
+            conn.execute("DELETE FROM job_pending WHERE job_id=?", (job_id,))
+            for e in canceled:
+                conn.execute(
+                    "UPDATE job_executions SET status='CANCELED', version=version+1, updated_at=?, timeout_at=NULL "
+                    "WHERE job_id=? AND thing_name=?",
+                    (now, job_id, e.thing),
+                )
+            conn.execute("UPDATE jobs SET status='CANCELED', completed=? WHERE job_id=?", (now, job_id))
+        return [replace(e, status=S.CANCELED, version=e.version + 1, updated_at=now) for e in canceled]
+
+
+def rollout_delay(rate_per_minute: float | None, tokens: float) -> float:
+    """Seconds until the next whole execution may be released (0 = now)."""
+    if rate_per_minute is None or tokens >= 1:
+        return 0.0
+    return math.ceil((1 - tokens) / (rate_per_minute / 60.0) * 1000) / 1000
+
+
+def _execution(row: Any) -> Execution:
+    return Execution(
+        job_id=row["job_id"],
+        thing=row["thing_name"],
+        status=S(row["status"]),
+        status_details=json.loads(row["status_details"]),
+        version=row["version"],
+        execution_number=row["execution_number"],
+        queued_at=row["queued_at"],
+        started_at=row["started_at"],
+        updated_at=row["updated_at"],
+        timeout_at=row["timeout_at"],
+        document=json.loads(row["document"]),
+    )

@@ -1,0 +1,130 @@
+"""The MQTT Jobs API subset of DESIGN.md §2 ($next/get, {jobId}/get, {jobId}/update, notify-next),
+with AWS IoT's message shapes and error codes. Turns one device request into the replies to publish
+and the facts the engine acts on (a terminal execution to route to the rule, notify-next to send)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from certrotator.local.jobs import Execution, JobError, JobStore, device_transition
+from certrotator.protocol import (
+    ParsedTopic,
+    ProtocolError,
+    TopicKind,
+    Topics,
+    decode_json_object,
+)
+
+
+@dataclass
+class JobsOutcome:
+    replies: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    changed: Execution | None = None  # an execution whose status changed (terminal or not)
+
+
+def execution_message(e: Execution, include_document: bool = True) -> dict[str, Any]:
+    message: dict[str, Any] = {
+        "jobId": e.job_id,
+        "thingName": e.thing,
+        "status": e.status.value,
+        "statusDetails": dict(e.status_details),
+        "queuedAt": int(e.queued_at),
+        "lastUpdatedAt": int(e.updated_at),
+        "versionNumber": e.version,
+        "executionNumber": e.execution_number,
+    }
+    if e.started_at is not None:
+        message["startedAt"] = int(e.started_at)
+    if include_document:
+        message["jobDocument"] = e.document
+    return message
+
+
+def notify_next_message(e: Execution | None, now: float) -> dict[str, Any]:
+    """notify-next payload: the next pending execution, or no `execution` key when there is none."""
+    message: dict[str, Any] = {"timestamp": int(now)}
+    if e is not None:
+        message["execution"] = execution_message(e)
+    return message
+
+
+def _rejection(code: str, message: str, now: float, token: object) -> dict[str, Any]:
+    body: dict[str, Any] = {"code": code, "message": message, "timestamp": int(now)}
+    if isinstance(token, str):
+        body["clientToken"] = token
+    return body
+
+
+def handle_jobs_request(
+    store: JobStore, topic: str, parsed: ParsedTopic, payload: bytes, now: float
+) -> JobsOutcome:
+    """Answer one Jobs API request from a device (the broker already checked the thing's identity)."""
+    outcome = JobsOutcome()
+    thing = parsed.thing
+    assert thing is not None and parsed.job_id is not None
+    try:
+        body = decode_json_object(payload or b"{}", "jobs request")
+    except ProtocolError as exc:
+        outcome.replies.append((Topics.rejected(topic), _rejection("InvalidRequest", str(exc), now, None)))
+        return outcome
+    token = body.get("clientToken")
+    try:
+        if parsed.kind is TopicKind.GET:
+            outcome.replies.append((Topics.accepted(topic), _get(store, thing, parsed.job_id, body, now)))
+        elif parsed.kind is TopicKind.UPDATE:
+            reply, changed = _update(store, thing, parsed.job_id, body, now)
+            outcome.replies.append((Topics.accepted(topic), reply))
+            outcome.changed = changed
+    except JobError as exc:
+        outcome.replies.append((Topics.rejected(topic), _rejection(exc.code, str(exc), now, token)))
+    return outcome
+
+
+def _get(store: JobStore, thing: str, job_id: str, body: dict[str, Any], now: float) -> dict[str, Any]:
+    reply: dict[str, Any] = {"timestamp": int(now)}
+    if isinstance(body.get("clientToken"), str):
+        reply["clientToken"] = body["clientToken"]
+    include_document = body.get("includeJobDocument", True) is not False
+    if job_id == "$next":
+        execution = store.next_execution(thing)
+        if execution is not None:
+            reply["execution"] = execution_message(execution, include_document)
+        return reply
+    execution = store.execution(thing, job_id)
+    if execution is None:
+        raise JobError("ResourceNotFound", f"no execution of job {job_id!r} for thing {thing!r}")
+    reply["execution"] = execution_message(execution, include_document)
+    return reply
+
+
+def _update(
+    store: JobStore, thing: str, job_id: str, body: dict[str, Any], now: float
+) -> tuple[dict[str, Any], Execution]:
+    current = store.execution(thing, job_id)
+    if current is None:
+        raise JobError("ResourceNotFound", f"no execution of job {job_id!r} for thing {thing!r}")
+    status = body.get("status")
+    if not isinstance(status, str):
+        raise JobError("InvalidRequest", "'status' is required")
+    job = store.job(job_id)
+    timeout_s = job["config"].in_progress_timeout_s if job else None
+    step = body.get("stepTimeoutInMinutes")
+    if isinstance(step, int | float) and not isinstance(step, bool) and step > 0:
+        timeout_s = min(timeout_s, step * 60.0) if timeout_s else step * 60.0
+    updated = device_transition(
+        current, status, body.get("statusDetails"), body.get("expectedVersion"), now, timeout_s
+    )
+    store.save_execution(updated, current.version)
+    reply: dict[str, Any] = {"timestamp": int(now)}
+    if isinstance(body.get("clientToken"), str):
+        reply["clientToken"] = body["clientToken"]
+    if body.get("includeJobExecutionState"):
+        reply["executionState"] = {
+            "status": updated.status.value,
+            "statusDetails": dict(updated.status_details),
+            "versionNumber": updated.version,
+        }
+    if body.get("includeJobDocument"):
+        reply["jobDocument"] = updated.document
+    return reply, updated
