@@ -67,6 +67,16 @@ def inspect_csr(csr: Annotated[Path, typer.Argument(help="PEM CSR file")]) -> No
         raise typer.Exit(1)
 
 
+def _register_groups() -> None:
+    from certrotator.local.cli import jobs_app, local_app
+
+    app.add_typer(local_app, name="local")
+    app.add_typer(jobs_app, name="jobs")
+
+
+_register_groups()
+
+
 def main() -> None:
     app()
 

@@ -353,3 +353,23 @@ def pss_salt_length(pss: padding.PSS, digest: hashes.HashAlgorithm) -> int:
     if salt is padding.PSS.DIGEST_LENGTH:
         return digest.digest_size
     raise CryptoError(f"unsupported PSS salt length {salt!r}; use the digest length")
+
+
+def private_key_pem(key: PrivateKey) -> bytes:
+    """Unencrypted PEM as AWS tooling writes it: RSA as PKCS#1, EC as PKCS#8."""
+    fmt = (
+        serialization.PrivateFormat.TraditionalOpenSSL
+        if isinstance(key, rsa.RSAPrivateKey)
+        else serialization.PrivateFormat.PKCS8
+    )
+    return key.private_bytes(serialization.Encoding.PEM, fmt, serialization.NoEncryption())
+
+
+def load_private_key(pem: bytes) -> PrivateKey:
+    try:
+        key = serialization.load_pem_private_key(pem, password=None)
+    except (ValueError, TypeError) as exc:
+        raise CryptoError(f"not an unencrypted PEM private key ({exc})") from None
+    if not isinstance(key, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey):
+        raise CryptoError(f"private key type {type(key).__name__} is not supported (RSA or EC)")
+    return key

@@ -165,6 +165,11 @@ class ParsedTopic:
 def parse_topic(topic: str) -> ParsedTopic:
     """Classify a protocol topic; raises ProtocolError for anything outside the contract."""
     parts = topic.split("/")
+    # Before reply stripping: `rejected` is also a job execution status ($aws/events/jobExecution/j/rejected).
+    if len(parts) == 5 and parts[:3] == ["$aws", "events", "jobExecution"]:
+        if parts[4] not in _EVENT_STATUSES:
+            raise ProtocolError(f"topic {topic!r}: {parts[4]!r} is not a terminal job execution status")
+        return ParsedTopic(TopicKind.JOB_EXECUTION_EVENT, None, validate_job_id(parts[3]), None, parts[4])
     reply: Reply | None = None
     if parts[-1] in (Reply.ACCEPTED, Reply.REJECTED):
         reply = Reply(parts[-1])
@@ -183,8 +188,6 @@ def parse_topic(topic: str) -> ParsedTopic:
     cert = len(parts) == 5 and parts[:2] == ["awslabs", "things"] and parts[3] == "certificate"
     if cert and parts[4] in ("create", "commit"):
         return ParsedTopic(TopicKind(parts[4]), validate_thing_name(parts[2]), None, reply)
-    if len(parts) == 5 and parts[:3] == ["$aws", "events", "jobExecution"] and reply is None:
-        return ParsedTopic(TopicKind.JOB_EXECUTION_EVENT, None, validate_job_id(parts[3]), None, parts[4])
     raise ProtocolError(f"topic {topic!r} is not part of the rotation protocol")
 
 
@@ -263,7 +266,7 @@ def rejected(error_msg: str) -> dict[str, Any]:
 def parse_certificate_accepted(payload: bytes | str | dict[str, Any]) -> str:
     body = decode_json_object(payload, "create-certificate reply")
     pem = body.get("certificatePem")
-    if not isinstance(pem, str) or "BEGIN CERTIFICATE" not in pem:
+    if not isinstance(pem, str) or "-----BEGIN CERTIFICATE-----" not in pem:
         raise ProtocolError("create-certificate reply: 'certificatePem' must be a PEM certificate")
     return pem
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,7 @@ from certrotator.backend.handlers import (
 )
 from certrotator.backend.ports import CertificateStatus, Ports
 from certrotator.crypto import CaSigningAlgorithm
+from certrotator.local import operations
 from certrotator.local.adapters import (
     BufferedPublisher,
     IssuerPort,
@@ -32,12 +33,13 @@ from certrotator.local.adapters import (
     RegistryPort,
     StatePort,
 )
+from certrotator.local.admin import AdminOp, AdminServer
 from certrotator.local.broker import Connection, LocalBroker, default_topic_policy
 from certrotator.local.ca import IssuerName, LocalCa, ensure_local_ca
 from certrotator.local.db import Database
 from certrotator.local.jobs import DEFAULT_TEMPLATE, Execution, JobConfig, JobError, JobStore
 from certrotator.local.jobs_api import handle_jobs_request, notify_next_message
-from certrotator.local.registry import LocalRegistry, RegistryError
+from certrotator.local.registry import LocalRegistry
 from certrotator.protocol import (
     STATUS_DETAILS_KEY,
     JobExecutionEvent,
@@ -172,31 +174,26 @@ class LocalIoTCore:
         if status is not CertificateStatus.ACTIVE:
             await self.broker.disconnect(certificate_id)
 
-    def resolve_targets(self, things: Sequence[str], groups: Sequence[str]) -> list[str]:
-        resolved: list[str] = []
-        for thing in things:
-            if not self.registry.thing_exists(thing):
-                raise RegistryError(f"thing {thing!r} does not exist")
-            resolved.append(thing)
-        for group in groups:
-            resolved.extend(self.registry.group_members(group))
-        return list(dict.fromkeys(resolved))  # snapshot, each thing once
-
     def create_job(
         self,
         job_id: str,
         things: Sequence[str] = (),
         groups: Sequence[str] = (),
         template: str = DEFAULT_TEMPLATE,
-        config: JobConfig | None = None,
+        max_per_minute: int | None = None,
+        in_progress_timeout_minutes: float | None = None,
+        unlimited_rollout: bool = False,
     ) -> None:
-        found = self.jobs.template(template)
-        if found is None:
-            raise JobError("ResourceNotFound", f"job template {template!r} does not exist")
-        document, template_config = found
-        targets = [f"thing/{t}" for t in things] + [f"thinggroup/{g}" for g in groups]
-        self.jobs.create_job(
-            job_id, document, self.resolve_targets(things, groups), config or template_config, targets
+        operations.create_job(
+            self.registry,
+            self.jobs,
+            job_id,
+            things,
+            groups,
+            template,
+            max_per_minute,
+            in_progress_timeout_minutes,
+            unlimited_rollout,
         )
         self._schedule_rollout(job_id)
 
@@ -349,3 +346,52 @@ class LocalIoTCore:
             self._rollouts.pop(execution.job_id, None)
         elif execution.job_id in self._rollouts:
             self._schedule_rollout(execution.job_id)  # successes may raise the exponential rate
+
+    # ------------------------------------------------------------------------------ admin ops
+
+    def admin_ops(self) -> dict[str, AdminOp]:
+        """What the CLI may ask a running engine to do (see local.admin)."""
+
+        async def set_status(a: dict[str, Any]) -> None:
+            await self.set_certificate_status(str(a["certificate_id"]), CertificateStatus(a["status"]))
+
+        async def set_rule(a: dict[str, Any]) -> None:
+            self.set_rule_enabled(str(a["name"]), bool(a["enabled"]))
+
+        async def create_job(a: dict[str, Any]) -> None:
+            self.create_job(
+                str(a["job_id"]),
+                a.get("things", []),
+                a.get("groups", []),
+                a.get("template", DEFAULT_TEMPLATE),
+                a.get("max_per_minute"),
+                a.get("in_progress_timeout_minutes"),
+                bool(a.get("unlimited_rollout")),
+            )
+
+        async def cancel_job(a: dict[str, Any]) -> None:
+            await self.cancel_job(str(a["job_id"]), bool(a.get("force")))
+
+        return {
+            "set_certificate_status": set_status,
+            "set_rule": set_rule,
+            "create_job": create_job,
+            "cancel_job": cancel_job,
+        }
+
+
+async def serve(
+    config: EngineConfig, stop: asyncio.Event, ready: Callable[[LocalIoTCore], None] | None = None
+) -> None:
+    """Run the engine with its admin endpoint until `stop` is set."""
+    engine = LocalIoTCore(config)
+    await engine.start()
+    admin = AdminServer(asyncio.get_running_loop(), engine.admin_ops())  # loopback only
+    admin.write_engine_file(config.data_dir, config.host, engine.port)
+    try:
+        if ready is not None:
+            ready(engine)
+        await stop.wait()
+    finally:
+        admin.close(config.data_dir)
+        await engine.stop()

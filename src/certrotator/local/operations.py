@@ -1,0 +1,58 @@
+"""Operations shared by the running engine and the CLI working on a stopped engine's database."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import replace
+
+from certrotator.local.jobs import DEFAULT_TEMPLATE, JobConfig, JobError, JobStore
+from certrotator.local.registry import LocalRegistry, RegistryError
+
+
+def resolve_targets(registry: LocalRegistry, things: Sequence[str], groups: Sequence[str]) -> list[str]:
+    """Snapshot targets: named things plus the current members of named groups, each once."""
+    resolved: list[str] = []
+    for thing in things:
+        if not registry.thing_exists(thing):
+            raise RegistryError(f"thing {thing!r} does not exist")
+        resolved.append(thing)
+    for group in groups:
+        resolved.extend(registry.group_members(group))
+    return list(dict.fromkeys(resolved))
+
+
+def job_config(
+    base: JobConfig,
+    max_per_minute: int | None = None,
+    in_progress_timeout_minutes: float | None = None,
+    unlimited_rollout: bool = False,
+) -> JobConfig:
+    """A template's configuration with a job's overrides (a flat rate replaces the exponential one)."""
+    config = base
+    if unlimited_rollout:
+        config = replace(config, max_per_minute=None, base_rate_per_minute=None)
+    elif max_per_minute is not None:
+        config = replace(config, max_per_minute=max_per_minute, base_rate_per_minute=None)
+    if in_progress_timeout_minutes is not None:
+        config = replace(config, in_progress_timeout_s=in_progress_timeout_minutes * 60.0)
+    return config
+
+
+def create_job(
+    registry: LocalRegistry,
+    store: JobStore,
+    job_id: str,
+    things: Sequence[str] = (),
+    groups: Sequence[str] = (),
+    template: str = DEFAULT_TEMPLATE,
+    max_per_minute: int | None = None,
+    in_progress_timeout_minutes: float | None = None,
+    unlimited_rollout: bool = False,
+) -> None:
+    found = store.template(template)
+    if found is None:
+        raise JobError("ResourceNotFound", f"job template {template!r} does not exist")
+    document, base = found
+    config = job_config(base, max_per_minute, in_progress_timeout_minutes, unlimited_rollout)
+    targets = [f"thing/{t}" for t in things] + [f"thinggroup/{g}" for g in groups]
+    store.create_job(job_id, document, resolve_targets(registry, things, groups), config, targets)
