@@ -76,19 +76,26 @@ def test_no_job_execution_event_topic_for_non_terminal_status(status: JobExecuti
 def test_device_subscriptions_are_the_replies_the_device_needs() -> None:
     subscriptions = Topics.device_subscriptions(THING)
     jobs, cert = f"$aws/things/{THING}/jobs", f"awslabs/things/{THING}/certificate"
-    assert subscriptions == [
-        f"{jobs}/notify-next",
-        f"{jobs}/+/get/accepted",
-        f"{jobs}/+/get/rejected",
-        f"{jobs}/+/update/accepted",
-        f"{jobs}/+/update/rejected",
-        f"{cert}/create/accepted",
-        f"{cert}/create/rejected",
-        f"{cert}/commit/accepted",
-        f"{cert}/commit/rejected",
+    assert subscriptions == [f"{jobs}/notify-next", f"{jobs}/+/get/+", f"{jobs}/+/update/+", f"{cert}/+/+"]
+
+    def matches(topic_filter: str, topic: str) -> bool:
+        f, t = topic_filter.split("/"), topic.split("/")
+        return len(f) == len(t) and all(a in ("+", b) for a, b in zip(f, t, strict=True))
+
+    replies = [
+        Topics.notify_next(THING),
+        Topics.accepted(Topics.next_get(THING)),
+        Topics.rejected(Topics.job_get(THING, "j1")),
+        Topics.accepted(Topics.job_update(THING, "j1")),
+        Topics.rejected(Topics.job_update(THING, "j1")),
+        Topics.accepted(Topics.create(THING)),
+        Topics.rejected(Topics.commit(THING)),
     ]
-    # never a multi-level wildcard, and every filter is scoped to this thing
-    assert all("#" not in s and f"/things/{THING}/" in s for s in subscriptions)
+    requests = [Topics.next_get(THING), Topics.job_update(THING, "j1"), Topics.create(THING), Topics.commit(THING)]
+    for reply in replies:
+        assert any(matches(f, reply) for f in subscriptions), reply
+    for request in requests:  # the device must not receive its own requests back
+        assert not any(matches(f, request) for f in subscriptions), request
 
 
 # ---------------------------------------------------------------------------------- parse_topic: ok

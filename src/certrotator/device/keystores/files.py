@@ -1,0 +1,160 @@
+"""Credentials as files (certificateFilePath / privateKeyPath), crash-safe.
+
+Invariant at every instruction: either (cert, key) or (cert.bak, key.bak) is a matching pair, and
+the journal names the phase, so `recover()` knows which one to keep:
+
+    phase      on disk                                 recover()
+    -------    --------------------------------------  ---------------------------------------
+    backup     old pair in place, .bak being written   drop the partial .bak files
+    install    .bak complete, new pair being written   move the .bak files back (undo)
+    installed  new pair in place, .bak complete        nothing: the agent tries the new pair
+    rollback   .bak being moved back                   finish moving the remaining .bak files
+    commit     .bak being deleted                      finish deleting
+
+The new key is generated in memory and written only once its certificate has arrived and matches it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from cryptography import x509
+
+from certrotator import crypto
+from certrotator.device.journal import Journal, atomic_move, atomic_write, crash_point, remove
+from certrotator.device.keystores.base import KeyStoreError
+
+CRASH_POINTS = (
+    "files.install.journaled",
+    "files.install.key_backed_up",
+    "files.install.backed_up",
+    "files.install.install_journaled",
+    "files.install.key_written",
+    "files.install.cert_written",
+    "files.rollback.journaled",
+    "files.rollback.key_restored",
+    "files.rollback.cert_restored",
+    "files.commit.journaled",
+    "files.commit.key_backup_deleted",
+    "files.commit.cert_backup_deleted",
+)
+
+
+class FileKeyStore:
+    def __init__(self, certificate_path: Path, key_path: Path, journal_path: Path) -> None:
+        self.cert = certificate_path
+        self.key = key_path
+        self.cert_bak = certificate_path.with_name(certificate_path.name + ".bak")
+        self.key_bak = key_path.with_name(key_path.name + ".bak")
+        self.journal = Journal(journal_path)
+        self._prepared: tuple[str, crypto.PrivateKey] | None = None
+
+    # ------------------------------------------------------------------------------ inspection
+
+    def current_certificate(self) -> x509.Certificate:
+        try:
+            return crypto.load_certificate(self.cert.read_bytes())
+        except (OSError, crypto.CryptoError) as exc:
+            raise KeyStoreError(f"cannot read the device certificate {self.cert}: {exc}") from None
+
+    def has_backup(self) -> bool:
+        return self.cert_bak.exists() and self.key_bak.exists()
+
+    def pair_matches(self) -> bool:
+        """Whether the certificate and key in place belong together."""
+        try:
+            key = crypto.load_private_key(self.key.read_bytes())
+            return crypto.certificate_matches_key(self.current_certificate(), key)
+        except (OSError, crypto.CryptoError, KeyStoreError):
+            return False
+
+    # -------------------------------------------------------------------------------- recovery
+
+    def recover(self) -> None:
+        entry = self.journal.read()
+        if entry is None:
+            return
+        if entry.phase == "backup":
+            remove(self.key_bak)
+            remove(self.cert_bak)
+        elif entry.phase in ("install", "rollback"):
+            self._restore_backup()
+        elif entry.phase == "commit":
+            remove(self.key_bak)
+            remove(self.cert_bak)
+        elif entry.phase == "installed":
+            return  # the state machine decides: commit or roll back
+        self.journal.clear()
+
+    def _restore_backup(self) -> None:
+        # Idempotent: a .bak that is gone has already been moved back.
+        if self.key_bak.exists():
+            atomic_move(self.key_bak, self.key)
+        crash_point("files.rollback.key_restored")
+        if self.cert_bak.exists():
+            atomic_move(self.cert_bak, self.cert)
+        crash_point("files.rollback.cert_restored")
+
+    # ---------------------------------------------------------------------------------- rotate
+
+    def prepare(
+        self, job_id: str, key_algorithm: crypto.KeyAlgorithm, signing_algorithm: crypto.SigningAlgorithm
+    ) -> str:
+        crypto.check_family(key_algorithm, signing_algorithm)
+        key = crypto.generate_private_key(key_algorithm)
+        csr = crypto.build_csr(key, signing_algorithm, self.current_certificate().subject)
+        self._prepared = (job_id, key)
+        return csr
+
+    def discard_prepared(self) -> None:
+        self._prepared = None
+
+    def install(self, job_id: str, certificate_pem: str) -> None:
+        if self._prepared is None or self._prepared[0] != job_id:
+            raise KeyStoreError(f"no key was prepared for job {job_id!r} (the agent restarted since)")
+        key = self._prepared[1]
+        try:
+            certificate = crypto.load_certificate(certificate_pem)
+        except crypto.CryptoError as exc:
+            raise KeyStoreError(f"the new certificate is unusable: {exc}") from None
+        if not crypto.certificate_matches_key(certificate, key):
+            raise KeyStoreError("the new certificate is not for the key this device generated")
+        if self.journal.read() is not None or self.has_backup():
+            raise KeyStoreError("a previous rotation is still pending (backup present); not installing")
+        old_key, old_cert = self.key.read_bytes(), self.cert.read_bytes()
+
+        self.journal.write(job_id, "backup")
+        crash_point("files.install.journaled")
+        atomic_write(self.key_bak, old_key, 0o600)
+        crash_point("files.install.key_backed_up")
+        atomic_write(self.cert_bak, old_cert, 0o644)
+        crash_point("files.install.backed_up")
+        self.journal.write(job_id, "install")
+        crash_point("files.install.install_journaled")
+        atomic_write(self.key, crypto.private_key_pem(key), 0o600)
+        crash_point("files.install.key_written")
+        atomic_write(self.cert, crypto.certificate_pem(certificate).encode(), 0o644)
+        crash_point("files.install.cert_written")
+        self.journal.write(job_id, "installed")
+        self._prepared = None
+
+    def rollback(self) -> None:
+        if not self.has_backup() and self.journal.read() is None:
+            return
+        entry = self.journal.read()
+        self.journal.write(entry.job_id if entry else "", "rollback")
+        crash_point("files.rollback.journaled")
+        self._restore_backup()
+        self.journal.clear()
+
+    def commit(self) -> None:
+        if not self.has_backup():
+            return
+        entry = self.journal.read()
+        self.journal.write(entry.job_id if entry else "", "commit")
+        crash_point("files.commit.journaled")
+        remove(self.key_bak)
+        crash_point("files.commit.key_backup_deleted")
+        remove(self.cert_bak)
+        crash_point("files.commit.cert_backup_deleted")
+        self.journal.clear()

@@ -1,0 +1,368 @@
+"""The device's rotation state machine, as a pure function (state, event) -> (state, actions).
+
+The agent (imperative shell) turns actions into MQTT publishes and key-store calls, and feeds back
+what happens as events. Message sequence: DESIGN.md §2; rules: §3. Lessons from the seed's tracker:
+a `get/rejected` (throttling) after a restart with a backup rolls back (#68); a subscription that
+hangs is a failure once the state times out (#21); every failure reason reaches the job's
+statusDetails (#62).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, replace
+from enum import StrEnum
+from typing import Any
+
+from certrotator.crypto import KeyAlgorithm, SigningAlgorithm
+from certrotator.protocol import (
+    CommitCertificateRequest,
+    JobExecutionStatus,
+    ParsedTopic,
+    ProtocolError,
+    Reply,
+    TopicKind,
+    Topics,
+    decode_json_object,
+    is_rotation_document,
+    parse_certificate_accepted,
+    parse_rejected,
+    parse_topic,
+    status_update,
+)
+
+log = logging.getLogger("certrotator.device")
+
+
+class Phase(StrEnum):
+    IDLE = "Idle"
+    GETTING_JOB = "GettingJob"
+    UPDATING_JOB = "UpdatingJob"
+    CREATING_CERTIFICATE = "CreatingCertificate"
+    COMMITTING_CERTIFICATE = "CommittingCertificate"
+
+
+@dataclass(frozen=True, slots=True)
+class State:
+    thing: str
+    key_algorithm: KeyAlgorithm
+    signing_algorithm: SigningAlgorithm
+    timeout_s: float = 30.0
+    phase: Phase = Phase.IDLE
+    job_id: str | None = None
+    has_backup: bool = False
+    epoch: int = 0  # bumped on every transition into a waiting phase; stale timeouts carry an old one
+
+
+# ------------------------------------------------------------------------------------------- events
+
+
+@dataclass(frozen=True, slots=True)
+class Started:
+    """Connected and subscribed (with whatever credentials are in place)."""
+
+    has_backup: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectFailed:
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    topic: str
+    payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Timeout:
+    epoch: int
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigChanged:
+    key_algorithm: KeyAlgorithm
+    signing_algorithm: SigningAlgorithm
+    timeout_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class InstallFailed:
+    reason: str
+
+
+Event = Started | ConnectFailed | Message | Timeout | ConfigChanged | InstallFailed
+
+
+# ------------------------------------------------------------------------------------------ actions
+
+
+@dataclass(frozen=True, slots=True)
+class Publish:
+    topic: str
+    message: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class RequestCertificate:
+    """Generate a new key, build a CSR and publish the create request."""
+
+    job_id: str
+    key_algorithm: KeyAlgorithm
+    signing_algorithm: SigningAlgorithm
+
+
+@dataclass(frozen=True, slots=True)
+class InstallCertificate:
+    """Back up the current pair and install the prepared key with this certificate (then Restart)."""
+
+    job_id: str
+    certificate_pem: str
+
+
+@dataclass(frozen=True, slots=True)
+class DiscardPreparedKey:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class RollBack:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class DeleteBackup:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Restart:
+    """Reconnect with the credentials now in place (Greengrass: restart the nucleus)."""
+
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class ArmTimer:
+    seconds: float
+    epoch: int
+
+
+Action = (
+    Publish
+    | RequestCertificate
+    | InstallCertificate
+    | DiscardPreparedKey
+    | RollBack
+    | DeleteBackup
+    | Restart
+    | ArmTimer
+)
+
+Result = tuple[State, list[Action]]
+
+
+def _wait(state: State, phase: Phase, job_id: str | None, *actions: Action) -> Result:
+    """Enter a waiting phase: every waiting phase has a timeout."""
+    new = replace(state, phase=phase, job_id=job_id, epoch=state.epoch + 1)
+    return new, [*actions, ArmTimer(state.timeout_s, new.epoch)]
+
+
+def _idle(state: State, *actions: Action) -> Result:
+    return replace(state, phase=Phase.IDLE, job_id=None, epoch=state.epoch + 1), list(actions)
+
+
+def _update(
+    state: State, job_id: str, status: JobExecutionStatus, detail: str, reason: str | None = None
+) -> Publish:
+    return Publish(Topics.job_update(state.thing, job_id), status_update(status, detail, reason))
+
+
+def _fail(state: State, job_id: str, reason: str, *then: Action) -> Result:
+    log.warning("rotation job %s failed: %s", job_id, reason)
+    return _idle(state, _update(state, job_id, JobExecutionStatus.FAILED, state.phase.value, reason), *then)
+
+
+def _roll_back(state: State, reason: str, job_id: str | None) -> Result:
+    """The new credentials did not prove themselves: go back to the old pair and reconnect."""
+    actions: list[Action] = []
+    if job_id is not None:
+        actions.append(_update(state, job_id, JobExecutionStatus.FAILED, state.phase.value, reason))
+    return replace(state, phase=Phase.IDLE, job_id=None, has_backup=False, epoch=state.epoch + 1), [
+        *actions,
+        RollBack(),
+        Restart(f"rolled back: {reason}"),
+    ]
+
+
+def initial(
+    thing: str, key_algorithm: KeyAlgorithm, signing_algorithm: SigningAlgorithm, timeout_s: float = 30.0
+) -> State:
+    return State(thing, key_algorithm, signing_algorithm, timeout_s)
+
+
+def transition(state: State, event: Event) -> Result:
+    """The whole behaviour of the device side of the protocol."""
+    if isinstance(event, ConfigChanged):
+        return replace(
+            state,
+            key_algorithm=event.key_algorithm,
+            signing_algorithm=event.signing_algorithm,
+            timeout_s=event.timeout_s,
+        ), []
+    if isinstance(event, Started):
+        started = replace(state, has_backup=event.has_backup)
+        return _wait(started, Phase.GETTING_JOB, None, Publish(Topics.next_get(state.thing), {}))
+    if isinstance(event, ConnectFailed):
+        if state.has_backup:
+            return _roll_back(state, f"cannot connect with the new credentials: {event.reason}", None)
+        return _idle(state, Restart(f"connection failed: {event.reason}"))
+    if isinstance(event, Timeout):
+        return (
+            _on_timeout(state)
+            if event.epoch == state.epoch and state.phase is not Phase.IDLE
+            else (state, [])
+        )
+    if isinstance(event, InstallFailed):
+        if state.phase is not Phase.CREATING_CERTIFICATE or state.job_id is None:
+            return state, []
+        return _fail(
+            replace(state, has_backup=False),
+            state.job_id,
+            f"installing the new certificate failed: {event.reason}",
+            DiscardPreparedKey(),
+        )
+    return _on_message(state, event)
+
+
+def _on_timeout(state: State) -> Result:
+    phase, job = state.phase, state.job_id
+    what = f"no reply in {state.timeout_s:g} s while {phase.value}"
+    if phase is Phase.GETTING_JOB:
+        if state.has_backup:
+            return _roll_back(state, f"new credentials unproven: {what}", None)
+        return _idle(state)  # a notify-next will come when there is work
+    if phase is Phase.UPDATING_JOB:
+        return _idle(state)  # could not even take the job; it stays QUEUED for the next notify
+    assert job is not None
+    if phase is Phase.CREATING_CERTIFICATE:
+        return _fail(state, job, what, DiscardPreparedKey())
+    return _roll_back(state, what, job)  # COMMITTING_CERTIFICATE
+
+
+def _on_message(state: State, message: Message) -> Result:
+    try:
+        topic = parse_topic(message.topic)
+    except ProtocolError:
+        log.info("ignoring message on %s", message.topic)
+        return state, []
+    if topic.thing != state.thing:
+        log.info("ignoring message for another thing on %s", message.topic)
+        return state, []
+    try:
+        return _dispatch(state, topic, message.payload)
+    except ProtocolError as exc:
+        log.warning("ignoring malformed message on %s: %s", message.topic, exc)
+        return state, []
+
+
+def _execution(body: dict[str, Any]) -> dict[str, Any] | None:
+    execution = body.get("execution")
+    if execution is None:
+        return None
+    if not isinstance(execution, dict) or not isinstance(execution.get("jobId"), str):
+        raise ProtocolError("job execution without a jobId")
+    return execution
+
+
+def _dispatch(state: State, topic: ParsedTopic, payload: bytes) -> Result:
+    phase, kind, reply = state.phase, topic.kind, topic.reply
+    if kind is TopicKind.NOTIFY_NEXT and phase is Phase.IDLE:
+        return _offered(state, _execution(decode_json_object(payload, "notify-next")))
+    if kind is TopicKind.GET and phase is Phase.GETTING_JOB and topic.job_id == "$next":
+        if reply is Reply.REJECTED:
+            if state.has_backup:
+                return _roll_back(state, f"get rejected: {parse_rejected(payload)}", None)
+            return _idle(state)
+        if reply is Reply.ACCEPTED:
+            return _got(state, _execution(decode_json_object(payload, "get reply")))
+    if kind is TopicKind.UPDATE and topic.job_id == state.job_id and phase is Phase.UPDATING_JOB:
+        if reply is Reply.ACCEPTED:
+            assert state.job_id is not None
+            return _wait(
+                state,
+                Phase.CREATING_CERTIFICATE,
+                state.job_id,
+                RequestCertificate(state.job_id, state.key_algorithm, state.signing_algorithm),
+            )
+        if reply is Reply.REJECTED:
+            return _idle(state)  # e.g. canceled meanwhile
+    if kind is TopicKind.CREATE and phase is Phase.CREATING_CERTIFICATE and state.job_id is not None:
+        if reply is Reply.ACCEPTED:
+            pem = parse_certificate_accepted(payload)
+            # Stay in this phase without a timer until the restart: InstallFailed may still come back.
+            return replace(state, epoch=state.epoch + 1, has_backup=True), [
+                InstallCertificate(state.job_id, pem),
+                Restart("new credentials installed"),
+            ]
+        if reply is Reply.REJECTED:
+            return _fail(
+                state, state.job_id, f"create rejected: {parse_rejected(payload)}", DiscardPreparedKey()
+            )
+    if kind is TopicKind.COMMIT and phase is Phase.COMMITTING_CERTIFICATE and state.job_id is not None:
+        if reply is Reply.ACCEPTED:
+            job = state.job_id
+            done = replace(state, has_backup=False)
+            return _idle(done, DeleteBackup(), _update(done, job, JobExecutionStatus.SUCCEEDED, "Committed"))
+        if reply is Reply.REJECTED:
+            return _roll_back(state, f"commit rejected: {parse_rejected(payload)}", state.job_id)
+    log.debug("no transition for %s in %s", kind.value, phase.value)
+    return state, []
+
+
+def _offered(state: State, execution: dict[str, Any] | None) -> Result:
+    """notify-next while idle: take a queued rotation job."""
+    if execution is None or not is_rotation_document(execution.get("jobDocument")):
+        return state, []
+    job_id = str(execution["jobId"])
+    if execution.get("status") == JobExecutionStatus.QUEUED.value:
+        return _wait(
+            state,
+            Phase.UPDATING_JOB,
+            job_id,
+            _update(state, job_id, JobExecutionStatus.IN_PROGRESS, Phase.UPDATING_JOB.value),
+        )
+    return state, []
+
+
+def _got(state: State, execution: dict[str, Any] | None) -> Result:
+    """The reply to $next/get after (re)start: decides commit, resume or the rolled-back failure."""
+    rotation = execution is not None and is_rotation_document(execution.get("jobDocument"))
+    if execution is None or not rotation:
+        if state.has_backup:
+            # Connected over the new credentials, but the rotation job is gone (e.g. TIMED_OUT after the
+            # commit): the new pair demonstrably works, so keep it.
+            log.warning("new credentials work but no rotation job is in progress; keeping them")
+            return _idle(replace(state, has_backup=False), DeleteBackup())
+        return _idle(state)
+    job_id, status = str(execution["jobId"]), execution.get("status")
+    if status == JobExecutionStatus.IN_PROGRESS.value:
+        if state.has_backup:
+            return _wait(
+                state,
+                Phase.COMMITTING_CERTIFICATE,
+                job_id,
+                Publish(Topics.commit(state.thing), CommitCertificateRequest(job_id).to_payload()),
+            )
+        return _fail(
+            state,
+            job_id,
+            "the device restarted mid-rotation without new credentials installed "
+            "(rolled back or interrupted before install)",
+        )
+    if status == JobExecutionStatus.QUEUED.value:
+        if state.has_backup:
+            return _roll_back(state, "a new job is queued while an old rotation is unfinished", None)
+        return _offered(state, execution)
+    return _idle(state)
