@@ -88,11 +88,13 @@ class ConfigChanged:
 
 
 @dataclass(frozen=True, slots=True)
-class InstallFailed:
+class StoreFailed:
+    """A key-store step (prepare or install) failed; nothing was changed."""
+
     reason: str
 
 
-Event = Started | ConnectFailed | Message | Timeout | ConfigChanged | InstallFailed
+Event = Started | ConnectFailed | Message | Timeout | ConfigChanged | StoreFailed
 
 
 # ------------------------------------------------------------------------------------------ actions
@@ -141,6 +143,7 @@ class Restart:
     """Reconnect with the credentials now in place (Greengrass: restart the nucleus)."""
 
     reason: str
+    backoff: bool = False  # after a plain connection failure: wait before retrying
 
 
 @dataclass(frozen=True, slots=True)
@@ -217,14 +220,14 @@ def transition(state: State, event: Event) -> Result:
     if isinstance(event, ConnectFailed):
         if state.has_backup:
             return _roll_back(state, f"cannot connect with the new credentials: {event.reason}", None)
-        return _idle(state, Restart(f"connection failed: {event.reason}"))
+        return _idle(state, Restart(f"connection failed: {event.reason}", backoff=True))
     if isinstance(event, Timeout):
         return (
             _on_timeout(state)
             if event.epoch == state.epoch and state.phase is not Phase.IDLE
             else (state, [])
         )
-    if isinstance(event, InstallFailed):
+    if isinstance(event, StoreFailed):
         if state.phase is not Phase.CREATING_CERTIFICATE or state.job_id is None:
             return state, []
         return _fail(
@@ -301,7 +304,7 @@ def _dispatch(state: State, topic: ParsedTopic, payload: bytes) -> Result:
     if kind is TopicKind.CREATE and phase is Phase.CREATING_CERTIFICATE and state.job_id is not None:
         if reply is Reply.ACCEPTED:
             pem = parse_certificate_accepted(payload)
-            # Stay in this phase without a timer until the restart: InstallFailed may still come back.
+            # Stay in this phase without a timer until the restart: StoreFailed may still come back.
             return replace(state, epoch=state.epoch + 1, has_backup=True), [
                 InstallCertificate(state.job_id, pem),
                 Restart("new credentials installed"),

@@ -106,6 +106,7 @@ class LocalIoTCore:
         )
         self.broker.on_message(self._on_message)
         self.results: list[HandlerResult] = []  # recent handler decisions, for tests and the demo
+        self.listeners: list[Callable[[Execution], None]] = []  # told of every execution status change
         self._rollouts: dict[str, _Rollout] = {}
         self._timeout_at = 0.0
         self._timeout_timer: asyncio.TimerHandle | None = None
@@ -124,7 +125,7 @@ class LocalIoTCore:
         now = time.time()
         for job_id in self.jobs.active_jobs():
             self._schedule_rollout(job_id)
-        await self._expire_timeouts_async(now)  # also those that timed out while the engine was down
+        self._expire_due(now)  # also those that timed out while the engine was down
         log.info(
             "local IoT Core listening on %s:%d (data in %s)",
             self.config.host,
@@ -199,7 +200,7 @@ class LocalIoTCore:
 
     async def cancel_job(self, job_id: str, force: bool = False) -> None:
         for execution in self.jobs.cancel(job_id, force, time.time()):
-            await self._execution_changed(execution)
+            self._execution_changed(execution)
 
     # -------------------------------------------------------------------------------- rollout
 
@@ -256,11 +257,11 @@ class LocalIoTCore:
     def _on_timeout_timer(self) -> None:
         assert self._loop is not None
         self._timeout_timer = None
-        self._loop.create_task(self._expire_timeouts_async(time.time()))
+        self._expire_due(time.time())
 
-    async def _expire_timeouts_async(self, now: float) -> None:
+    def _expire_due(self, now: float) -> None:
         for execution in self._expire_timeouts(now):
-            await self._execution_changed(execution)
+            self._execution_changed(execution)
         next_timeout = self.jobs.next_timeout()
         if next_timeout is not None:
             self._add_timeout(next_timeout)
@@ -281,10 +282,9 @@ class LocalIoTCore:
     # ------------------------------------------------------------------------------- messages
 
     def _send(self, topic: str, message: dict[str, Any]) -> None:
-        assert self._loop is not None
-        self._loop.create_task(self.broker.publish(topic, encode(message), 1))
+        self.broker.publish_nowait(topic, encode(message), 1)
 
-    async def _on_message(self, topic: str, payload: bytes, connection: Connection) -> None:
+    def _on_message(self, topic: str, payload: bytes, connection: Connection) -> None:
         try:
             parsed = parse_topic(topic)
         except ProtocolError:
@@ -295,7 +295,7 @@ class LocalIoTCore:
                 for reply_topic, reply in outcome.replies:
                     self._send(reply_topic, reply)
                 if outcome.changed is not None:
-                    await self._execution_changed(outcome.changed)
+                    self._execution_changed(outcome.changed)
             elif parsed.kind in (TopicKind.CREATE, TopicKind.COMMIT) and parsed.reply is None:
                 self._run_rule(parsed.kind, topic, payload, connection)
         except Exception:
@@ -329,7 +329,9 @@ class LocalIoTCore:
         for topic, message in self.publisher.drain():
             self._send(topic, message)
 
-    async def _execution_changed(self, execution: Execution) -> None:
+    def _execution_changed(self, execution: Execution) -> None:
+        for listener in self.listeners:
+            listener(execution)
         if execution.timeout_at is not None:
             self._add_timeout(execution.timeout_at)
         if not execution.status.is_terminal:

@@ -1,0 +1,193 @@
+"""The agent: the imperative shell around the pure state machine.
+
+It feeds events (messages, timeouts, connection outcomes, key-store failures) to `machine.transition`
+and carries out the actions against a transport and a key store. Everything runs on one reactor
+thread; several agents may share one reactor.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from certrotator.crypto import KeyAlgorithm, SigningAlgorithm
+from certrotator.device import machine as m
+from certrotator.device.keystores.base import KeyStore, KeyStoreError
+from certrotator.device.reactor import Reactor, TimerHandle
+from certrotator.device.transports.base import Transport
+from certrotator.protocol import CreateCertificateRequest, Topics, encode
+
+log = logging.getLogger("certrotator.device")
+
+
+@dataclass(frozen=True, slots=True)
+class AgentSettings:
+    thing: str
+    key_algorithm: KeyAlgorithm
+    signing_algorithm: SigningAlgorithm
+    state_timeout_s: float = 30.0
+    # Reconnect back-off after a connection failure that is not part of a rotation.
+    retry_min_s: float = 1.0
+    retry_max_s: float = 60.0
+
+
+# Observers see every transition (the fleet simulator and tests use this; the CLI logs it).
+Observer = Callable[[m.State, m.Event, list[m.Action]], None]
+
+
+class Agent:
+    def __init__(
+        self,
+        settings: AgentSettings,
+        store: KeyStore,
+        transport_factory: Callable[[], Transport],
+        reactor: Reactor,
+        restart: Callable[[str], bool] | None = None,
+        observer: Observer | None = None,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.transport_factory = transport_factory
+        self.reactor = reactor
+        # Greengrass: restart = exit so the nucleus restarts (returns True). Standalone: reconnect here.
+        self.restart_hook = restart
+        self.observer = observer
+        self.state = m.initial(
+            settings.thing, settings.key_algorithm, settings.signing_algorithm, settings.state_timeout_s
+        )
+        self.transport: Transport | None = None
+        self._connection = 0  # which start() the transport callbacks belong to
+        self._state_timer: TimerHandle | None = None
+        self._connect_timer: TimerHandle | None = None
+        self._retry_s = settings.retry_min_s
+        self.stopped = False
+
+    # ---------------------------------------------------------------------------- lifecycle
+
+    def start(self) -> None:
+        self.reactor.submit(self._boot)
+
+    def stop(self) -> None:
+        self.reactor.submit(self._shutdown)
+
+    def reconfigure(
+        self, key_algorithm: KeyAlgorithm, signing_algorithm: SigningAlgorithm, timeout_s: float
+    ) -> None:
+        """Apply a validated configuration change (takes effect for the next rotation)."""
+        self.reactor.submit(lambda: self.feed(m.ConfigChanged(key_algorithm, signing_algorithm, timeout_s)))
+
+    def _boot(self) -> None:
+        self.store.recover()  # finish or undo a credential change a power cut interrupted
+        self._connect()
+
+    def _shutdown(self) -> None:
+        self.stopped = True
+        self._cancel_timers()
+        if self.transport is not None:
+            self.transport.stop()
+            self.transport = None
+
+    def _connect(self) -> None:
+        if self.stopped:
+            return
+        self._connection += 1
+        connection = self._connection
+        self.transport = self.transport_factory()
+        # A connect or subscribe that hangs instead of failing counts as a failure (seed #21).
+        self._connect_timer = self.reactor.call_later(
+            self.settings.state_timeout_s,
+            lambda: self._ready(connection, f"no connection within {self.settings.state_timeout_s:g} s"),
+        )
+        self.transport.start(
+            on_message=lambda topic, payload: self.reactor.submit(
+                lambda: self._message(connection, topic, payload)
+            ),
+            on_ready=lambda error: self.reactor.submit(lambda: self._ready(connection, error)),
+        )
+
+    def _ready(self, connection: int, error: str | None) -> None:
+        if connection != self._connection or self.stopped or self._connect_timer is None:
+            return  # a stale callback of an earlier connection, or already decided
+        self._connect_timer.cancel()
+        self._connect_timer = None
+        if error is None:
+            self._retry_s = self.settings.retry_min_s
+            self.feed(m.Started(self.store.has_backup()))
+        else:
+            log.warning("%s: connection failed: %s", self.settings.thing, error)
+            self.feed(m.ConnectFailed(error))
+
+    def _message(self, connection: int, topic: str, payload: bytes) -> None:
+        if connection == self._connection and not self.stopped:
+            self.feed(m.Message(topic, payload))
+
+    # ------------------------------------------------------------------------------ machine
+
+    def feed(self, event: m.Event) -> None:
+        state, actions = m.transition(self.state, event)
+        previous, self.state = self.state, state
+        if self.observer is not None:
+            self.observer(previous, event, actions)
+        for action in actions:
+            failure = self._perform(action)
+            if failure is not None:
+                # The rest of this batch (e.g. the restart after an install) must not happen.
+                self.feed(m.StoreFailed(failure))
+                return
+
+    def _perform(self, action: m.Action) -> str | None:
+        """Carry out one action; returns a failure reason for key-store steps that failed."""
+        if isinstance(action, m.Publish):
+            self._publish(action.topic, encode(action.message))
+        elif isinstance(action, m.ArmTimer):
+            if self._state_timer is not None:
+                self._state_timer.cancel()
+            epoch = action.epoch
+            self._state_timer = self.reactor.call_later(action.seconds, lambda: self.feed(m.Timeout(epoch)))
+        elif isinstance(action, m.RequestCertificate):
+            try:
+                csr = self.store.prepare(action.job_id, action.key_algorithm, action.signing_algorithm)
+            except (KeyStoreError, ValueError) as exc:
+                return f"generating the new key failed: {exc}"
+            request = CreateCertificateRequest(action.job_id, csr)
+            self._publish(Topics.create(self.settings.thing), encode(request.to_payload()))
+        elif isinstance(action, m.InstallCertificate):
+            try:
+                self.store.install(action.job_id, action.certificate_pem)
+            except (KeyStoreError, OSError) as exc:
+                return str(exc)
+        elif isinstance(action, m.DiscardPreparedKey):
+            self.store.discard_prepared()
+        elif isinstance(action, m.RollBack):
+            self.store.rollback()
+        elif isinstance(action, m.DeleteBackup):
+            self.store.commit()
+        elif isinstance(action, m.Restart):
+            self._restart(action)
+        return None
+
+    def _publish(self, topic: str, payload: bytes) -> None:
+        if self.transport is not None:
+            self.transport.publish(topic, payload)
+
+    def _restart(self, action: m.Restart) -> None:
+        log.info("%s: restarting: %s", self.settings.thing, action.reason)
+        if self.restart_hook is not None and self.restart_hook(action.reason):
+            return
+        self._cancel_timers()
+        if self.transport is not None:
+            self.transport.stop()
+            self.transport = None
+        delay = 0.0
+        if action.backoff:
+            delay = self._retry_s * random.uniform(0.8, 1.2)  # jitter: a fleet must not reconnect in step
+            self._retry_s = min(self._retry_s * 2, self.settings.retry_max_s)
+        self.reactor.call_later(delay, self._connect)
+
+    def _cancel_timers(self) -> None:
+        for timer in (self._state_timer, self._connect_timer):
+            if timer is not None:
+                timer.cancel()
+        self._state_timer = self._connect_timer = None
