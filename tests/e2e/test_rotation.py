@@ -28,10 +28,10 @@ def test_a_small_fleet_rotates_end_to_end(tmp_path: Path) -> None:
             new_id = device.certificate_id()
             assert new_id != device.first_certificate_id
 
-            def registry_view(engine: LocalIoTCore, thing: str = device.thing) -> tuple[list[str], bool]:
-                return engine.registry.thing_principals(thing), engine.registry.certificate(
-                    device.first_certificate_id
-                ) is None
+            def registry_view(
+                engine: LocalIoTCore, thing: str = device.thing, old: str = device.first_certificate_id
+            ) -> tuple[list[str], bool]:
+                return engine.registry.thing_principals(thing), engine.registry.certificate(old) is None
 
             principals, old_gone = fleet.engine.call(registry_view)
             assert principals == [new_id]

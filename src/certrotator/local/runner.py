@@ -89,4 +89,4 @@ class EngineThread:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return False
-                self._changed.wait_for(lambda: self._version != seen, timeout=remaining)
+                self._changed.wait_for(lambda seen=seen: self._version != seen, timeout=remaining)
