@@ -39,6 +39,7 @@ from certrotator.local.ca import IssuerName, LocalCa, ensure_local_ca
 from certrotator.local.db import Database
 from certrotator.local.jobs import DEFAULT_TEMPLATE, Execution, JobConfig, JobError, JobStore
 from certrotator.local.jobs_api import handle_jobs_request, notify_next_message
+from certrotator.local.policy_documents import policy_allows
 from certrotator.local.registry import LocalRegistry
 from certrotator.protocol import (
     STATUS_DETAILS_KEY,
@@ -153,7 +154,16 @@ class LocalIoTCore:
         return None
 
     def authorize_topic(self, thing: str, topic: str, action: str) -> bool:
-        return bool(default_topic_policy(thing, topic, action))
+        if default_topic_policy(thing, topic, action):
+            return True  # the protocol's own topics: decided without touching the registry
+        # Anything else only if a policy attached to one of the thing's certificates allows it.
+        documents = [
+            document
+            for cert in self.registry.thing_principals(thing)
+            for name in self.registry.certificate_policies(cert)
+            if (document := self.registry.policy(name)) is not None
+        ]
+        return policy_allows(documents, thing, thing, topic, action)
 
     def _kick(self, certificate_id: str) -> None:
         if self._loop is not None:
