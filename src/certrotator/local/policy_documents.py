@@ -42,8 +42,8 @@ def policy_allows(
             actions = _as_list(statement.get("Action"))
             if not any(a in (_ACTIONS[action], "iot:*", "*") for a in actions):
                 continue
-            for pattern in _as_list(statement.get("Resource")):
-                pattern = pattern.replace("${iot:Connection.Thing.ThingName}", thing).replace(
+            for raw in _as_list(statement.get("Resource")):
+                pattern = raw.replace("${iot:Connection.Thing.ThingName}", thing).replace(
                     "${iot:ClientId}", client_id
                 )
                 # arn:aws:iot:region:account:topic/...: compare from the resource type on
