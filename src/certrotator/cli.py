@@ -67,6 +67,43 @@ def inspect_csr(csr: Annotated[Path, typer.Argument(help="PEM CSR file")]) -> No
         raise typer.Exit(1)
 
 
+@app.command()
+def demo(
+    devices: Annotated[int, typer.Option(help="How many devices to provision and rotate.")] = 10,
+    key_algorithm: Annotated[str, typer.Option(help="Key algorithm of the devices' keys.")] = "ECDSA-P256",
+    signing_algorithm: Annotated[
+        str | None, typer.Option(help="CSR signing algorithm (default: SHA-256 of the key's family).")
+    ] = None,
+    issuer: Annotated[str, typer.Option(help="iot (AWS IoT style) or private-ca.")] = "iot",
+    ca_signing_algorithm: Annotated[
+        str, typer.Option(help="Private CA signing algorithm.")
+    ] = "SHA256WITHECDSA",
+    keystore: Annotated[str, typer.Option(help="Where device keys live: file.")] = "file",
+    data_dir: Annotated[Path | None, typer.Option(help="Keep everything here (default: a temp dir).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as one JSON object.")] = False,
+) -> None:
+    """Rotate a fleet end to end on the embedded local IoT Core and verify every invariant."""
+    from certrotator.device.config import ConfigError
+    from certrotator.fleet.demo import DemoOptions, run_demo
+    from certrotator.local.ca import IssuerName
+
+    try:
+        options = DemoOptions(
+            devices,
+            key_algorithm,
+            signing_algorithm,
+            IssuerName(issuer),
+            ca_signing_algorithm,
+            keystore=keystore,
+            data_dir=data_dir,
+            as_json=as_json,
+        )
+        code = run_demo(options, console)
+    except (ConfigError, crypto.CryptoError, ValueError) as exc:
+        raise fail(str(exc)) from None
+    raise typer.Exit(code)
+
+
 def _register_groups() -> None:
     from certrotator.local.cli import jobs_app, local_app
 

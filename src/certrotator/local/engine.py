@@ -73,6 +73,7 @@ class _Rollout:
     tokens: float = 1.0
     last: float = field(default_factory=time.monotonic)
     timer: asyncio.TimerHandle | None = None
+    pending: bool = True  # targets not yet rolled out
 
 
 class LocalIoTCore:
@@ -223,7 +224,9 @@ class LocalIoTCore:
 
     def _release(self, job_id: str) -> None:
         assert self._loop is not None
-        rollout = self._rollouts[job_id]
+        rollout = self._rollouts.get(job_id)
+        if rollout is None:
+            return  # the job completed or was canceled meanwhile
         rollout.timer = None
         job = self.jobs.job(job_id)
         if job is None or job["status"] != "IN_PROGRESS":
@@ -243,7 +246,8 @@ class LocalIoTCore:
             rollout.tokens -= len(released)
         for thing in released:
             self._notify_next_if_head(thing, job_id)
-        if self.jobs.pending_count(job_id):
+        rollout.pending = self.jobs.pending_count(job_id) > 0
+        if rollout.pending:
             delay = 0.0 if rate is None else max((1 - rollout.tokens) / (rate / 60.0), 0.001)
             rollout.timer = self._loop.call_later(delay, self._release, job_id)
 
@@ -354,10 +358,14 @@ class LocalIoTCore:
                 execution.thing, execution.job_id, execution.status, dict(execution.status_details)
             ).to_event()
             self._record(handle_job_execution_terminal(event, self.ports))
-        if self.jobs.complete_if_done(execution.job_id, now):
+        rollout = self._rollouts.get(execution.job_id)
+        if rollout is not None and rollout.pending:
+            if rollout.timer is not None:
+                rollout.timer.cancel()  # successes may have raised the exponential rate: recompute now
+                rollout.timer = None
+            self._schedule_rollout(execution.job_id)
+        elif self.jobs.complete_if_done(execution.job_id, now) and rollout is not None:
             self._rollouts.pop(execution.job_id, None)
-        elif execution.job_id in self._rollouts:
-            self._schedule_rollout(execution.job_id)  # successes may raise the exponential rate
 
     # ------------------------------------------------------------------------------ admin ops
 

@@ -76,9 +76,12 @@ class EngineThread:
             self._version += 1
             self._changed.notify_all()
 
-    def wait_until(self, predicate: Callable[[LocalIoTCore], bool], timeout: float) -> bool:
+    def wait_until(
+        self, predicate: Callable[[LocalIoTCore], bool], timeout: float, tick_s: float | None = None
+    ) -> bool:
         """Wait until `predicate(engine)` (evaluated on the engine's loop) holds; re-checked whenever an
-        execution changes, so no polling. False if it still does not hold after `timeout` seconds."""
+        execution changes (and every `tick_s`, for progress displays). False if it still does not hold
+        after `timeout` seconds."""
         deadline = time.monotonic() + timeout
         while True:
             with self._changed:
@@ -89,4 +92,5 @@ class EngineThread:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return False
-                self._changed.wait_for(lambda seen=seen: self._version != seen, timeout=remaining)
+                wait = remaining if tick_s is None else min(remaining, tick_s)
+                self._changed.wait_for(lambda seen=seen: self._version != seen, timeout=wait)
