@@ -1,0 +1,222 @@
+"""AWS Lambda entry points for the three handlers.
+
+The ports are built on the first invocation and kept for the container's life (clients, endpoint
+look-ups, configuration), so a warm invocation makes only the API calls its handler needs.
+
+Configuration (environment):
+  SNS_TOPIC_ARN           required; where terminal notifications go
+  SHADOW_NAME             named shadow keeping the rotation state (default AWSLabsCertificateRotator)
+  PCA_CA_ARN              empty: AWS IoT issues certificates; else this AWS Private CA does
+  PCA_SIGNING_ALGORITHM   the private CA's signing algorithm (default SHA256WITHRSA)
+  PCA_VALIDITY_IN_DAYS    validity of private-CA certificates (default 7)
+  JOB_DOCUMENT            optional consistency check, see `BackendConfig`
+  IOT_DATA_ENDPOINT / IOT_JOBS_ENDPOINT   optional data-plane endpoints (else DescribeEndpoint)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Final
+
+from aws_lambda_powertools import Logger, Metrics
+from aws_lambda_powertools.logging.utils import copy_config_to_registered_loggers
+from aws_lambda_powertools.metrics import MetricUnit
+
+from certrotator import crypto, protocol
+from certrotator.backend import handlers
+from certrotator.backend.aws.adapters import (
+    DEFAULT_SHADOW_NAME,
+    IotDataPublisher,
+    IotIssuer,
+    IotJobsData,
+    IotRegistry,
+    PrivateCaIssuer,
+    ShadowStateStore,
+    SnsNotifier,
+)
+from certrotator.backend.aws.clients import Clients, get_clients
+from certrotator.backend.ports import Issuer, Ports
+
+logger = Logger(service=os.environ.get("POWERTOOLS_SERVICE_NAME") or "certificate-rotator")
+metrics = Metrics(namespace=os.environ.get("POWERTOOLS_METRICS_NAMESPACE") or "CertificateRotator")
+
+
+class ConfigError(ValueError):
+    """The function's environment is wrong; the text names the variable."""
+
+
+_SHADOW_NAME_RE: Final = re.compile(r"^[a-zA-Z0-9:_-]{1,64}$")
+_SNS_ARN_RE: Final = re.compile(r"^arn:[a-z-]+:sns:[a-z0-9-]+:\d{12}:[A-Za-z0-9_-]{1,256}(\.fifo)?$")
+_PCA_ARN_RE: Final = re.compile(r"^arn:[a-z-]+:acm-pca:[a-z0-9-]+:\d{12}:certificate-authority/[0-9a-f-]+$")
+_LAMBDA_ARN_RE: Final = re.compile(
+    r"^arn:(?P<partition>[a-z-]+):lambda:(?P<region>[a-z0-9-]+):(?P<account>\d{12}):"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class BackendConfig:
+    sns_topic_arn: str
+    shadow_name: str = DEFAULT_SHADOW_NAME
+    pca_ca_arn: str | None = None
+    pca_signing_algorithm: crypto.CaSigningAlgorithm = crypto.CaSigningAlgorithm.SHA256WITHRSA
+    pca_validity_days: int = 7
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> BackendConfig:
+        def get(name: str) -> str:
+            return env.get(name, "").strip()
+
+        topic = get("SNS_TOPIC_ARN")
+        if not _SNS_ARN_RE.match(topic):
+            raise ConfigError(f"SNS_TOPIC_ARN must be an SNS topic ARN, got {topic!r}")
+        shadow = get("SHADOW_NAME") or DEFAULT_SHADOW_NAME
+        if not _SHADOW_NAME_RE.match(shadow):
+            raise ConfigError(f"SHADOW_NAME must be 1-64 of [a-zA-Z0-9:_-], got {shadow!r}")
+        ca_arn = get("PCA_CA_ARN") or None
+        if ca_arn is not None and not _PCA_ARN_RE.match(ca_arn):
+            raise ConfigError(f"PCA_CA_ARN must be empty or an AWS Private CA ARN, got {ca_arn!r}")
+        try:
+            algorithm = crypto.parse_ca_signing_algorithm(get("PCA_SIGNING_ALGORITHM") or "SHA256WITHRSA")
+        except crypto.CryptoError as exc:
+            raise ConfigError(f"PCA_SIGNING_ALGORITHM: {exc}") from None
+        days_text = get("PCA_VALIDITY_IN_DAYS") or "7"
+        if not days_text.isdigit() or int(days_text) < 1:
+            raise ConfigError(
+                f"PCA_VALIDITY_IN_DAYS must be a positive whole number of days, got {days_text!r}"
+            )
+        _check_job_document(get("JOB_DOCUMENT"))
+        return cls(topic, shadow, ca_arn, algorithm, int(days_text))
+
+
+def _check_job_document(text: str) -> None:
+    """JOB_DOCUMENT is not an override: the device agent and the handlers recognise a rotation by the
+    protocol's fixed document, so a different one would only make every rotation fail. The variable
+    lets the deployment state the document its job template uses, and a mismatch stops the function
+    at its first invocation instead of failing rotations one by one.
+    """
+    if not text:
+        return
+    try:
+        document = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"JOB_DOCUMENT is not valid JSON ({exc})") from None
+    if not protocol.is_rotation_document(document):
+        expected = json.dumps(protocol.JOB_DOCUMENT, separators=(",", ":"))
+        raise ConfigError(f"JOB_DOCUMENT must be the rotation document {expected}, got {text}")
+
+
+@dataclass(frozen=True, slots=True)
+class FunctionIdentity:
+    """Partition, region and account of the running function, from its ARN."""
+
+    partition: str
+    region: str
+    account: str
+
+    @classmethod
+    def from_context(cls, context: Any) -> FunctionIdentity:
+        arn = str(getattr(context, "invoked_function_arn", ""))
+        match = _LAMBDA_ARN_RE.match(arn)
+        if match is None:
+            raise ConfigError(f"context.invoked_function_arn is not a Lambda function ARN: {arn!r}")
+        return cls(match["partition"], match["region"], match["account"])
+
+
+def build_ports(config: BackendConfig, identity: FunctionIdentity, clients: Clients) -> Ports:
+    """The AWS adapters. Clients (and endpoint look-ups) are created when a handler first needs them."""
+    issuer: Issuer
+    if config.pca_ca_arn is None:
+        issuer = IotIssuer(clients)
+    else:
+        issuer = PrivateCaIssuer(
+            clients,
+            ca_arn=config.pca_ca_arn,
+            signing_algorithm=config.pca_signing_algorithm,
+            validity_days=config.pca_validity_days,
+        )
+    return Ports(
+        registry=IotRegistry(clients, account=identity.account, partition=identity.partition),
+        jobs=IotJobsData(clients),
+        issuer=issuer,
+        state=ShadowStateStore(clients, config.shadow_name),
+        publisher=IotDataPublisher(clients),
+        notifier=SnsNotifier(clients, config.sns_topic_arn),
+    )
+
+
+_ports: Ports | None = None
+
+
+def container_ports(context: Any) -> Ports:
+    """The container's ports, built on the first invocation."""
+    global _ports  # noqa: PLW0603 -- the per-container cache is the point
+    if _ports is None:
+        config = BackendConfig.from_env(os.environ)
+        identity = FunctionIdentity.from_context(context)
+        _configure_logging()
+        _ports = build_ports(config, identity, get_clients(identity.region))
+    return _ports
+
+
+def reset_container() -> None:
+    """Forget the cached ports (tests: a new environment or moto mock)."""
+    global _ports  # noqa: PLW0603
+    _ports = None
+
+
+def _configure_logging() -> None:
+    # The handlers log with the standard library under "certrotator"; give those records the
+    # powertools handler and formatter so they come out as structured JSON with the Lambda context.
+    logging.getLogger("certrotator")
+    copy_config_to_registered_loggers(source_logger=logger, include={"certrotator"})
+
+
+# Metric per handler outcome; outcomes not listed (ignored, ...) count nothing. A job execution that
+# ends REJECTED, CANCELED or REMOVED is handled as FAILED (decisions.terminal_plan) and counted so;
+# "Rejections" are the backend's own refusals of create/commit requests.
+_CREATE_METRICS: Final = {"accepted": "RotationsCreated", "rejected": "Rejections"}
+_COMMIT_METRICS: Final = {"accepted": "RotationsCommitted", "rejected": "Rejections"}
+_TERMINAL_METRICS: Final = {
+    "succeeded": "RotationsSucceeded",
+    "failed": "RotationsFailed",
+    "rejected": "RotationsFailed",
+    "canceled": "RotationsFailed",
+    "removed": "RotationsFailed",
+    "timed_out": "RotationsTimedOut",
+}
+
+
+def _run(
+    handler: Callable[[dict[str, Any], Ports], handlers.HandlerResult],
+    outcome_metrics: Mapping[str, str],
+    event: dict[str, Any],
+    context: Any,
+) -> dict[str, Any]:
+    result = handler(event, container_ports(context))
+    name = outcome_metrics.get(result.outcome)
+    if name is not None:
+        metrics.add_metric(name=name, unit=MetricUnit.Count, value=1)
+    return result.to_dict()
+
+
+@metrics.log_metrics
+@logger.inject_lambda_context
+def create_certificate(event: dict[str, Any], context: Any) -> dict[str, Any]:
+    return _run(handlers.handle_create_certificate, _CREATE_METRICS, event, context)
+
+
+@metrics.log_metrics
+@logger.inject_lambda_context
+def commit_certificate(event: dict[str, Any], context: Any) -> dict[str, Any]:
+    return _run(handlers.handle_commit_certificate, _COMMIT_METRICS, event, context)
+
+
+@metrics.log_metrics
+@logger.inject_lambda_context
+def job_execution_terminal(event: dict[str, Any], context: Any) -> dict[str, Any]:
+    return _run(handlers.handle_job_execution_terminal, _TERMINAL_METRICS, event, context)
