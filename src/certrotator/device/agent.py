@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from certrotator.crypto import KeyAlgorithm, SigningAlgorithm
 from certrotator.device import machine as m
@@ -80,6 +80,7 @@ class Agent:
 
     def _boot(self) -> None:
         self.store.recover()  # finish or undo a credential change a power cut interrupted
+        self.state = replace(self.state, has_backup=self.store.has_backup())
         self._connect()
 
     def _shutdown(self) -> None:

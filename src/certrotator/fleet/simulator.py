@@ -180,24 +180,34 @@ class SimulatedFleet:
         **job_options: object,
     ) -> JobReport:
         """Create a rotation job for the group and wait until every execution is terminal."""
-        count = len(self.engine.call(lambda e: e.registry.group_members(group)))
         for device in self.devices:
             device.certificate_before_job = device.certificate_id()
         started = time.monotonic()
         self.engine.call(lambda e: e.create_job(job_id, groups=[group], **job_options))  # type: ignore[arg-type]
+        return self.wait_job(job_id, timeout_s, progress, started)
+
+    def wait_job(
+        self,
+        job_id: str,
+        timeout_s: float = 600.0,
+        progress: Progress | None = None,
+        started: float | None = None,
+    ) -> JobReport:
+        """Wait until every execution of an existing job is terminal and report on it."""
+        started = time.monotonic() if started is None else started
 
         def done(engine: LocalIoTCore) -> bool:
             counts = engine.jobs.status_counts(job_id)
             if progress is not None:
                 progress(counts, time.monotonic() - started)
-            return not any(counts.get(s) for s in OPEN) and sum(counts.values()) == count
+            return bool(counts) and not any(counts.get(s) for s in OPEN)
 
         finished = self.engine.wait_until(done, timeout_s, tick_s=0.25)
         duration = time.monotonic() - started
         executions = self.engine.call(lambda e: e.jobs.executions(job_id))
         report = JobReport(
             job_id=job_id,
-            devices=count,
+            devices=len(executions),
             statuses={e.thing: e.status.value for e in executions},
             latencies_s=sorted(
                 e.updated_at - e.queued_at for e in executions if e.status.value == "SUCCEEDED"

@@ -31,6 +31,7 @@ CRASH_POINTS = (
     "files.install.install_journaled",
     "files.install.key_written",
     "files.install.cert_written",
+    "files.install.installed",
     "files.rollback.journaled",
     "files.rollback.key_restored",
     "files.rollback.cert_restored",
@@ -84,6 +85,8 @@ class FileKeyStore:
             remove(self.cert_bak)
         elif entry.phase == "installed":
             return  # the state machine decides: commit or roll back
+        else:  # only this class writes the journal: keep it (and the files) for a human to inspect
+            raise KeyStoreError(f"rotation journal {self.journal.path} has an unknown phase {entry.phase!r}")
         self.journal.clear()
 
     def _restore_backup(self) -> None:
@@ -136,6 +139,7 @@ class FileKeyStore:
         atomic_write(self.cert, crypto.certificate_pem(certificate).encode(), 0o644)
         crash_point("files.install.cert_written")
         self.journal.write(job_id, "installed")
+        crash_point("files.install.installed")
         self._prepared = None
 
     def rollback(self) -> None:
