@@ -64,7 +64,10 @@ def run_demo(options: DemoOptions, console: Console) -> int:
         try:
             with EngineThread(config) as engine:
                 fleet = SimulatedFleet(engine, root, reactor)
-                say = (lambda _m: None) if options.as_json else console.print
+                def say(message: str) -> None:
+                    if not options.as_json:
+                        console.print(message)
+
                 say(
                     f"local IoT Core on 127.0.0.1:{engine.port}; provisioning {options.devices} devices "
                     f"({key_algorithm.value}, CSRs signed {signing_algorithm.value}, issuer {options.issuer.value})"

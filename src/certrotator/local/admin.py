@@ -14,14 +14,14 @@ import secrets
 import threading
 import urllib.error
 import urllib.request
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 ENGINE_FILE = "engine.json"
 
-AdminOp = Callable[[dict[str, Any]], Awaitable[Any]]
+AdminOp = Callable[[dict[str, Any]], Coroutine[Any, Any, Any]]
 
 
 class AdminError(RuntimeError):
@@ -46,7 +46,7 @@ class AdminServer:
                     op = server.ops.get(str(body.get("op")))
                     if op is None:
                         raise AdminError(f"unknown admin operation {body.get('op')!r}")
-                    result = asyncio.run_coroutine_threadsafe(op(body), server.loop).result(timeout=60)
+                    result: Any = asyncio.run_coroutine_threadsafe(op(body), server.loop).result(timeout=60)
                     self._reply(200, {"result": result})
                 except Exception as exc:  # every failure becomes a clear message for the CLI
                     self._reply(400, {"error": str(exc)})

@@ -72,7 +72,7 @@ class EngineConfig:
 class _Rollout:
     tokens: float = 1.0
     last: float = field(default_factory=time.monotonic)
-    timer: asyncio.TimerHandle | None = None
+    timer: asyncio.Handle | None = None
     pending: bool = True  # targets not yet rolled out
 
 

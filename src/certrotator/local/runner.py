@@ -76,6 +76,12 @@ class EngineThread:
             self._version += 1
             self._changed.notify_all()
 
+    def _moved_since(self, seen: int) -> Callable[[], bool]:
+        def moved() -> bool:
+            return self._version != seen
+
+        return moved
+
     def wait_until(
         self, predicate: Callable[[LocalIoTCore], bool], timeout: float, tick_s: float | None = None
     ) -> bool:
@@ -93,4 +99,4 @@ class EngineThread:
                 if remaining <= 0:
                     return False
                 wait = remaining if tick_s is None else min(remaining, tick_s)
-                self._changed.wait_for(lambda seen=seen: self._version != seen, timeout=wait)
+                self._changed.wait_for(self._moved_since(seen), timeout=wait)
