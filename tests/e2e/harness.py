@@ -6,7 +6,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from certrotator.device.reactor import Reactor
 from certrotator.fleet.simulator import SimulatedFleet
 from certrotator.local.engine import EngineConfig
 from certrotator.local.runner import EngineThread
@@ -15,13 +14,5 @@ from certrotator.local.runner import EngineThread
 @contextmanager
 def running_fleet(tmp_path: Path, **engine_options: object) -> Iterator[SimulatedFleet]:
     config = EngineConfig(tmp_path / "engine", port=0, **engine_options)  # type: ignore[arg-type]
-    reactor = Reactor().start()
-    try:
-        with EngineThread(config) as engine:
-            fleet = SimulatedFleet(engine, tmp_path, reactor)
-            try:
-                yield fleet
-            finally:
-                fleet.stop_agents()
-    finally:
-        reactor.stop()
+    with EngineThread(config) as engine, SimulatedFleet(engine, tmp_path, threads=4) as fleet:
+        yield fleet

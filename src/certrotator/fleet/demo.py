@@ -14,7 +14,6 @@ from rich.table import Table
 
 from certrotator import crypto
 from certrotator.device.config import validate_algorithms
-from certrotator.device.reactor import Reactor
 from certrotator.fleet.simulator import JobReport, SimulatedFleet
 from certrotator.local.ca import IssuerName
 from certrotator.local.engine import EngineConfig
@@ -60,26 +59,21 @@ def run_demo(options: DemoOptions, console: Console) -> int:
             private_ca_signing_algorithm=ca_signing,
             private_ca_validity_days=options.ca_validity_days,
         )
-        reactor = Reactor().start()
-        try:
-            with EngineThread(config) as engine:
-                fleet = SimulatedFleet(engine, root, reactor)
-                def say(message: str) -> None:
-                    if not options.as_json:
-                        console.print(message)
+        with EngineThread(config) as engine, SimulatedFleet(engine, root) as fleet:
 
-                say(
-                    f"local IoT Core on 127.0.0.1:{engine.port}; provisioning {options.devices} devices "
-                    f"({key_algorithm.value}, CSRs signed {signing_algorithm.value}, issuer {options.issuer.value})"
-                )
-                fleet.provision(options.devices, "demo-fleet", key_algorithm, signing_algorithm)
-                fleet.start_agents()
-                say(f"{options.devices} agents connected over mutual TLS; creating the rotation job")
-                report = _rotate(fleet, options, console)
-                fleet.verify(report)
-                fleet.stop_agents()
-        finally:
-            reactor.stop()
+            def say(message: str) -> None:
+                if not options.as_json:
+                    console.print(message)
+
+            say(
+                f"local IoT Core on 127.0.0.1:{engine.port}; provisioning {options.devices} devices "
+                f"({key_algorithm.value}, CSRs signed {signing_algorithm.value}, issuer {options.issuer.value})"
+            )
+            fleet.provision(options.devices, "demo-fleet", key_algorithm, signing_algorithm)
+            fleet.start_agents()
+            say(f"{options.devices} agents connected over mutual TLS; creating the rotation job")
+            report = _rotate(fleet, options, console)
+            fleet.verify(report)
     summary = report.summary()
     if options.as_json:
         console.print_json(json.dumps(summary))
