@@ -1,9 +1,13 @@
 """AWS API calls per certificate rotation, through the three Lambda entry points.
 
 Two full successful rotations of one thing (create -> commit -> terminal SUCCEEDED) against moto, with
-a warm container for the second one: its calls are the steady-state cost of a rotation. The device
-side is real: real keys, real CSRs with the current certificate's subject, the certificate in use as
-the connection's principal, and the device checks that each certificate it gets is for its new key.
+a warm container for the second one: its calls are the steady-state cost of a rotation. The three
+entry points share one container here; on AWS each function has its own, so the once-per-container
+calls (DescribeEndpoint, the state key's GetSecretValue) happen once per function's cold start.
+
+The device side is real: real keys, real CSRs with the current certificate's subject, the certificate
+in use as the connection's principal, and the device checks that each certificate it gets is for its
+new key.
 
 What moto lacks is answered by botocore `before-call` hooks (a hook that returns a response replaces
 the HTTP request, as botocore's Stubber does): iot-jobs-data DescribeJobExecution, and
@@ -19,6 +23,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import secrets
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
@@ -236,6 +241,11 @@ def main() -> None:
         iot.create_thing(thingName=THING)
         iot.create_policy(policyName=POLICY, policyDocument='{"Version":"2012-10-17","Statement":[]}')
         clients.sns.create_topic(Name="AWSLabsCertificateRotatorNotification")
+        # What the stack provides: a generated secret, the HMAC key for the rotation state in the shadow.
+        key_secret = clients.secretsmanager.create_secret(
+            Name="AWSLabsCertificateRotatorStateKey", SecretString=secrets.token_urlsafe(48)
+        )
+        os.environ["STATE_KEY_SECRET_ARN"] = key_secret["ARN"]
         first = iot.create_keys_and_certificate(setAsActive=True)
         iot.attach_thing_principal(
             thingName=THING, principal=first["certificateArn"], thingPrincipalType="EXCLUSIVE_THING"
@@ -255,6 +265,8 @@ def main() -> None:
     for (phase, operation), n in sorted(cold.items()):
         if operation == "iot.DescribeEndpoint":
             print(f"  {phase:8} {operation:40} {n}  (endpoint look-up, once per container)")
+        elif operation == "secrets-manager.GetSecretValue":
+            print(f"  {phase:8} {operation:40} {n}  (rotation-state key, once per container)")
     print("  (iot:Data-ATS is set by IOT_DATA_ENDPOINT here: moto serves only the default data host)")
     print()
     print("AWS API calls, second rotation (warm container)")

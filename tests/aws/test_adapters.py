@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterator
 from typing import Any
 
@@ -19,9 +20,11 @@ from certrotator.backend.aws.adapters import (
     IotJobsData,
     IotRegistry,
     PrivateCaIssuer,
+    SecretStateKey,
     ShadowStateStore,
     SnsNotifier,
     certificate_arn,
+    state_mac,
 )
 from certrotator.backend.aws.clients import CLIENT_CONFIG, Clients, get_clients, use_clients
 from certrotator.backend.ports import (
@@ -63,7 +66,15 @@ def calls(client: Any, event: str) -> list[dict[str, Any]]:
 
 def test_every_client_retries_throttling_adaptively(clients: Clients) -> None:
     assert CLIENT_CONFIG.retries == {"mode": "adaptive", "max_attempts": 10}  # type: ignore[attr-defined]
-    for client in (clients.iot, clients.iot_data, clients.iot_jobs_data, clients.acm_pca, clients.sns):
+    every = (
+        clients.iot,
+        clients.iot_data,
+        clients.iot_jobs_data,
+        clients.acm_pca,
+        clients.sns,
+        clients.secretsmanager,
+    )
+    for client in every:
         # botocore counts the first attempt too: 10 retries = 11 attempts
         retries = client.meta.config.retries  # type: ignore[attr-defined]
         assert retries == {"mode": "adaptive", "total_max_attempts": 11}
@@ -73,6 +84,7 @@ def test_clients_are_created_once_per_container(clients: Clients) -> None:
     assert get_clients(REGION) is clients
     assert clients.iot is clients.iot
     assert clients.iot_data is clients.iot_data
+    assert clients.secretsmanager is clients.secretsmanager
     assert get_clients("eu-west-1") is not clients
     assert get_clients("eu-west-1").iot.meta.region_name == "eu-west-1"
     mine = Clients(REGION)
@@ -428,19 +440,37 @@ def test_describe_execution_does_not_hide_throttling(clients: Clients, jobs_stub
 
 
 STATE = RotationState("job1", "aa" * 32, "bb" * 32, RotationProgress.CREATED)
+KEY = bytes(range(32))
+SHADOW = "AWSLabsCertificateRotator"
+
+
+def state_store(clients: Clients, shadow_name: str = SHADOW, key: bytes = KEY) -> ShadowStateStore:
+    return ShadowStateStore(clients, key=lambda: key, shadow_name=shadow_name)
+
+
+def write_reported(clients: Clients, thing: str, reported: Any, shadow_name: str = SHADOW) -> None:
+    """What a device can do: publish any state to its own shadow."""
+    payload = json.dumps({"state": {"reported": reported}}).encode()
+    clients.iot_data.update_thing_shadow(thingName=thing, shadowName=shadow_name, payload=payload)
+
+
+def read_reported(clients: Clients, thing: str, shadow_name: str = SHADOW) -> dict[str, Any]:
+    shadow = clients.iot_data.get_thing_shadow(thingName=thing, shadowName=shadow_name)
+    reported: dict[str, Any] = json.loads(shadow["payload"].read())["state"]["reported"]
+    return reported
 
 
 def test_shadow_state_round_trip(clients: Clients) -> None:
     clients.iot.create_thing(thingName="dev1")
-    store = ShadowStateStore(clients, "RotatorState")
+    store = state_store(clients, "RotatorState")
     assert store.load("dev1") is None
     store.save("dev1", STATE)
     assert store.load("dev1") == STATE
     committed = RotationState("job1", "aa" * 32, "bb" * 32, RotationProgress.COMMITTED)
     store.save("dev1", committed)
     assert store.load("dev1") == committed
-    shadow = clients.iot_data.get_thing_shadow(thingName="dev1", shadowName="RotatorState")
-    assert json.loads(shadow["payload"].read())["state"]["reported"] == committed.to_dict()
+    mac = state_mac(KEY, "dev1", committed.to_dict())
+    assert read_reported(clients, "dev1", "RotatorState") == committed.to_dict() | {"mac": mac}
     store.clear("dev1")
     assert store.load("dev1") is None
     store.clear("dev1")  # idempotent
@@ -449,26 +479,142 @@ def test_shadow_state_round_trip(clients: Clients) -> None:
 
 
 def test_shadow_state_of_an_unknown_thing_is_none(clients: Clients) -> None:
-    assert ShadowStateStore(clients).load("nobody") is None
+    assert state_store(clients).load("nobody") is None
 
 
-def test_shadow_without_rotation_state_is_none(clients: Clients) -> None:
+def test_shadow_without_rotation_state_is_none(clients: Clients, caplog: pytest.LogCaptureFixture) -> None:
     clients.iot.create_thing(thingName="dev1")
     clients.iot_data.update_thing_shadow(
-        thingName="dev1", shadowName="AWSLabsCertificateRotator", payload=b'{"state":{"desired":{"x":1}}}'
+        thingName="dev1", shadowName=SHADOW, payload=b'{"state":{"desired":{"x":1}}}'
     )
-    assert ShadowStateStore(clients).load("dev1") is None
+    assert state_store(clients).load("dev1") is None
+    assert caplog.records == []  # no state is not a forged state
 
 
-def test_malformed_shadow_state_is_an_error(clients: Clients) -> None:
+def test_the_mac_binds_the_thing_and_every_field() -> None:
+    fields = STATE.to_dict()
+    mac = state_mac(KEY, "dev1", fields)
+    assert len(mac) == 64 and mac == state_mac(KEY, "dev1", dict(fields))
+    variants = [state_mac(KEY, "dev2", fields), state_mac(bytes(32), "dev1", fields)]
+    variants += [state_mac(KEY, "dev1", fields | {name: fields[name] + "x"}) for name in fields]
+    # the encoding is unambiguous: moving text between the thing name and a field changes the MAC
+    variants.append(state_mac(KEY, "dev1job1", fields | {"jobId": ""}))
+    assert mac not in variants and len(set(variants)) == len(variants)
+
+
+def test_a_short_key_is_refused(clients: Clients) -> None:
     clients.iot.create_thing(thingName="dev1")
-    clients.iot_data.update_thing_shadow(
-        thingName="dev1",
-        shadowName="AWSLabsCertificateRotator",
-        payload=b'{"state":{"reported":{"jobId":"job1","progress":"half-done"}}}',
-    )
+    with pytest.raises(ValueError, match="at least 32"):
+        state_store(clients, key=b"k" * 31).save("dev1", STATE)
+    with pytest.raises(ValueError, match="at least 32"):
+        state_mac(b"", "dev1", STATE.to_dict())
+
+
+def _forgeries() -> dict[str, Any]:
+    """Shadow contents a device could write, keyed by what is wrong with them."""
+    victim_state = RotationState("job1", "cc" * 32, "dd" * 32, RotationProgress.COMMITTED).to_dict()
+    return {
+        "no MAC": victim_state,
+        "wrong MAC": victim_state | {"mac": "00" * 32},
+        "MAC under another key": victim_state | {"mac": state_mac(b"x" * 32, "dev1", victim_state)},
+        "MAC with other case": victim_state | {"mac": state_mac(KEY, "dev1", victim_state).upper()},
+        "non-ASCII MAC": victim_state | {"mac": "é" * 64},
+        "MAC not a string": victim_state | {"mac": 12},
+        "MAC of a state of another thing": victim_state | {"mac": state_mac(KEY, "dev2", victim_state)},
+        "field not a string": victim_state
+        | {"jobId": 1, "mac": state_mac(KEY, "dev1", victim_state | {"jobId": "1"})},
+        "field missing": {"jobId": "job1", "progress": "committed", "mac": "00" * 32},
+        "malformed without a MAC": {"jobId": "job1", "progress": "half-done"},
+    }
+
+
+@pytest.mark.parametrize("forgery", sorted(_forgeries()))
+def test_a_forged_state_is_ignored_with_a_warning(
+    clients: Clients, caplog: pytest.LogCaptureFixture, forgery: str
+) -> None:
+    clients.iot.create_thing(thingName="dev1")
+    write_reported(clients, "dev1", _forgeries()[forgery])
+    with caplog.at_level(logging.WARNING, logger="certrotator"):
+        assert state_store(clients).load("dev1") is None
+    (record,) = caplog.records
+    assert record.levelno == logging.WARNING
+    assert "'dev1'" in record.getMessage() and "tampered" in record.getMessage()
+    assert record.__dict__["thing"] == "dev1"
+
+
+def test_a_state_moved_from_another_thing_is_ignored(clients: Clients) -> None:
+    """A device that can read another thing's shadow still cannot make that state its own."""
+    for thing in ("dev1", "dev2"):
+        clients.iot.create_thing(thingName=thing)
+    store = state_store(clients)
+    store.save("dev2", STATE)
+    write_reported(clients, "dev1", read_reported(clients, "dev2"))
+    assert store.load("dev2") == STATE
+    assert store.load("dev1") is None
+
+
+def test_a_forged_state_is_replaced_by_the_next_save(clients: Clients) -> None:
+    clients.iot.create_thing(thingName="dev1")
+    write_reported(clients, "dev1", _forgeries()["wrong MAC"])
+    store = state_store(clients)
+    store.save("dev1", STATE)
+    assert store.load("dev1") == STATE
+
+
+def test_an_authentic_but_unreadable_state_is_an_error(clients: Clients) -> None:
+    """Written with the key (a newer backend, say) but not understood: stop rather than guess."""
+    clients.iot.create_thing(thingName="dev1")
+    fields = STATE.to_dict() | {"progress": "half-done"}
+    write_reported(clients, "dev1", fields | {"mac": state_mac(KEY, "dev1", fields)})
     with pytest.raises(ValueError, match="no valid rotation state"):
-        ShadowStateStore(clients).load("dev1")
+        state_store(clients).load("dev1")
+
+
+def test_clearing_and_missing_shadows_need_no_key(clients: Clients) -> None:
+    clients.iot.create_thing(thingName="dev1")
+    write_reported(clients, "dev1", _forgeries()["no MAC"])
+
+    def no_key() -> bytes:
+        raise AssertionError("the key was asked for")
+
+    store = ShadowStateStore(clients, key=no_key)
+    store.clear("dev1")  # removes a forged state as well as an authentic one
+    assert store.load("dev1") is None
+    assert state_store(clients).load("dev1") is None
+
+
+# ------------------------------------------------------------------------------------------ state key
+
+
+def secret(clients: Clients, name: str = "state-key", **value: Any) -> str:
+    arn: str = clients.secretsmanager.create_secret(Name=name, **value)["ARN"]
+    return arn
+
+
+def test_the_state_key_is_the_secret_string_fetched_once(clients: Clients) -> None:
+    arn = secret(clients, SecretString="ß" * 16)  # 16 characters, 32 UTF-8 bytes
+    fetched = calls(clients.secretsmanager, "secretsmanager.GetSecretValue")
+    key = SecretStateKey(clients, arn)
+    assert key() == ("ß" * 16).encode()
+    assert key() == SecretStateKey(clients, arn)()  # another user of the same clients: still cached
+    assert fetched == [{"SecretId": arn}]
+
+
+def test_the_state_key_can_be_a_secret_binary(clients: Clients) -> None:
+    arn = secret(clients, SecretBinary=KEY)
+    assert SecretStateKey(clients, arn)() == KEY
+
+
+def test_a_short_secret_is_refused(clients: Clients) -> None:
+    arn = secret(clients, SecretString="é" * 15 + "x")  # 16 characters, 31 UTF-8 bytes
+    with pytest.raises(ValueError, match="31 bytes long; it must be at least 32"):
+        SecretStateKey(clients, arn)()
+
+
+def test_a_missing_secret_is_an_api_error(clients: Clients) -> None:
+    arn = f"arn:aws:secretsmanager:{REGION}:{ACCOUNT}:secret:nothing-AbCdEf"
+    with pytest.raises(ClientError, match="ResourceNotFoundException"):
+        SecretStateKey(clients, arn)()
 
 
 # ------------------------------------------------------------------------------ replies, notifications

@@ -3,26 +3,38 @@
 from __future__ import annotations
 
 import json
+import secrets
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import pytest
+from botocore.exceptions import ClientError
 from botocore.stub import Stubber
 from moto.iotdata.models import iotdata_backends
 from moto.sns.models import sns_backends
 
 from certrotator import crypto
 from certrotator.backend.aws import lambdas
-from certrotator.backend.aws.adapters import IotIssuer, PrivateCaIssuer
-from certrotator.backend.aws.clients import Clients, get_clients
+from certrotator.backend.aws.adapters import IotIssuer, PrivateCaIssuer, ShadowStateStore
+from certrotator.backend.aws.clients import Clients, get_clients, reset_clients
 from certrotator.backend.aws.lambdas import BackendConfig, ConfigError, FunctionIdentity
-from certrotator.protocol import STATUS_DETAILS_KEY, JobExecutionEvent, JobExecutionStatus, Topics
+from certrotator.backend.ports import CertificateStatus, RotationState
+from certrotator.protocol import (
+    STATUS_DETAILS_KEY,
+    JobExecutionEvent,
+    JobExecutionStatus,
+    RotationProgress,
+    Topics,
+)
 
 from .support import ACCOUNT, REGION, Device, TestCa, execution_response, provision, sign_csrs_for_real
 
 TOPIC_ARN = f"arn:aws:sns:{REGION}:{ACCOUNT}:AWSLabsCertificateRotatorNotification"
+SECRET_ARN = f"arn:aws:secretsmanager:{REGION}:{ACCOUNT}:secret:certrotator/state-key-AbCdEf"
+REQUIRED = {"SNS_TOPIC_ARN": TOPIC_ARN, "STATE_KEY_SECRET_ARN": SECRET_ARN}
+SHADOW = "AWSLabsCertificateRotator"
 PCA_ARN = f"arn:aws:acm-pca:{REGION}:{ACCOUNT}:certificate-authority/11111111-2222-3333-4444-555555555555"
 
 
@@ -43,8 +55,8 @@ CONTEXT = FakeContext()
 
 
 def test_config_defaults() -> None:
-    config = BackendConfig.from_env({"SNS_TOPIC_ARN": TOPIC_ARN})
-    assert config == BackendConfig(TOPIC_ARN, "AWSLabsCertificateRotator", None)
+    config = BackendConfig.from_env(REQUIRED)
+    assert config == BackendConfig(TOPIC_ARN, SECRET_ARN, "AWSLabsCertificateRotator", None)
     assert config.pca_signing_algorithm is crypto.CaSigningAlgorithm.SHA256WITHRSA
     assert config.pca_validity_days == 7
 
@@ -53,6 +65,7 @@ def test_config_reads_every_variable() -> None:
     config = BackendConfig.from_env(
         {
             "SNS_TOPIC_ARN": TOPIC_ARN,
+            "STATE_KEY_SECRET_ARN": f" {SECRET_ARN} ",
             "SHADOW_NAME": "Rotator",
             "PCA_CA_ARN": PCA_ARN,
             "PCA_SIGNING_ALGORITHM": "SHA384WITHECDSA",
@@ -61,7 +74,7 @@ def test_config_reads_every_variable() -> None:
         }
     )
     assert config == BackendConfig(
-        TOPIC_ARN, "Rotator", PCA_ARN, crypto.CaSigningAlgorithm.SHA384WITHECDSA, 30
+        TOPIC_ARN, SECRET_ARN, "Rotator", PCA_ARN, crypto.CaSigningAlgorithm.SHA384WITHECDSA, 30
     )
 
 
@@ -70,6 +83,9 @@ def test_config_reads_every_variable() -> None:
     [
         ("SNS_TOPIC_ARN", ""),
         ("SNS_TOPIC_ARN", "AWSLabsCertificateRotatorNotification"),
+        ("STATE_KEY_SECRET_ARN", ""),
+        ("STATE_KEY_SECRET_ARN", "certrotator/state-key"),  # a name: the functions are granted the ARN
+        ("STATE_KEY_SECRET_ARN", TOPIC_ARN),
         ("SHADOW_NAME", "has space"),
         ("SHADOW_NAME", "x" * 65),
         ("PCA_CA_ARN", "arn:aws:iam::123456789012:role/x"),
@@ -84,9 +100,14 @@ def test_config_reads_every_variable() -> None:
     ],
 )
 def test_bad_configuration_names_the_variable(variable: str, value: str) -> None:
-    env = {"SNS_TOPIC_ARN": TOPIC_ARN, variable: value}
+    env = REQUIRED | {variable: value}
     with pytest.raises(ConfigError, match=variable):
         BackendConfig.from_env(env)
+
+
+def test_the_state_key_secret_is_required() -> None:
+    with pytest.raises(ConfigError, match="STATE_KEY_SECRET_ARN is not set"):
+        BackendConfig.from_env({"SNS_TOPIC_ARN": TOPIC_ARN})
 
 
 @pytest.mark.parametrize(
@@ -110,8 +131,10 @@ def test_function_identity_needs_a_lambda_arn() -> None:
 
 def test_issuer_follows_pca_ca_arn(clients: Clients) -> None:
     identity = FunctionIdentity("aws", REGION, ACCOUNT)
-    iot_ports = lambdas.build_ports(BackendConfig(TOPIC_ARN), identity, clients)
-    pca_ports = lambdas.build_ports(BackendConfig(TOPIC_ARN, pca_ca_arn=PCA_ARN), identity, clients)
+    iot_ports = lambdas.build_ports(BackendConfig(TOPIC_ARN, SECRET_ARN), identity, clients)
+    pca_ports = lambdas.build_ports(
+        BackendConfig(TOPIC_ARN, SECRET_ARN, pca_ca_arn=PCA_ARN), identity, clients
+    )
     assert isinstance(iot_ports.issuer, IotIssuer)
     assert isinstance(pca_ports.issuer, PrivateCaIssuer)
 
@@ -119,6 +142,7 @@ def test_issuer_follows_pca_ca_arn(clients: Clients) -> None:
 @pytest.mark.filterwarnings("ignore:No application metrics")
 def test_bad_configuration_fails_the_invocation(aws: None, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SNS_TOPIC_ARN", TOPIC_ARN)
+    monkeypatch.setenv("STATE_KEY_SECRET_ARN", SECRET_ARN)
     monkeypatch.setenv("PCA_VALIDITY_IN_DAYS", "0")
     with pytest.raises(ConfigError, match="PCA_VALIDITY_IN_DAYS"):
         lambdas.commit_certificate({}, CONTEXT)
@@ -128,7 +152,19 @@ def test_bad_configuration_fails_the_invocation(aws: None, monkeypatch: pytest.M
 
 
 @pytest.fixture
-def backend(clients: Clients, monkeypatch: pytest.MonkeyPatch, test_ca: TestCa) -> Iterator[Stubber]:
+def state_key_secret(clients: Clients, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The generated secret the stack provides, named by STATE_KEY_SECRET_ARN."""
+    arn: str = clients.secretsmanager.create_secret(
+        Name="certrotator/state-key", SecretString=secrets.token_urlsafe(48)
+    )["ARN"]
+    monkeypatch.setenv("STATE_KEY_SECRET_ARN", arn)
+    return arn
+
+
+@pytest.fixture
+def backend(
+    clients: Clients, monkeypatch: pytest.MonkeyPatch, test_ca: TestCa, state_key_secret: str
+) -> Iterator[Stubber]:
     """moto + a stubbed jobs data plane + CreateCertificateFromCsr that signs the CSR's own key."""
     clients.sns.create_topic(Name="AWSLabsCertificateRotatorNotification")
     monkeypatch.setenv("SNS_TOPIC_ARN", TOPIC_ARN)
@@ -211,9 +247,47 @@ def terminal_event(device: Device, job_id: str, status: JobExecutionStatus) -> d
     return event.to_event(thing_arn_prefix=f"arn:aws:iot:{REGION}:{ACCOUNT}:thing/")
 
 
-def test_a_whole_rotation(clients: Clients, backend: Stubber, capsys: pytest.CaptureFixture[str]) -> None:
+def calls(client: Any, event: str) -> list[dict[str, Any]]:
+    """Record the parameters of every call matching `event` (e.g. 'iot.DeleteCertificate')."""
+    seen: list[dict[str, Any]] = []
+
+    def record(params: dict[str, Any], **_: Any) -> None:
+        seen.append(dict(params))
+
+    client.meta.events.register(f"provide-client-params.{event}", record)
+    return seen
+
+
+def write_reported(clients: Clients, thing: str, reported: dict[str, Any]) -> None:
+    """What a device can do: publish any state to its own shadow."""
+    payload = json.dumps({"state": {"reported": reported}}).encode()
+    clients.iot_data.update_thing_shadow(thingName=thing, shadowName=SHADOW, payload=payload)
+
+
+def read_reported(clients: Clients, thing: str) -> dict[str, Any]:
+    shadow = clients.iot_data.get_thing_shadow(thingName=thing, shadowName=SHADOW)
+    reported: dict[str, Any] = json.loads(shadow["payload"].read())["state"]["reported"]
+    return reported
+
+
+def tamper_warnings(records: list[dict[str, Any]], thing: str) -> list[dict[str, Any]]:
+    return [
+        r
+        for r in records
+        if r.get("level") == "WARNING" and "tampered" in str(r.get("message")) and r.get("thing") == thing
+    ]
+
+
+@pytest.mark.parametrize("forged_state_before", [False, True])
+def test_a_whole_rotation(
+    clients: Clients, backend: Stubber, capsys: pytest.CaptureFixture[str], forged_state_before: bool
+) -> None:
     device = provision(clients, "dev1")
     old_id = device.certificate_id
+    if forged_state_before:  # a leftover or forged state does not stand in the way of a real rotation
+        forged = RotationState("job1", "cc" * 32, "dd" * 32, RotationProgress.COMMITTED).to_dict()
+        write_reported(clients, "dev1", forged | {"mac": "00" * 32})
+    key_fetches = calls(clients.secretsmanager, "secretsmanager.GetSecretValue")
     key, csr = device.new_csr()
     for _ in range(2):  # create, then commit, each checks the execution
         backend.add_response(
@@ -233,6 +307,8 @@ def test_a_whole_rotation(clients: Clients, backend: Stubber, capsys: pytest.Cap
     registry = lambdas.container_ports(CONTEXT).registry
     assert sorted(registry.exclusive_principals("dev1")) == sorted([old_id, new_id])
     assert registry.certificate_policies(new_id) == ["DevicePolicy"]
+    assert read_reported(clients, "dev1")["oldCertificateId"] == old_id
+    assert len(read_reported(clients, "dev1")["mac"]) == 64
 
     committed = lambdas.commit_certificate(commit_event(device, "job1", new_id), CONTEXT)
     assert committed["outcome"] == "accepted", committed
@@ -246,9 +322,13 @@ def test_a_whole_rotation(clients: Clients, backend: Stubber, capsys: pytest.Cap
     assert registry.describe_certificate(old_id) is None
     assert lambdas.container_ports(CONTEXT).state.load("dev1") is None
     assert notifications() == []
+    # the three entry points share this container here: the key was fetched once for all of them
+    assert len(key_fetches) == 1
 
     records = stdout_records(capsys)
     assert metric_names(records) == ["RotationsCreated", "RotationsCommitted", "RotationsSucceeded"]
+    # create never read the forged state (one certificate: nothing to re-send); its save replaced it
+    assert tamper_warnings(records, "dev1") == []
     # the handlers' standard-library records come out as powertools JSON with the Lambda context
     handler_logs = [r for r in records if r.get("name", "").startswith("certrotator")]
     assert handler_logs, records
@@ -338,3 +418,130 @@ def test_an_execution_ending_before_any_certificate_notifies(
     (notification,) = notifications()
     assert notification["status"] == status.value and notification["operatorAction"]
     assert metric_names(stdout_records(capsys)) == [metric]
+
+
+# ------------------------------------------------------------------------- the authenticated state
+
+
+def forged_state(victim_certificate: str, own_certificate: str) -> dict[str, str]:
+    return RotationState("job1", victim_certificate, own_certificate, RotationProgress.COMMITTED).to_dict()
+
+
+@pytest.mark.parametrize("mac", ["none", "wrong", "of the victim's state"])
+def test_a_forged_state_cannot_get_another_things_certificate_deleted(
+    clients: Clients, backend: Stubber, capsys: pytest.CaptureFixture[str], mac: str
+) -> None:
+    """The attack: dev1 names dev2's certificate as its "old" one, committed, then reports SUCCEEDED."""
+    attacker, victim = provision(clients, "dev1"), provision(clients, "dev2")
+    forged = forged_state(victim.certificate_id, attacker.certificate_id)
+    if mac == "wrong":
+        forged |= {"mac": "ab" * 32}
+    elif mac == "of the victim's state":
+        # an authentic MAC the backend computed for the same fields, in the victim's shadow
+        lambdas.container_ports(CONTEXT).state.save("dev2", RotationState.from_dict(forged))
+        forged = read_reported(clients, "dev2")
+    write_reported(clients, "dev1", forged)
+    changes = [
+        calls(clients.iot, f"iot.{operation}")
+        for operation in ("UpdateCertificate", "DetachThingPrincipal", "DeleteCertificate")
+    ]
+
+    ended = lambdas.job_execution_terminal(
+        terminal_event(attacker, "job1", JobExecutionStatus.SUCCEEDED), CONTEXT
+    )
+
+    assert ended["outcome"] == "succeeded"
+    assert ended["reason"].startswith("contradiction: execution SUCCEEDED but rotation progress is none")
+    assert changes == [[], [], []]
+    for device in (victim, attacker):
+        description = clients.iot.describe_certificate(certificateId=device.certificate_id)
+        assert description["certificateDescription"]["status"] == CertificateStatus.ACTIVE.value
+        principals = clients.iot.list_thing_principals_v2(thingName=device.thing)["thingPrincipalObjects"]
+        assert [p["principal"].rsplit("/", 1)[1] for p in principals] == [device.certificate_id]
+    (notification,) = notifications()
+    assert (notification["thingName"], notification["jobId"]) == ("dev1", "job1")
+    assert notification["status"] == "SUCCEEDED" and notification["operatorAction"]
+    assert "oldCertificateId" not in notification["details"]  # nothing from the forged state
+    assert len(tamper_warnings(stdout_records(capsys), "dev1")) == 1
+
+
+def test_a_forged_state_is_not_committed(clients: Clients, backend: Stubber, test_ca: TestCa) -> None:
+    """Commit would otherwise re-save the forged state under the backend's own MAC."""
+    attacker, victim = provision(clients, "dev1"), provision(clients, "dev2")
+    second = clients.iot.register_certificate_without_ca(
+        certificatePem=test_ca.sign(attacker.new_csr()[1]), status="ACTIVE"
+    )
+    clients.iot.attach_thing_principal(
+        thingName="dev1", principal=second["certificateArn"], thingPrincipalType="EXCLUSIVE_THING"
+    )
+    forged = RotationState("job1", victim.certificate_id, second["certificateId"], RotationProgress.CREATED)
+    write_reported(clients, "dev1", forged.to_dict() | {"mac": "ab" * 32})
+    backend.add_response("describe_job_execution", execution_response("dev1", "job1"))
+
+    result = lambdas.commit_certificate(commit_event(attacker, "job1", second["certificateId"]), CONTEXT)
+
+    assert result["outcome"] == "rejected"
+    assert result["reason"] == "no certificate was created for job 'job1'"
+    assert published()[-1] == (
+        "awslabs/things/dev1/certificate/commit/rejected",
+        {"errorMsg": result["reason"]},
+    )
+    assert read_reported(clients, "dev1")["progress"] == "created"  # untouched, still unauthenticated
+
+
+@pytest.mark.filterwarnings("ignore:No application metrics")
+def test_the_state_key_is_fetched_once_per_container(clients: Clients, backend: Stubber) -> None:
+    device = provision(clients, "dev1")
+    fetches = calls(clients.secretsmanager, "secretsmanager.GetSecretValue")
+    for _ in range(3):
+        lambdas.job_execution_terminal(terminal_event(device, "job1", JobExecutionStatus.FAILED), CONTEXT)
+        lambdas.job_execution_terminal({"jobId": "job1", "thingArn": "x"}, CONTEXT)  # ignored
+    assert len(fetches) == 1
+
+    reset_clients()  # a new container: new clients, new ports
+    lambdas.reset_container()
+    fresh = get_clients(REGION)
+    assert fresh is not clients
+    fresh_fetches = calls(fresh.secretsmanager, "secretsmanager.GetSecretValue")
+    lambdas.job_execution_terminal(terminal_event(device, "job1", JobExecutionStatus.FAILED), CONTEXT)
+    lambdas.job_execution_terminal(terminal_event(device, "job1", JobExecutionStatus.FAILED), CONTEXT)
+    assert len(fresh_fetches) == 1 and len(fetches) == 1
+
+
+@pytest.mark.filterwarnings("ignore:No application metrics")
+def test_without_the_state_key_variable_nothing_runs(
+    clients: Clients, backend: Stubber, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("STATE_KEY_SECRET_ARN")
+    device = provision(clients, "dev1")
+    with pytest.raises(ConfigError, match="STATE_KEY_SECRET_ARN is not set"):
+        lambdas.job_execution_terminal(terminal_event(device, "job1", JobExecutionStatus.FAILED), CONTEXT)
+    assert notifications() == []
+
+
+@pytest.mark.filterwarnings("ignore:No application metrics")
+def test_a_short_state_key_stops_the_first_invocation_before_any_issuance(
+    clients: Clients, backend: Stubber, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    short = clients.secretsmanager.create_secret(Name="short", SecretString="x" * 31)["ARN"]
+    monkeypatch.setenv("STATE_KEY_SECRET_ARN", short)
+    device = provision(clients, "dev1")
+    with pytest.raises(ConfigError, match=r"STATE_KEY_SECRET_ARN .*31 bytes long; it must be at least 32"):
+        lambdas.create_certificate(create_event(device, "job1", device.new_csr()[1]), CONTEXT)
+    assert len(clients.iot.list_certificates()["certificates"]) == 1
+    assert published() == []
+
+
+@pytest.mark.filterwarnings("ignore:No application metrics")
+def test_a_missing_secret_stops_the_first_invocation(
+    clients: Clients, backend: Stubber, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("STATE_KEY_SECRET_ARN", SECRET_ARN)  # well formed, but no such secret
+    device = provision(clients, "dev1")
+    with pytest.raises(ClientError, match="GetSecretValue"):
+        lambdas.create_certificate(create_event(device, "job1", device.new_csr()[1]), CONTEXT)
+    assert published() == []
+
+
+def test_the_container_store_is_the_authenticated_shadow_store(clients: Clients, backend: Stubber) -> None:
+    assert isinstance(lambdas.container_ports(CONTEXT).state, ShadowStateStore)

@@ -158,7 +158,7 @@ class Agent:
             try:
                 self.store.install(action.job_id, action.certificate_pem)
             except (KeyStoreError, OSError) as exc:
-                return str(exc)
+                return f"installing the new certificate failed: {exc}"
         elif isinstance(action, m.DiscardPreparedKey):
             self.store.discard_prepared()
         elif isinstance(action, m.RollBack):

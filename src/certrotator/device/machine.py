@@ -200,9 +200,15 @@ def _roll_back(state: State, reason: str, job_id: str | None) -> Result:
 
 
 def initial(
-    thing: str, key_algorithm: KeyAlgorithm, signing_algorithm: SigningAlgorithm, timeout_s: float = 30.0
+    thing: str,
+    key_algorithm: KeyAlgorithm,
+    signing_algorithm: SigningAlgorithm,
+    timeout_s: float = 30.0,
+    has_backup: bool = False,
 ) -> State:
-    return State(thing, key_algorithm, signing_algorithm, timeout_s)
+    """The state at start-up. `has_backup` comes from the key store: after a restart with new credentials
+    on trial, a failure to connect must roll back even though no Started was ever seen."""
+    return State(thing, key_algorithm, signing_algorithm, timeout_s, has_backup=has_backup)
 
 
 def transition(state: State, event: Event) -> Result:
@@ -221,6 +227,11 @@ def transition(state: State, event: Event) -> Result:
         if state.has_backup:
             return _roll_back(state, f"cannot connect with the new credentials: {event.reason}", None)
         return _idle(state, Restart(f"connection failed: {event.reason}", backoff=True))
+    installed = state.phase is Phase.CREATING_CERTIFICATE and state.has_backup
+    if installed and isinstance(event, Message | Timeout):
+        # Installed, waiting for the restart: only its outcome (Started / ConnectFailed) or the install's
+        # failure (StoreFailed) counts. A duplicate create reply must not install again or fail the job.
+        return state, []
     if isinstance(event, Timeout):
         return (
             _on_timeout(state)
@@ -233,7 +244,7 @@ def transition(state: State, event: Event) -> Result:
         return _fail(
             replace(state, has_backup=False),
             state.job_id,
-            f"installing the new certificate failed: {event.reason}",
+            event.reason,
             DiscardPreparedKey(),
         )
     return _on_message(state, event)
@@ -264,6 +275,9 @@ def _on_message(state: State, message: Message) -> Result:
         log.info("ignoring message for another thing on %s", message.topic)
         return state, []
     try:
+        # Every message of the protocol is a JSON object, also those whose content is not needed (update
+        # and commit replies): a garbled one is not trusted to move the rotation on.
+        decode_json_object(message.payload, f"{topic.kind.value} message")
         return _dispatch(state, topic, message.payload)
     except ProtocolError as exc:
         log.warning("ignoring malformed message on %s: %s", message.topic, exc)
@@ -344,10 +358,11 @@ def _got(state: State, execution: dict[str, Any] | None) -> Result:
     rotation = execution is not None and is_rotation_document(execution.get("jobDocument"))
     if execution is None or not rotation:
         if state.has_backup:
-            # Connected over the new credentials, but the rotation job is gone (e.g. TIMED_OUT after the
-            # commit): the new pair demonstrably works, so keep it.
-            log.warning("new credentials work but no rotation job is in progress; keeping them")
-            return _idle(replace(state, has_backup=False), DeleteBackup())
+            # The rotation job is gone (e.g. TIMED_OUT) while the new pair is on trial. The backend deletes
+            # a new certificate whose job did not succeed (DESIGN.md §2), and it deletes the old one only
+            # after a SUCCEEDED, which this device sends only after dropping its backup: the old pair is
+            # the one that is safe to keep.
+            return _roll_back(state, "no rotation job in progress for the new credentials", None)
         return _idle(state)
     job_id, status = str(execution["jobId"]), execution.get("status")
     if status == JobExecutionStatus.IN_PROGRESS.value:
@@ -368,4 +383,6 @@ def _got(state: State, execution: dict[str, Any] | None) -> Result:
         if state.has_backup:
             return _roll_back(state, "a new job is queued while an old rotation is unfinished", None)
         return _offered(state, execution)
+    if state.has_backup:
+        return _roll_back(state, f"rotation job {job_id} is {status}, not in progress", None)
     return _idle(state)

@@ -6,7 +6,11 @@ the Lambda entry points have one place to import from. One API call per port met
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
+import logging
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Final
 
 from botocore.exceptions import ClientError
@@ -22,15 +26,23 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_SHADOW_NAME",
+    "MIN_STATE_KEY_BYTES",
+    "STATE_KEY_SECRET_ARN_ENV",
     "IotDataPublisher",
     "IotIssuer",
     "IotJobsData",
     "IotRegistry",
     "PrivateCaIssuer",
+    "SecretStateKey",
     "ShadowStateStore",
     "SnsNotifier",
+    "StateKey",
     "certificate_arn",
+    "check_state_key",
+    "state_mac",
 ]
+
+log = logging.getLogger(__name__)
 
 DEFAULT_SHADOW_NAME: Final = "AWSLabsCertificateRotator"
 
@@ -70,15 +82,78 @@ def _parse_document(text: str | None) -> dict[str, Any] | None:
     return value if isinstance(value, dict) else None
 
 
+# ------------------------------------------------------------------------------------ rotation state
+
+STATE_KEY_SECRET_ARN_ENV: Final = "STATE_KEY_SECRET_ARN"
+MIN_STATE_KEY_BYTES: Final = 32  # HMAC-SHA256's output size; shorter keys weaken the MAC
+MAC_FIELD: Final = "mac"
+_STATE_FIELDS: Final = ("jobId", "oldCertificateId", "newCertificateId", "progress")
+_MAC_CONTEXT: Final = "certrotator/rotation-state/v1"
+
+StateKey = Callable[[], bytes]
+"""Where a `ShadowStateStore` gets its MAC key from, asked on every load and save."""
+
+
+class SecretStateKey:
+    """The rotation-state key from AWS Secrets Manager, fetched once per container.
+
+    The secret's `SecretString` is the key, as its UTF-8 bytes (a `SecretBinary`, as it is), and must
+    be at least 32 bytes long: a CDK `Secret` with a generated 32-character (or longer) password does.
+    `Clients` caches the value, so only a container's first use calls `GetSecretValue`; a secret
+    rotated in Secrets Manager reaches containers started afterwards (and states written with the old
+    key are then ignored as unauthenticated, so in-flight rotations fail safe).
+    """
+
+    def __init__(self, clients: Clients, secret_arn: str) -> None:
+        self._clients = clients
+        self.secret_arn = secret_arn
+
+    def __call__(self) -> bytes:
+        return check_state_key(self._clients.secret_value(self.secret_arn))
+
+
+def check_state_key(key: bytes) -> bytes:
+    """The key, if it is long enough to be a rotation-state key; else ValueError."""
+    if len(key) < MIN_STATE_KEY_BYTES:
+        raise ValueError(
+            f"the rotation-state key is {len(key)} bytes long; it must be at least {MIN_STATE_KEY_BYTES}"
+            " (a SecretString counts its UTF-8 bytes)"
+        )
+    return key
+
+
+def state_mac(key: bytes, thing: str, fields: Mapping[str, str]) -> str:
+    """HMAC-SHA256 (hex) of a rotation state's fields, bound to the thing whose shadow holds it.
+
+    The message is a compact JSON array of strings (context, thing, then the state's fields in a fixed
+    order): unambiguous however the values are chosen, so no two states share a message.
+    """
+    check_state_key(key)
+    message = json.dumps(
+        [_MAC_CONTEXT, thing, *(fields[name] for name in _STATE_FIELDS)],
+        separators=(",", ":"),
+        ensure_ascii=True,
+    )
+    return hmac.new(key, message.encode("ascii"), hashlib.sha256).hexdigest()
+
+
 class ShadowStateStore:
     """`ports.RotationStateStore` in a named shadow of the thing, under `state.reported`.
 
-    Every save writes all of RotationState's keys, so the shadow's merge-on-update semantics never
-    leave a stale field behind.
+    Every save writes all of RotationState's keys and their MAC, so the shadow's merge-on-update
+    semantics never leave a stale field behind.
+
+    Devices can usually publish to their own shadow topics, so the shadow is not trusted: the backend
+    stores an HMAC of each state it writes (bound to the thing name, so a state cannot be moved to
+    another thing) and `load` ignores, with a warning, any state whose MAC is missing or wrong. The
+    handlers then see "no rotation": create starts afresh, commit is refused, and the terminal handler
+    deletes nothing but still notifies. Without this a device could name another device's certificate
+    as its "old" one and have the terminal handler delete it.
     """
 
-    def __init__(self, clients: Clients, shadow_name: str = DEFAULT_SHADOW_NAME) -> None:
+    def __init__(self, clients: Clients, *, key: StateKey, shadow_name: str = DEFAULT_SHADOW_NAME) -> None:
         self._clients = clients
+        self._key = key
         self._shadow = shadow_name
 
     def load(self, thing: str) -> RotationState | None:
@@ -89,25 +164,58 @@ class ShadowStateStore:
                 return None
             raise
         document = json.loads(response["payload"].read() or b"{}")
-        reported = (document.get("state") or {}).get("reported") or {}
+        state = document.get("state") if isinstance(document, dict) else None
+        reported = state.get("reported") if isinstance(state, dict) else None
         if not reported:
+            return None
+        problem = self._authentication_problem(thing, reported)
+        if problem is not None:
+            log.warning(
+                "ignoring the rotation state in shadow %r of thing %r (%s): the shadow was tampered with or"
+                " written by something other than the certificate rotator backend",
+                self._shadow,
+                thing,
+                problem,
+                extra={"thing": thing, "shadow": self._shadow},
+            )
             return None
         try:
             return RotationState.from_dict(reported)
         except (KeyError, ValueError) as exc:
-            # Not ours to guess at: a state the handlers cannot trust must stop the handler.
+            # Authentic but unreadable (e.g. written by a newer backend): a state the handlers cannot
+            # interpret must stop the handler rather than be guessed at.
             raise ValueError(
                 f"shadow {self._shadow!r} of thing {thing!r} holds no valid rotation state: {exc!r}"
             ) from exc
 
+    def _authentication_problem(self, thing: str, reported: object) -> str | None:
+        """Why `reported` is not a state this backend wrote for `thing`, or None if it is."""
+        if not isinstance(reported, dict):
+            return "not a JSON object"
+        fields = {name: reported.get(name) for name in _STATE_FIELDS}
+        strings = {name: value for name, value in fields.items() if isinstance(value, str)}
+        if len(strings) != len(_STATE_FIELDS):
+            return "missing or non-string fields"
+        mac = reported.get(MAC_FIELD)
+        if not isinstance(mac, str):
+            return "no MAC"
+        # Compared as bytes: compare_digest refuses non-ASCII str, and the MAC text is attacker input.
+        expected = state_mac(self._key(), thing, strings)
+        if not hmac.compare_digest(mac.encode("utf-8"), expected.encode("ascii")):
+            return "wrong MAC"
+        return None
+
     def save(self, thing: str, state: RotationState) -> None:
+        fields = state.to_dict()
+        reported = fields | {MAC_FIELD: state_mac(self._key(), thing, fields)}
         self._clients.iot_data.update_thing_shadow(
             thingName=thing,
             shadowName=self._shadow,
-            payload=encode({"state": {"reported": state.to_dict()}}),
+            payload=encode({"state": {"reported": reported}}),
         )
 
     def clear(self, thing: str) -> None:
+        # Deleting the whole shadow needs no key and leaves nothing (forged or not) behind.
         try:
             self._clients.iot_data.delete_thing_shadow(thingName=thing, shadowName=self._shadow)
         except ClientError as exc:

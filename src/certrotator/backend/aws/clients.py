@@ -1,7 +1,8 @@
 """boto3 clients for the Lambda functions: created on first use, kept for the container's life.
 
 One `Clients` per region and container. Creating a client costs tens of milliseconds and the IoT
-data-plane endpoints cost a `DescribeEndpoint` call each, so both are paid once per cold start.
+data-plane endpoints cost a `DescribeEndpoint` call each, so both are paid once per cold start. The
+same holds for secrets (the rotation-state key): one `GetSecretValue` per secret and container.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ if TYPE_CHECKING:
     from mypy_boto3_iot import IoTClient
     from mypy_boto3_iot_data import IoTDataPlaneClient
     from mypy_boto3_iot_jobs_data import IoTJobsDataPlaneClient
+    from mypy_boto3_secretsmanager import SecretsManagerClient
     from mypy_boto3_sns import SNSClient
 
 # Adaptive mode adds client-side rate limiting on top of retries: a rotation wave across a fleet
@@ -49,6 +51,7 @@ class Clients:
     def __init__(self, region: str, session: boto3.session.Session | None = None) -> None:
         self.region = region
         self._session = session or boto3.session.Session()
+        self._secrets: dict[str, bytes] = {}
 
     def _client(self, service: str, endpoint_url: str | None = None) -> Any:
         return self._session.client(
@@ -93,6 +96,29 @@ class Clients:
     def sns(self) -> SNSClient:
         client: SNSClient = self._client("sns")
         return client
+
+    @cached_property
+    def secretsmanager(self) -> SecretsManagerClient:
+        client: SecretsManagerClient = self._client("secretsmanager")
+        return client
+
+    def secret_value(self, secret_id: str) -> bytes:
+        """The secret's current value (AWSCURRENT), fetched on first use and kept for the container's life.
+
+        A `SecretString` is returned as its UTF-8 bytes, a `SecretBinary` as it is. Because of the
+        cache, a secret rotated in Secrets Manager is seen only by containers started after that.
+        """
+        value = self._secrets.get(secret_id)
+        if value is None:
+            response = self.secretsmanager.get_secret_value(SecretId=secret_id)
+            if "SecretString" in response:
+                value = response["SecretString"].encode("utf-8")
+            elif "SecretBinary" in response:
+                value = bytes(response["SecretBinary"])
+            else:
+                raise ValueError(f"secret {secret_id!r} has neither a SecretString nor a SecretBinary")
+            self._secrets[secret_id] = value
+        return value
 
 
 _cache: dict[str, Clients] = {}

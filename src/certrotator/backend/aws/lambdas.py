@@ -5,6 +5,10 @@ look-ups, configuration), so a warm invocation makes only the API calls its hand
 
 Configuration (environment):
   SNS_TOPIC_ARN           required; where terminal notifications go
+  STATE_KEY_SECRET_ARN    required; Secrets Manager secret whose SecretString (at least 32 bytes as
+                          UTF-8) is the HMAC key authenticating the rotation state in the shadow.
+                          The functions need secretsmanager:GetSecretValue on it (and kms:Decrypt if
+                          it is encrypted with a customer-managed key); it is read once per container.
   SHADOW_NAME             named shadow keeping the rotation state (default AWSLabsCertificateRotator)
   PCA_CA_ARN              empty: AWS IoT issues certificates; else this AWS Private CA does
   PCA_SIGNING_ALGORITHM   the private CA's signing algorithm (default SHA256WITHRSA)
@@ -31,11 +35,13 @@ from certrotator import crypto, protocol
 from certrotator.backend import handlers
 from certrotator.backend.aws.adapters import (
     DEFAULT_SHADOW_NAME,
+    STATE_KEY_SECRET_ARN_ENV,
     IotDataPublisher,
     IotIssuer,
     IotJobsData,
     IotRegistry,
     PrivateCaIssuer,
+    SecretStateKey,
     ShadowStateStore,
     SnsNotifier,
 )
@@ -52,6 +58,9 @@ class ConfigError(ValueError):
 
 _SHADOW_NAME_RE: Final = re.compile(r"^[a-zA-Z0-9:_-]{1,64}$")
 _SNS_ARN_RE: Final = re.compile(r"^arn:[a-z-]+:sns:[a-z0-9-]+:\d{12}:[A-Za-z0-9_-]{1,256}(\.fifo)?$")
+_SECRET_ARN_RE: Final = re.compile(
+    r"^arn:[a-z-]+:secretsmanager:[a-z0-9-]+:\d{12}:secret:[A-Za-z0-9/_+=.@-]+$"
+)
 _PCA_ARN_RE: Final = re.compile(r"^arn:[a-z-]+:acm-pca:[a-z0-9-]+:\d{12}:certificate-authority/[0-9a-f-]+$")
 _LAMBDA_ARN_RE: Final = re.compile(
     r"^arn:(?P<partition>[a-z-]+):lambda:(?P<region>[a-z0-9-]+):(?P<account>\d{12}):"
@@ -61,6 +70,7 @@ _LAMBDA_ARN_RE: Final = re.compile(
 @dataclass(frozen=True, slots=True)
 class BackendConfig:
     sns_topic_arn: str
+    state_key_secret_arn: str
     shadow_name: str = DEFAULT_SHADOW_NAME
     pca_ca_arn: str | None = None
     pca_signing_algorithm: crypto.CaSigningAlgorithm = crypto.CaSigningAlgorithm.SHA256WITHRSA
@@ -74,6 +84,16 @@ class BackendConfig:
         topic = get("SNS_TOPIC_ARN")
         if not _SNS_ARN_RE.match(topic):
             raise ConfigError(f"SNS_TOPIC_ARN must be an SNS topic ARN, got {topic!r}")
+        secret_arn = get(STATE_KEY_SECRET_ARN_ENV)
+        if not secret_arn:
+            raise ConfigError(
+                f"{STATE_KEY_SECRET_ARN_ENV} is not set: it must be the ARN of the Secrets Manager secret"
+                " holding the key that authenticates the rotation state"
+            )
+        if not _SECRET_ARN_RE.match(secret_arn):
+            raise ConfigError(
+                f"{STATE_KEY_SECRET_ARN_ENV} must be a Secrets Manager secret ARN, got {secret_arn!r}"
+            )
         shadow = get("SHADOW_NAME") or DEFAULT_SHADOW_NAME
         if not _SHADOW_NAME_RE.match(shadow):
             raise ConfigError(f"SHADOW_NAME must be 1-64 of [a-zA-Z0-9:_-], got {shadow!r}")
@@ -90,7 +110,7 @@ class BackendConfig:
                 f"PCA_VALIDITY_IN_DAYS must be a positive whole number of days, got {days_text!r}"
             )
         _check_job_document(get("JOB_DOCUMENT"))
-        return cls(topic, shadow, ca_arn, algorithm, int(days_text))
+        return cls(topic, secret_arn, shadow, ca_arn, algorithm, int(days_text))
 
 
 def _check_job_document(text: str) -> None:
@@ -128,7 +148,7 @@ class FunctionIdentity:
 
 
 def build_ports(config: BackendConfig, identity: FunctionIdentity, clients: Clients) -> Ports:
-    """The AWS adapters. Clients (and endpoint look-ups) are created when a handler first needs them."""
+    """The AWS adapters. Clients, endpoint look-ups and the state key are fetched when first needed."""
     issuer: Issuer
     if config.pca_ca_arn is None:
         issuer = IotIssuer(clients)
@@ -143,7 +163,9 @@ def build_ports(config: BackendConfig, identity: FunctionIdentity, clients: Clie
         registry=IotRegistry(clients, account=identity.account, partition=identity.partition),
         jobs=IotJobsData(clients),
         issuer=issuer,
-        state=ShadowStateStore(clients, config.shadow_name),
+        state=ShadowStateStore(
+            clients, key=SecretStateKey(clients, config.state_key_secret_arn), shadow_name=config.shadow_name
+        ),
         publisher=IotDataPublisher(clients),
         notifier=SnsNotifier(clients, config.sns_topic_arn),
     )
@@ -153,14 +175,30 @@ _ports: Ports | None = None
 
 
 def container_ports(context: Any) -> Ports:
-    """The container's ports, built on the first invocation."""
+    """The container's ports, built on the first invocation.
+
+    The state key is fetched (and checked) here, once per container: a missing or unusable secret
+    fails the first invocation with a ConfigError instead of surfacing in the middle of a handler
+    (where create would already have issued a certificate and would turn it into a device rejection).
+    """
     global _ports  # noqa: PLW0603 -- the per-container cache is the point
     if _ports is None:
         config = BackendConfig.from_env(os.environ)
         identity = FunctionIdentity.from_context(context)
         _configure_logging()
-        _ports = build_ports(config, identity, get_clients(identity.region))
+        clients = get_clients(identity.region)
+        _check_state_key(clients, config.state_key_secret_arn)
+        _ports = build_ports(config, identity, clients)
     return _ports
+
+
+def _check_state_key(clients: Clients, secret_arn: str) -> None:
+    """Fetch the state key into the clients' cache and check it. API errors (access denied, no such
+    secret, throttling) propagate unchanged: their text names GetSecretValue and the secret."""
+    try:
+        SecretStateKey(clients, secret_arn)()
+    except ValueError as exc:
+        raise ConfigError(f"{STATE_KEY_SECRET_ARN_ENV} ({secret_arn}): {exc}") from None
 
 
 def reset_container() -> None:

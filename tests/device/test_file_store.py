@@ -1,0 +1,452 @@
+"""FileKeyStore: rotation, rollback and commit with real CA-signed certificates, and power loss at every
+write (a child process killed at each crash point, DESIGN.md §3)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from certrotator import crypto
+from certrotator.crypto import KeyAlgorithm, SigningAlgorithm
+from certrotator.device.journal import CRASH_ENV
+from certrotator.device.keystores import files
+from certrotator.device.keystores.base import KeyStoreError
+from certrotator.device.keystores.files import FileKeyStore
+
+from .crash_child import AFTER_INSTALL, JOB, issue, issue_for_csr, make_ca, provision, rotate, store_at
+
+CHILD = Path(__file__).with_name("crash_child.py")
+CRASH_EXIT_CODE = 86  # journal.crash_point's os._exit code
+CERT, KEY, CERT_BAK, KEY_BAK, JOURNAL = "cert.pem", "key.pem", "cert.pem.bak", "key.pem.bak", "journal.json"
+
+Ca = tuple[ec.EllipticCurvePrivateKey, x509.Certificate]
+
+
+@dataclass
+class Device:
+    root: Path
+    ca: Ca
+    store: FileKeyStore
+    old_cert: bytes
+    old_key: bytes
+
+    @property
+    def directory(self) -> Path:
+        return self.store.cert.parent
+
+
+@pytest.fixture
+def device(tmp_path: Path) -> Device:
+    ca = make_ca(tmp_path)
+    store = provision(tmp_path, ca)
+    return Device(tmp_path, ca, store, store.cert.read_bytes(), store.key.read_bytes())
+
+
+def snapshot(directory: Path) -> dict[str, bytes]:
+    """Every file in the device directory with its content (temp files included)."""
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def key_matches(key_pem: bytes, cert_pem: bytes) -> bool:
+    return crypto.certificate_matches_key(crypto.load_certificate(cert_pem), crypto.load_private_key(key_pem))
+
+
+# ------------------------------------------------------------------------------ rotate in-process
+
+ROTATIONS = [
+    pytest.param(KeyAlgorithm.RSA_2048, SigningAlgorithm.SHA256WITHRSA, "commit", id="RSA-2048-commit"),
+    pytest.param(KeyAlgorithm.RSA_2048, SigningAlgorithm.SHA256WITHRSA, "rollback", id="RSA-2048-rollback"),
+    # RSA-3072 key generation is slow (~0.3 s): once, with PSS.
+    pytest.param(
+        KeyAlgorithm.RSA_3072, SigningAlgorithm.SHA384WITHRSAANDMGF1, "commit", id="RSA-3072-PSS-commit"
+    ),
+    *(
+        pytest.param(algorithm, signing, ending, id=f"{algorithm.value}-{ending}")
+        for algorithm, signing in [
+            (KeyAlgorithm.ECDSA_P256, SigningAlgorithm.ECDSA_WITH_SHA256),
+            (KeyAlgorithm.ECDSA_P384, SigningAlgorithm.ECDSA_WITH_SHA384),
+            (KeyAlgorithm.ECDSA_P521, SigningAlgorithm.ECDSA_WITH_SHA512),
+        ]
+        for ending in ("commit", "rollback")
+    ),
+]
+
+
+@pytest.mark.parametrize(("algorithm", "signing", "ending"), ROTATIONS)
+def test_rotation_then_commit_or_rollback(
+    device: Device, algorithm: KeyAlgorithm, signing: SigningAlgorithm, ending: str
+) -> None:
+    store, directory = device.store, device.directory
+    old_subject = store.current_certificate().subject
+
+    csr = store.prepare("job-7", algorithm, signing)
+    info = crypto.inspect_csr(csr)
+    assert info.signature_valid
+    assert crypto.key_algorithm_of(info.public_key) is algorithm
+    assert info.subject == old_subject
+    assert snapshot(directory) == {CERT: device.old_cert, KEY: device.old_key}, "prepare writes nothing"
+
+    new_cert = issue_for_csr(device.ca, csr).encode()
+    store.install("job-7", new_cert.decode())
+
+    # New pair in place, old pair kept byte for byte, journal says installed.
+    new_key = store.key.read_bytes()
+    assert store.cert.read_bytes() == new_cert
+    assert key_matches(new_key, new_cert)
+    assert crypto.same_public_key(crypto.load_private_key(new_key), info.public_key)
+    header = b"-----BEGIN RSA PRIVATE KEY-----" if algorithm.family is crypto.Family.RSA else None
+    assert new_key.startswith(header or b"-----BEGIN PRIVATE KEY-----")  # RSA: PKCS#1, EC: PKCS#8
+    assert mode(store.key) == 0o600
+    assert mode(store.key_bak) == 0o600
+    assert store.cert_bak.read_bytes() == device.old_cert
+    assert store.key_bak.read_bytes() == device.old_key
+    assert store.has_backup()
+    entry = store.journal.read()
+    assert entry is not None
+    assert (entry.job_id, entry.phase) == ("job-7", "installed")
+    assert set(snapshot(directory)) == {CERT, KEY, CERT_BAK, KEY_BAK, JOURNAL}
+
+    # A restart in between (what the agent does next) changes nothing: the machine decides.
+    installed = snapshot(directory)
+    fresh = store_at(device.root)
+    fresh.recover()
+    assert snapshot(directory) == installed
+    assert fresh.has_backup()
+
+    if ending == "commit":
+        fresh.commit()
+        assert snapshot(directory) == {CERT: new_cert, KEY: new_key}
+        assert crypto.certificate_id(fresh.current_certificate()) == crypto.certificate_id(new_cert)
+    else:
+        fresh.rollback()
+        assert snapshot(directory) == {CERT: device.old_cert, KEY: device.old_key}
+    assert mode(store.key) == 0o600
+    assert not fresh.has_backup()
+    assert fresh.journal.read() is None
+    assert fresh.pair_matches()
+
+
+def test_key_file_is_0600_even_with_a_permissive_umask(device: Device) -> None:
+    previous = os.umask(0)
+    try:
+        rotate(device.store, device.ca)
+    finally:
+        os.umask(previous)
+    assert mode(device.store.key) == 0o600
+    assert mode(device.store.key_bak) == 0o600
+
+
+# ------------------------------------------------------------------------------ refused installs
+
+
+def test_install_of_a_certificate_for_another_key_changes_nothing(device: Device) -> None:
+    store = device.store
+    csr = store.prepare(JOB, KeyAlgorithm.ECDSA_P256, SigningAlgorithm.ECDSA_WITH_SHA256)
+    stranger = crypto.generate_private_key(KeyAlgorithm.ECDSA_P256)
+    wrong = issue(device.ca, stranger.public_key(), store.current_certificate().subject)
+    before = snapshot(device.directory)
+
+    with pytest.raises(KeyStoreError, match="not for the key this device generated"):
+        store.install(JOB, wrong)
+    assert snapshot(device.directory) == before
+    assert not store.has_backup()
+
+    # The prepared key is still there: the right certificate installs.
+    store.install(JOB, issue_for_csr(device.ca, csr))
+    assert store.pair_matches()
+    assert store.has_backup()
+
+
+def test_install_of_the_old_certificate_is_refused(device: Device) -> None:
+    store = device.store
+    store.prepare(JOB, KeyAlgorithm.ECDSA_P256, SigningAlgorithm.ECDSA_WITH_SHA256)
+    with pytest.raises(KeyStoreError, match="not for the key"):
+        store.install(JOB, device.old_cert.decode())
+    assert snapshot(device.directory) == {CERT: device.old_cert, KEY: device.old_key}
+
+
+def test_install_without_prepare_is_refused(device: Device) -> None:
+    store = device.store
+    certificate = issue(
+        device.ca,
+        crypto.generate_private_key(KeyAlgorithm.ECDSA_P256).public_key(),
+        store.current_certificate().subject,
+    )
+    with pytest.raises(KeyStoreError, match="no key was prepared"):
+        store.install(JOB, certificate)
+    assert snapshot(device.directory) == {CERT: device.old_cert, KEY: device.old_key}
+
+
+def test_install_for_another_job_than_prepared_is_refused(device: Device) -> None:
+    store = device.store
+    csr = store.prepare("job-a", KeyAlgorithm.ECDSA_P256, SigningAlgorithm.ECDSA_WITH_SHA256)
+    with pytest.raises(KeyStoreError, match="no key was prepared for job 'job-b'"):
+        store.install("job-b", issue_for_csr(device.ca, csr))
+    assert snapshot(device.directory) == {CERT: device.old_cert, KEY: device.old_key}
+
+
+def test_install_after_discard_is_refused(device: Device) -> None:
+    store = device.store
+    csr = store.prepare(JOB, KeyAlgorithm.ECDSA_P256, SigningAlgorithm.ECDSA_WITH_SHA256)
+    store.discard_prepared()
+    with pytest.raises(KeyStoreError, match="no key was prepared"):
+        store.install(JOB, issue_for_csr(device.ca, csr))
+    assert snapshot(device.directory) == {CERT: device.old_cert, KEY: device.old_key}
+
+
+def test_install_of_garbage_is_refused(device: Device) -> None:
+    store = device.store
+    store.prepare(JOB, KeyAlgorithm.ECDSA_P256, SigningAlgorithm.ECDSA_WITH_SHA256)
+    with pytest.raises(KeyStoreError, match="unusable"):
+        store.install(JOB, "-----BEGIN CERTIFICATE-----\nnot base64\n-----END CERTIFICATE-----\n")
+    assert snapshot(device.directory) == {CERT: device.old_cert, KEY: device.old_key}
+
+
+def test_install_while_a_backup_is_pending_is_refused(device: Device) -> None:
+    store = device.store
+    rotate(store, device.ca)
+    installed = snapshot(device.directory)
+    csr = store.prepare("job-2", KeyAlgorithm.ECDSA_P256, SigningAlgorithm.ECDSA_WITH_SHA256)
+    with pytest.raises(KeyStoreError, match="pending"):
+        store.install("job-2", issue_for_csr(device.ca, csr))
+    assert snapshot(device.directory) == installed
+    # The pending rotation still ends properly.
+    store.rollback()
+    assert snapshot(device.directory) == {CERT: device.old_cert, KEY: device.old_key}
+
+
+def test_prepare_refuses_mixed_families(device: Device) -> None:
+    with pytest.raises(crypto.CryptoError, match="does not match"):
+        device.store.prepare(JOB, KeyAlgorithm.RSA_2048, SigningAlgorithm.ECDSA_WITH_SHA256)
+
+
+def test_rollback_and_commit_without_a_backup_do_nothing(device: Device) -> None:
+    device.store.rollback()
+    device.store.commit()
+    device.store.recover()
+    assert snapshot(device.directory) == {CERT: device.old_cert, KEY: device.old_key}
+
+
+# ------------------------------------------------------------------------------ the journal itself
+
+
+@pytest.mark.parametrize(
+    "garbage",
+    [b"", b"{not json", b"\xff\xfe\x00", b"[]", b'"installed"', b'{"phase": "install"}', b'{"jobId": "j"}'],
+    ids=["empty", "bad-json", "binary", "list", "string", "no-job-id", "no-phase"],
+)
+def test_a_garbage_journal_is_a_clear_error_and_touches_nothing(device: Device, garbage: bytes) -> None:
+    rotate(device.store, device.ca)
+    device.store.journal.path.write_bytes(garbage)
+    before = snapshot(device.directory)
+    with pytest.raises(RuntimeError, match=r"rotation journal .*journal\.json is unreadable"):
+        store_at(device.root).recover()
+    assert snapshot(device.directory) == before
+
+
+def test_a_journal_with_an_unknown_phase_is_kept_for_inspection(device: Device) -> None:
+    rotate(device.store, device.ca)
+    device.store.journal.write(JOB, "half-way")
+    before = snapshot(device.directory)
+    with pytest.raises(KeyStoreError, match="unknown phase 'half-way'"):
+        store_at(device.root).recover()
+    assert snapshot(device.directory) == before
+
+
+def test_recover_of_an_installed_rotation_is_idempotent(device: Device) -> None:
+    rotate(device.store, device.ca)
+    installed = snapshot(device.directory)
+    for _ in range(2):
+        store_at(device.root).recover()
+        assert snapshot(device.directory) == installed
+
+
+# ------------------------------------------------------------------------------ power loss
+
+# What the disk holds when the child dies at a crash point, and after recover().
+OLD, NEW, MISMATCH = "old pair", "new pair", "mismatched pair"
+
+
+@dataclass(frozen=True)
+class Crash:
+    step: str  # what the child does: install, rollback or commit
+    journal: str  # the journal's phase at the crash
+    backups: frozenset[str]  # the .bak files at the crash
+    at_crash: str  # the cert/key in place at the crash
+    recovered: str  # the cert/key in place after recover()
+    on_trial: bool = False  # after recover(): journal 'installed' and backups kept (else both are gone)
+
+
+BOTH = frozenset({CERT_BAK, KEY_BAK})
+
+# Every crash point of the file store. Must equal files.CRASH_POINTS: a new write needs a row here.
+CRASHES: dict[str, Crash] = {
+    # install: until the journal says 'installed', recover() undoes it -> the old pair.
+    "files.install.journaled": Crash("install", "backup", frozenset(), OLD, OLD),
+    "files.install.key_backed_up": Crash("install", "backup", frozenset({KEY_BAK}), OLD, OLD),
+    "files.install.backed_up": Crash("install", "backup", BOTH, OLD, OLD),
+    "files.install.install_journaled": Crash("install", "install", BOTH, OLD, OLD),
+    "files.install.key_written": Crash("install", "install", BOTH, MISMATCH, OLD),
+    "files.install.cert_written": Crash("install", "install", BOTH, NEW, OLD),
+    # ... from then on the new pair is on trial: the machine decides (commit or roll back).
+    "files.install.installed": Crash("install", "installed", BOTH, NEW, NEW, on_trial=True),
+    # rollback: recover() finishes it -> the old pair.
+    "files.rollback.journaled": Crash("rollback", "rollback", BOTH, NEW, OLD),
+    "files.rollback.key_restored": Crash("rollback", "rollback", frozenset({CERT_BAK}), MISMATCH, OLD),
+    "files.rollback.cert_restored": Crash("rollback", "rollback", frozenset(), OLD, OLD),
+    # commit: recover() finishes it -> the new pair.
+    "files.commit.journaled": Crash("commit", "commit", BOTH, NEW, NEW),
+    "files.commit.key_backup_deleted": Crash("commit", "commit", frozenset({CERT_BAK}), NEW, NEW),
+    "files.commit.cert_backup_deleted": Crash("commit", "commit", frozenset(), NEW, NEW),
+}
+
+
+def test_every_crash_point_has_a_crash_test() -> None:
+    assert len(set(files.CRASH_POINTS)) == len(files.CRASH_POINTS)
+    assert set(CRASHES) == set(files.CRASH_POINTS)
+
+
+def run_child(root: Path, step: str, crash_at: str) -> None:
+    env = {**os.environ, CRASH_ENV: crash_at}
+    done = subprocess.run(
+        [sys.executable, str(CHILD), str(root), step],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == CRASH_EXIT_CODE, (
+        f"child {step} did not die at {crash_at} (exit {done.returncode}): {done.stderr}"
+    )
+
+
+def in_place(store: FileKeyStore, old: tuple[bytes, bytes], new_cert: bytes) -> str:
+    """Which pair the device would connect with: OLD, NEW or MISMATCH (never anything else)."""
+    cert, key = store.cert.read_bytes(), store.key.read_bytes()
+    if not key_matches(key, cert):
+        assert cert in (old[0], new_cert), "a certificate that is neither the old nor the new one"
+        return MISMATCH
+    if (cert, key) == old:
+        return OLD
+    assert cert == new_cert, "a matching pair that is neither the old nor the new one"
+    assert key != old[1]
+    return NEW
+
+
+@pytest.mark.parametrize("point", list(CRASHES))
+def test_power_loss_at_each_crash_point(device: Device, point: str) -> None:
+    crash = CRASHES[point]
+    old = (device.old_cert, device.old_key)
+    if crash.step == "install":
+        run_child(device.root, "install", point)
+        new_cert = (device.root / "issued.pem").read_bytes()
+    else:
+        new_cert = rotate(device.store, device.ca).encode()  # the installed state the child starts from
+        run_child(device.root, crash.step, point)
+    assert new_cert != device.old_cert
+
+    # The disk as the kill left it: proves where the child died.
+    store = store_at(device.root)
+    entry = store.journal.read()
+    assert entry is not None
+    assert (entry.job_id, entry.phase) == (JOB, crash.journal)
+    assert set(snapshot(device.directory)) == {CERT, KEY, JOURNAL} | crash.backups
+    assert in_place(store, old, new_cert) == crash.at_crash
+
+    # Start-up: recover() completes or undoes the step; twice is the same as once.
+    store.recover()
+    recovered = snapshot(device.directory)
+    store_at(device.root).recover()
+    assert snapshot(device.directory) == recovered
+    assert in_place(store, old, new_cert) == crash.recovered
+    assert store.pair_matches()
+    assert mode(store.key) == 0o600
+    if crash.on_trial:
+        check_on_trial(device, new_cert, recovered)
+    else:
+        check_settled(device, recovered)
+
+
+def check_settled(device: Device, recovered: dict[str, bytes]) -> None:
+    """No journal, no backup: the machine sees no backup; neither a rollback nor a commit changes
+    anything, and the device can rotate again from the pair it kept."""
+    store = store_at(device.root)
+    assert set(recovered) == {CERT, KEY}, "no journal, no backup, no temp file is left"
+    assert not store.has_backup()
+    store.rollback()
+    store.commit()
+    assert snapshot(device.directory) == recovered
+    rotate(store, device.ca)
+    assert store.pair_matches()
+    assert store.cert_bak.read_bytes() == recovered[CERT]
+    assert store.key_bak.read_bytes() == recovered[KEY]
+
+
+def check_on_trial(device: Device, new_cert: bytes, recovered: dict[str, bytes]) -> None:
+    """Journal 'installed' with the old pair as backup: the machine's rollback restores the old pair
+    byte for byte, its commit keeps the new one (each tried on a copy of the device)."""
+    store = store_at(device.root)
+    assert set(recovered) == {CERT, KEY, CERT_BAK, KEY_BAK, JOURNAL}
+    assert (recovered[CERT_BAK], recovered[KEY_BAK]) == (device.old_cert, device.old_key)
+    entry = store.journal.read()
+    assert entry is not None
+    assert (entry.job_id, entry.phase) == (JOB, "installed")
+    assert store.has_backup()
+    copy = device.root.with_name(device.root.name + "-copy")
+    shutil.copytree(device.root, copy)
+    store_at(copy).rollback()
+    assert snapshot(copy / "device") == {CERT: device.old_cert, KEY: device.old_key}
+    store.commit()
+    assert snapshot(device.directory) == {CERT: new_cert, KEY: recovered[KEY]}
+
+
+def test_power_loss_right_after_install_returned(device: Device) -> None:
+    """Killed by the child itself once install() returned: the same as the last install crash point."""
+    run_child(device.root, "install", AFTER_INSTALL)
+    new_cert = (device.root / "issued.pem").read_bytes()
+    store = store_at(device.root)
+    store.recover()
+    assert in_place(store, (device.old_cert, device.old_key), new_cert) == NEW
+    check_on_trial(device, new_cert, snapshot(device.directory))
+
+
+@pytest.mark.parametrize("step", ["rollback", "commit"])
+def test_power_loss_during_a_step_after_an_install_crash_is_recovered_too(device: Device, step: str) -> None:
+    """Two crashes in a row: killed right after install, then killed in the middle of the next step."""
+    run_child(device.root, "install", AFTER_INSTALL)
+    new_cert = (device.root / "issued.pem").read_bytes()
+    middle = f"files.{step}.key_{'restored' if step == 'rollback' else 'backup_deleted'}"
+    run_child(device.root, step, middle)
+    store = store_at(device.root)
+    store.recover()
+    expected = OLD if step == "rollback" else NEW
+    assert in_place(store, (device.old_cert, device.old_key), new_cert) == expected
+    assert set(snapshot(device.directory)) == {CERT, KEY}
+
+
+def test_the_child_runs_to_the_end_without_a_crash_point(device: Device) -> None:
+    """Guards the crash tests: a child that is not told to crash does not exit with 86."""
+    done = subprocess.run(
+        [sys.executable, str(CHILD), str(device.root), "install"],
+        env={k: v for k, v in os.environ.items() if k != CRASH_ENV},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert store_at(device.root).has_backup()
