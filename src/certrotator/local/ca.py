@@ -1,0 +1,406 @@
+"""Certificate authorities of the local IoT Core, kept as files in `<data dir>/ca/`.
+
+Generated on first use, loaded afterwards (`ensure_local_ca` is idempotent and safe to call from two
+processes at once: generation runs under a file lock):
+
+- the server CA signs the broker's TLS certificate; devices trust it as their root CA, so its
+  certificate is written as `AmazonRootCA1.pem`, the file name devices already use;
+- the "AWS IoT" issuer signs CSRs the way CreateCertificateFromCsr does: subject and public key come
+  from the CSR, the serial is random, validity runs from now to 2049-12-31T23:59:59Z (AWS IoT's
+  certificates end there);
+- the "private CA" issuer stands in for AWS Private CA: its signing algorithm (and so its key family)
+  and the validity of what it issues are configurable.
+
+The broker trusts both issuers, and nothing else, for client authentication (`client-ca-bundle.pem`).
+CA keys are EC P-256 unless the private CA's algorithm needs RSA. Key files are owner-only (0600) and,
+like every file here, written atomically (temp file, fsync, rename, fsync directory).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import fcntl
+import ipaddress
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+from typing import Final
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from certrotator.crypto import (
+    CaSigningAlgorithm,
+    CryptoError,
+    Family,
+    KeyAlgorithm,
+    PrivateKey,
+    certificate_matches_key,
+    certificate_pem,
+    generate_private_key,
+    inspect_csr,
+    load_certificate,
+)
+
+# AWS IoT's CreateCertificateFromCsr certificates are valid until this instant.
+AWS_IOT_NOT_AFTER: Final = dt.datetime(2049, 12, 31, 23, 59, 59, tzinfo=dt.UTC)
+# Long enough to cover AWS_IOT_NOT_AFTER, which the "AWS IoT" issuer puts in every certificate.
+CA_VALIDITY: Final = dt.timedelta(days=50 * 365)
+SERVER_CERT_VALIDITY: Final = dt.timedelta(days=825)
+# Reissue the server certificate at start-up when it has less than this left.
+SERVER_CERT_RENEW_BEFORE: Final = dt.timedelta(days=30)
+# CA and server certificates start a little in the past so a slightly slow clock elsewhere accepts them.
+_BACKDATE: Final = dt.timedelta(minutes=5)
+_ORGANIZATION: Final = "certrotator local IoT Core"
+SERVER_NAMES: Final = ("localhost", "127.0.0.1", "::1")
+
+
+class IssuerName(StrEnum):
+    IOT = "iot"
+    PRIVATE_CA = "private-ca"
+
+
+@dataclass(frozen=True, slots=True)
+class CaFiles:
+    """Where the CA material lives; all paths derive from one directory."""
+
+    directory: Path
+
+    @classmethod
+    def in_data_dir(cls, data_dir: str | os.PathLike[str]) -> CaFiles:
+        return cls(Path(data_dir) / "ca")
+
+    @property
+    def root_ca(self) -> Path:
+        """The server CA certificate: what devices trust (and install as AmazonRootCA1.pem)."""
+        return self.directory / "AmazonRootCA1.pem"
+
+    @property
+    def server_ca_key(self) -> Path:
+        return self.directory / "server-ca.key"
+
+    @property
+    def server_cert(self) -> Path:
+        return self.directory / "server.crt"
+
+    @property
+    def server_key(self) -> Path:
+        return self.directory / "server.key"
+
+    @property
+    def client_ca_bundle(self) -> Path:
+        """Both issuers' CA certificates: the broker's trust store for client certificates."""
+        return self.directory / "client-ca-bundle.pem"
+
+    def issuer_cert(self, issuer: IssuerName) -> Path:
+        return self.directory / f"{issuer.value}-ca.crt"
+
+    def issuer_key(self, issuer: IssuerName) -> Path:
+        return self.directory / f"{issuer.value}-ca.key"
+
+
+@dataclass(frozen=True, slots=True)
+class Issuer:
+    """A CA that issues device (client) certificates.
+
+    `validity_days` None means AWS IoT's fixed end date (AWS_IOT_NOT_AFTER).
+    """
+
+    name: IssuerName
+    certificate: x509.Certificate
+    key: PrivateKey
+    signing_algorithm: CaSigningAlgorithm
+    validity_days: int | None
+
+    def issue(
+        self, public_key: CertificatePublicKeyTypes, subject: x509.Name, *, now: dt.datetime | None = None
+    ) -> x509.Certificate:
+        """A client certificate for `public_key` and `subject`, with a random serial."""
+        start = (now or dt.datetime.now(dt.UTC)).replace(microsecond=0)
+        if self.validity_days is None:
+            end = AWS_IOT_NOT_AFTER
+        else:
+            end = start + dt.timedelta(days=self.validity_days)
+        if end > self.certificate.not_valid_after_utc:
+            # AWS Private CA refuses a validity beyond the CA's own; so do we.
+            raise CryptoError(
+                f"{self.name.value}: validity until {end:%Y-%m-%d} exceeds the CA's "
+                f"({self.certificate.not_valid_after_utc:%Y-%m-%d})"
+            )
+        ca_ski = self.certificate.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(subject)
+            .issuer_name(self.certificate.subject)
+            .public_key(public_key)
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(start)
+            .not_valid_after(end)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(_key_usage(digital_signature=True), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski), critical=False
+            )
+        )
+        return builder.sign(self.key, self.signing_algorithm.hash())
+
+    def sign_csr(
+        self, csr: str | bytes | x509.CertificateSigningRequest, *, now: dt.datetime | None = None
+    ) -> x509.Certificate:
+        """Issue as CreateCertificateFromCsr does: the CSR's subject and key; its signature must verify."""
+        if isinstance(csr, x509.CertificateSigningRequest):
+            csr = csr.public_bytes(serialization.Encoding.PEM)
+        request = inspect_csr(csr)
+        if not request.signature_valid:
+            raise CryptoError("CSR signature does not verify")
+        return self.issue(request.public_key, request.subject, now=now)
+
+
+@dataclass(frozen=True, slots=True)
+class LocalCa:
+    files: CaFiles
+    iot: Issuer
+    private_ca: Issuer
+
+    def issuer(self, name: IssuerName | str) -> Issuer:
+        return self.iot if IssuerName(name) is IssuerName.IOT else self.private_ca
+
+
+def ensure_local_ca(
+    data_dir: str | os.PathLike[str],
+    *,
+    private_ca_signing_algorithm: CaSigningAlgorithm = CaSigningAlgorithm.SHA256WITHECDSA,
+    private_ca_validity_days: int = 365,
+    now: dt.datetime | None = None,
+) -> LocalCa:
+    """Load the CAs from `<data_dir>/ca/`, generating whatever is missing.
+
+    Raises CryptoError if existing material is inconsistent (a certificate without its key, a key that
+    does not match its certificate) or if the private CA's key family does not match
+    `private_ca_signing_algorithm` (a data directory keeps its private CA; it is not regenerated).
+    """
+    if private_ca_validity_days < 1:
+        raise CryptoError(f"private CA validity must be at least 1 day, got {private_ca_validity_days}")
+    files = CaFiles.in_data_dir(data_dir)
+    files.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    when = now or dt.datetime.now(dt.UTC)
+    with _file_lock(files.directory / ".lock"):
+        server_ca_cert, server_ca_key = _ensure_ca_pair(
+            files.root_ca,
+            files.server_ca_key,
+            "certrotator local server CA",
+            KeyAlgorithm.ECDSA_P256,
+            CaSigningAlgorithm.SHA256WITHECDSA,
+            when,
+        )
+        _ensure_server_cert(files, server_ca_cert, server_ca_key, when)
+        iot_cert, iot_key = _ensure_ca_pair(
+            files.issuer_cert(IssuerName.IOT),
+            files.issuer_key(IssuerName.IOT),
+            "certrotator local AWS IoT issuer",
+            KeyAlgorithm.ECDSA_P256,
+            CaSigningAlgorithm.SHA256WITHECDSA,
+            when,
+        )
+        private_key_algorithm = (
+            KeyAlgorithm.RSA_2048
+            if private_ca_signing_algorithm.family is Family.RSA
+            else KeyAlgorithm.ECDSA_P256
+        )
+        private_cert, private_key = _ensure_ca_pair(
+            files.issuer_cert(IssuerName.PRIVATE_CA),
+            files.issuer_key(IssuerName.PRIVATE_CA),
+            "certrotator local private CA",
+            private_key_algorithm,
+            private_ca_signing_algorithm,
+            when,
+        )
+        bundle = (certificate_pem(iot_cert) + certificate_pem(private_cert)).encode()
+        if not files.client_ca_bundle.exists() or files.client_ca_bundle.read_bytes() != bundle:
+            write_atomic(files.client_ca_bundle, bundle, 0o644)
+    return LocalCa(
+        files=files,
+        iot=Issuer(IssuerName.IOT, iot_cert, iot_key, CaSigningAlgorithm.SHA256WITHECDSA, None),
+        private_ca=Issuer(
+            IssuerName.PRIVATE_CA,
+            private_cert,
+            private_key,
+            private_ca_signing_algorithm,
+            private_ca_validity_days,
+        ),
+    )
+
+
+# ------------------------------------------------------------------------------------------ internals
+
+
+def _key_usage(*, digital_signature: bool = False, cert_sign: bool = False) -> x509.KeyUsage:
+    return x509.KeyUsage(
+        digital_signature=digital_signature,
+        content_commitment=False,
+        key_encipherment=False,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=cert_sign,
+        crl_sign=cert_sign,
+        encipher_only=False,
+        decipher_only=False,
+    )
+
+
+def _key_family(key: PrivateKey) -> Family:
+    return Family.RSA if isinstance(key, rsa.RSAPrivateKey) else Family.EC
+
+
+def _ensure_ca_pair(
+    cert_path: Path,
+    key_path: Path,
+    common_name: str,
+    key_algorithm: KeyAlgorithm,
+    signing_algorithm: CaSigningAlgorithm,
+    now: dt.datetime,
+) -> tuple[x509.Certificate, PrivateKey]:
+    """Load a self-signed CA, or create it. The key is written before the certificate, so a crash
+    in between leaves a key whose certificate is simply created on the next start."""
+    cert = load_certificate(cert_path.read_bytes()) if cert_path.exists() else None
+    key = _load_key(key_path) if key_path.exists() else None
+    if key is None:
+        if cert is not None:
+            raise CryptoError(f"{cert_path} exists but its private key {key_path} is missing")
+        key = generate_private_key(key_algorithm)
+        write_atomic(key_path, _key_pem(key), 0o600)
+    if _key_family(key) is not signing_algorithm.family:
+        raise CryptoError(
+            f"CA key {key_path} is {_key_family(key).value}, signing algorithm {signing_algorithm.value} "
+            f"needs {signing_algorithm.family.value}"
+        )
+    if cert is None:
+        name = x509.Name(
+            [
+                x509.NameAttribute(NameOID.ORGANIZATION_NAME, _ORGANIZATION),
+                x509.NameAttribute(NameOID.COMMON_NAME, common_name),
+            ]
+        )
+        public = key.public_key()
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(name)
+            .issuer_name(name)
+            .public_key(public)
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - _BACKDATE)
+            .not_valid_after(now + CA_VALIDITY)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(_key_usage(cert_sign=True), critical=True)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
+            .sign(key, signing_algorithm.hash())
+        )
+        write_atomic(cert_path, certificate_pem(cert).encode(), 0o644)
+    elif not certificate_matches_key(cert, key):
+        raise CryptoError(f"CA certificate {cert_path} does not match its key {key_path}")
+    return cert, key
+
+
+def _ensure_server_cert(
+    files: CaFiles, ca_cert: x509.Certificate, ca_key: PrivateKey, now: dt.datetime
+) -> None:
+    if files.server_cert.exists() and files.server_key.exists():
+        cert = load_certificate(files.server_cert.read_bytes())
+        fresh = cert.not_valid_after_utc - now > SERVER_CERT_RENEW_BEFORE
+        if fresh and _issued_by(cert, ca_cert) and certificate_matches_key(cert, _load_key(files.server_key)):
+            return
+    key = generate_private_key(KeyAlgorithm.ECDSA_P256)
+    public = key.public_key()
+    names: list[x509.GeneralName] = []
+    for name in SERVER_NAMES:
+        try:
+            names.append(x509.IPAddress(ipaddress.ip_address(name)))
+        except ValueError:
+            names.append(x509.DNSName(name))
+    ca_ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
+        .issuer_name(ca_cert.subject)
+        .public_key(public)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - _BACKDATE)
+        .not_valid_after(now + SERVER_CERT_VALIDITY)
+        .add_extension(x509.SubjectAlternativeName(names), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(_key_usage(digital_signature=True), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski), critical=False)
+        .sign(ca_key, CaSigningAlgorithm.SHA256WITHECDSA.hash())
+    )
+    # Key first: a crash before the certificate is replaced leaves a mismatch that the check above repairs.
+    write_atomic(files.server_key, _key_pem(key), 0o600)
+    write_atomic(files.server_cert, certificate_pem(cert).encode(), 0o644)
+
+
+def _issued_by(cert: x509.Certificate, ca_cert: x509.Certificate) -> bool:
+    try:
+        cert.verify_directly_issued_by(ca_cert)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
+
+
+def _key_pem(key: PrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
+def _load_key(path: Path) -> PrivateKey:
+    if os.stat(path).st_mode & 0o077:
+        os.chmod(path, 0o600)  # tighten a key someone loosened; never serve from a world-readable key
+    try:
+        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    except (ValueError, TypeError) as exc:
+        raise CryptoError(f"{path} is not an unencrypted PEM private key ({exc})") from None
+    if not isinstance(key, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey):
+        raise CryptoError(f"{path}: CA keys must be RSA or EC, got {type(key).__name__}")
+    return key
+
+
+def write_atomic(path: Path, data: bytes, mode: int) -> None:
+    """Replace `path` with `data` so that a crash leaves either the old or the new file, never a mix."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")  # created 0600
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+@contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    """An exclusive advisory lock, so two processes starting at once generate one set of CAs."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
