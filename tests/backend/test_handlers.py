@@ -380,7 +380,8 @@ TERMINAL_TABLE: list[tuple[JobExecutionStatus, RotationProgress | None, str | No
     (S.CANCELED, None, None, True),
     (S.REJECTED, P.CREATED, "new", True),
     (S.REMOVED, P.CREATED, "new", True),
-    (S.FAILED, P.COMMITTED, None, True),
+    (S.FAILED, P.COMMITTED, None, True),  # beyond DESIGN.md's table: keep both, the operator decides
+    (S.CANCELED, P.COMMITTED, None, True),
 ]
 
 

@@ -407,7 +407,7 @@ def test_happy_path_publishes_exactly_the_contracts_messages() -> None:
         m.ArmTimer(TIMEOUT_S, run.state.epoch),
     ]
     assert run(EVENTS["commit accepted"]) == [
-        m.DeleteBackup(),
+        m.DeleteBackup(JOB),
         m.Publish(UPDATE, {"status": "SUCCEEDED", "statusDetails": {STATUS_DETAILS_KEY: "Committed"}}),
     ]
     assert (run.state.phase, run.state.job_id, run.state.has_backup) == (Phase.IDLE, None, False)
@@ -768,3 +768,45 @@ def test_seed_21_in_the_agent_a_hanging_subscribe_after_a_restart_rolls_back() -
     assert transports[0].hangs
     assert not transports[1].hangs
     assert NEXT_GET in published, "after the rollback the agent reconnects with the old pair"
+
+
+# ------------------------------------------------------------------- commit settled across a restart
+
+
+def after_started(started: m.Started, reply: m.Event) -> tuple[m.State, list[m.Action]]:
+    state, _ = m.transition(BASE, started)
+    return m.transition(state, reply)
+
+
+def test_a_commit_interrupted_before_succeeded_finishes_the_job_after_restart() -> None:
+    # Crash (or a lost SUCCEEDED) after the backup was deleted: the new pair is proven, the job still
+    # IN_PROGRESS. The device reports SUCCEEDED instead of failing a rotation it completed.
+    state, actions = after_started(m.Started(False, committed_job=JOB), EVENTS["get accepted IN_PROGRESS"])
+    assert state.phase is Phase.IDLE and state.committed_job is None
+    assert actions == [
+        m.Publish(UPDATE, {"status": "SUCCEEDED", "statusDetails": {STATUS_DETAILS_KEY: "Committed"}}),
+        m.ForgetCommitted(),
+    ]
+
+
+def test_a_commit_marker_with_the_backup_still_present_commits_again() -> None:
+    state, actions = after_started(m.Started(True, committed_job=JOB), EVENTS["get accepted IN_PROGRESS"])
+    assert state.phase is Phase.COMMITTING_CERTIFICATE
+    assert actions[0] == m.Publish(COMMIT, {"jobId": JOB})
+    assert m.ForgetCommitted() in actions
+
+
+@pytest.mark.parametrize("reply", ["get accepted none", "get accepted QUEUED"])
+def test_a_settled_commit_marker_is_forgotten(reply: str) -> None:
+    state, actions = after_started(m.Started(False, committed_job=JOB), EVENTS[reply])
+    assert state.committed_job is None
+    assert m.ForgetCommitted() in actions
+    assert not any(isinstance(a, m.Publish) and "SUCCEEDED" in json.dumps(a.message) for a in actions)
+
+
+def test_a_marker_for_another_job_does_not_succeed_this_one() -> None:
+    _, actions = after_started(
+        m.Started(False, committed_job=OTHER_JOB), EVENTS["get accepted IN_PROGRESS"]
+    )
+    failed = [a for a in actions if isinstance(a, m.Publish) and a.message.get("status") == "FAILED"]
+    assert failed and m.ForgetCommitted() in actions

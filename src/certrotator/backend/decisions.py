@@ -165,6 +165,15 @@ def terminal_plan(status: JobExecutionStatus, progress: RotationProgress | None)
             "check the device: it reported success without committing a new certificate",
         )
     if status in _FAILED_LIKE:
+        if committed:
+            # Not in DESIGN.md's table: the commit was accepted, then the device failed (e.g. it never got
+            # the commit reply and rolled back). It may use either pair: never delete one it might use.
+            return TerminalPlan(
+                Cleanup.NONE,
+                True,
+                f"both certificates kept: the new certificate was committed, then the execution ended {status.value}",
+                "find which certificate the device uses, then delete the other one",
+            )
         if created:
             return TerminalPlan(
                 Cleanup.DELETE_NEW,

@@ -11,9 +11,11 @@ import logging
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 from certrotator.crypto import KeyAlgorithm, SigningAlgorithm
 from certrotator.device import machine as m
+from certrotator.device.journal import atomic_write, remove
 from certrotator.device.keystores.base import KeyStore, KeyStoreError
 from certrotator.device.reactor import Reactor, TimerHandle
 from certrotator.device.transports.base import Transport
@@ -46,6 +48,7 @@ class Agent:
         reactor: Reactor,
         restart: Callable[[str], bool] | None = None,
         observer: Observer | None = None,
+        commit_marker: Path | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
@@ -54,6 +57,8 @@ class Agent:
         # Greengrass: restart = exit so the nucleus restarts (returns True). Standalone: reconnect here.
         self.restart_hook = restart
         self.observer = observer
+        # Names the job whose new pair was committed, until the cloud has settled it (see Started).
+        self.commit_marker = commit_marker
         self.state = m.initial(
             settings.thing, settings.key_algorithm, settings.signing_algorithm, settings.state_timeout_s
         )
@@ -115,7 +120,7 @@ class Agent:
         self._connect_timer = None
         if error is None:
             self._retry_s = self.settings.retry_min_s
-            self.feed(m.Started(self.store.has_backup()))
+            self.feed(m.Started(self.store.has_backup(), self._committed_job()))
         else:
             log.warning("%s: connection failed: %s", self.settings.thing, error)
             self.feed(m.ConnectFailed(error))
@@ -164,10 +169,25 @@ class Agent:
         elif isinstance(action, m.RollBack):
             self.store.rollback()
         elif isinstance(action, m.DeleteBackup):
+            if action.job_id is not None and self.commit_marker is not None:
+                # Written before the backup goes: after a crash in between, the journal still shows the
+                # backup and the commit is simply redone; after it, the marker proves the commit.
+                atomic_write(self.commit_marker, action.job_id.encode(), 0o600)
             self.store.commit()
+        elif isinstance(action, m.ForgetCommitted):
+            if self.commit_marker is not None:
+                remove(self.commit_marker)
         elif isinstance(action, m.Restart):
             self._restart(action)
         return None
+
+    def _committed_job(self) -> str | None:
+        if self.commit_marker is None:
+            return None
+        try:
+            return self.commit_marker.read_text().strip() or None
+        except FileNotFoundError:
+            return None
 
     def _publish(self, topic: str, payload: bytes) -> None:
         if self.transport is not None:

@@ -51,6 +51,7 @@ class State:
     phase: Phase = Phase.IDLE
     job_id: str | None = None
     has_backup: bool = False
+    committed_job: str | None = None
     epoch: int = 0  # bumped on every transition into a waiting phase; stale timeouts carry an old one
 
 
@@ -62,6 +63,9 @@ class Started:
     """Connected and subscribed (with whatever credentials are in place)."""
 
     has_backup: bool
+    # The job whose new credentials this device committed (backup deleted) and whose SUCCEEDED may
+    # not have reached the cloud: a crash or a lost publish right after the commit.
+    committed_job: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,7 +139,14 @@ class RollBack:
 
 @dataclass(frozen=True, slots=True)
 class DeleteBackup:
-    pass
+    """Keep the new pair: record `job_id` as committed (if given), then delete the backup."""
+
+    job_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ForgetCommitted:
+    """The committed job is settled in the cloud: drop its record."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,6 +170,7 @@ Action = (
     | DiscardPreparedKey
     | RollBack
     | DeleteBackup
+    | ForgetCommitted
     | Restart
     | ArmTimer
 )
@@ -221,7 +233,7 @@ def transition(state: State, event: Event) -> Result:
             timeout_s=event.timeout_s,
         ), []
     if isinstance(event, Started):
-        started = replace(state, has_backup=event.has_backup)
+        started = replace(state, has_backup=event.has_backup, committed_job=event.committed_job)
         return _wait(started, Phase.GETTING_JOB, None, Publish(Topics.next_get(state.thing), {}))
     if isinstance(event, ConnectFailed):
         if state.has_backup:
@@ -331,7 +343,9 @@ def _dispatch(state: State, topic: ParsedTopic, payload: bytes) -> Result:
         if reply is Reply.ACCEPTED:
             job = state.job_id
             done = replace(state, has_backup=False)
-            return _idle(done, DeleteBackup(), _update(done, job, JobExecutionStatus.SUCCEEDED, "Committed"))
+            return _idle(
+                done, DeleteBackup(job), _update(done, job, JobExecutionStatus.SUCCEEDED, "Committed")
+            )
         if reply is Reply.REJECTED:
             return _roll_back(state, f"commit rejected: {parse_rejected(payload)}", state.job_id)
     log.debug("no transition for %s in %s", kind.value, phase.value)
@@ -355,6 +369,27 @@ def _offered(state: State, execution: dict[str, Any] | None) -> Result:
 
 def _got(state: State, execution: dict[str, Any] | None) -> Result:
     """The reply to $next/get after (re)start: decides commit, resume or the rolled-back failure."""
+    committed = state.committed_job
+    in_progress = (
+        str(execution["jobId"])
+        if execution is not None
+        and is_rotation_document(execution.get("jobDocument"))
+        and execution.get("status") == JobExecutionStatus.IN_PROGRESS.value
+        else None
+    )
+    if committed is not None and committed == in_progress and not state.has_backup:
+        # Committed before a crash or a lost publish: the new pair is proven and kept; finish the job.
+        done = replace(state, committed_job=None)
+        return _idle(
+            done, _update(done, committed, JobExecutionStatus.SUCCEEDED, "Committed"), ForgetCommitted()
+        )
+    new_state, actions = _after_restart(replace(state, committed_job=None), execution)
+    if committed is not None:
+        actions.append(ForgetCommitted())  # the cloud settled that job one way or another
+    return new_state, actions
+
+
+def _after_restart(state: State, execution: dict[str, Any] | None) -> Result:
     rotation = execution is not None and is_rotation_document(execution.get("jobDocument"))
     if execution is None or not rotation:
         if state.has_backup:

@@ -46,7 +46,14 @@ def build_agent(config: DeviceConfig, reactor: Reactor, observer: Observer | Non
     settings = AgentSettings(
         config.thing_name, config.key_algorithm, config.signing_algorithm, config.state_timeout_s
     )
-    return Agent(settings, key_store(config), lambda: transport_factory(config), reactor, observer=observer)
+    return Agent(
+        settings,
+        key_store(config),
+        lambda: transport_factory(config),
+        reactor,
+        observer=observer,
+        commit_marker=config.journal.with_name(config.journal.name + ".committed"),
+    )
 
 
 def run(config_path: Path) -> None:
