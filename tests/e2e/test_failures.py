@@ -200,3 +200,34 @@ def test_invalid_agent_configuration_is_rejected_and_nothing_rotates(
             load_device_config(toml)
         assert device.certificate_id() == device.first_certificate_id
         assert registry_of(fleet, device)[0] == [device.first_certificate_id]
+
+
+def test_device_killed_mid_commit_finishes_the_rotation_after_restart(tmp_path: Path) -> None:
+    with running_fleet(tmp_path) as fleet:
+        (device,) = fleet.provision(1, state_timeout_s=STATE_TIMEOUT_S)
+        device.certificate_before_job = device.first_certificate_id  # what verify() expects to be gone
+        env = {**os.environ, CRASH_ENV: "files.commit.cert_backup_deleted"}
+        script = (
+            "import sys; from pathlib import Path; from certrotator.device.standalone import run; "
+            "run(Path(sys.argv[1]))"
+        )
+        agent = subprocess.Popen(
+            [sys.executable, "-c", script, str(device.directory / "device.toml")], env=env
+        )
+        try:
+            fleet.engine.call(
+                lambda e: e.create_job("mid-commit", things=[device.thing], unlimited_rollout=True)
+            )
+            assert agent.wait(timeout=60) == 86  # died with the backup deleted, before reporting SUCCEEDED
+        finally:
+            if agent.poll() is None:
+                agent.kill()
+        assert fleet.statuses("mid-commit") == {device.thing: "IN_PROGRESS"}
+
+        fleet.start_agents([device], timeout_s=30)
+        report = fleet.wait_job("mid-commit", timeout_s=60)
+        fleet.verify(report)
+        assert report.statuses == {device.thing: "SUCCEEDED"}
+        assert report.problems == []
+        assert device.certificate_id() != device.first_certificate_id
+        assert not (device.directory / ".certrotator-journal.json.committed").exists()
