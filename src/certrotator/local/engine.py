@@ -296,7 +296,11 @@ class LocalIoTCore:
     # ------------------------------------------------------------------------------- messages
 
     def _send(self, topic: str, message: dict[str, Any]) -> None:
-        self.broker.publish_nowait(topic, encode(message), 1)
+        # Replies and notifications go out at QoS 0. At QoS 1 the device's PUBACK is a small write
+        # still unacknowledged when it sends its next request, so Nagle (the AWS CRT offers no
+        # TCP_NODELAY) holds that request for the broker's delayed ACK: ~40 ms per round trip. A lost
+        # QoS 0 reply is what the device's per-state timeouts are for, as with any lost message.
+        self.broker.publish_nowait(topic, encode(message), 0)
 
     def _on_message(self, topic: str, payload: bytes, connection: Connection) -> None:
         try:
