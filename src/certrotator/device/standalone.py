@@ -69,3 +69,10 @@ def run(config_path: Path) -> None:
     stop.wait()
     agent.stop()
     reactor.stop()
+
+
+if __name__ == "__main__":  # python -m certrotator.device.standalone device.toml
+    import sys
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    run(Path(sys.argv[1]))

@@ -5,7 +5,10 @@ end-to-end tests and the benchmarks.
 
 from __future__ import annotations
 
+import os
 import statistics
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -18,6 +21,7 @@ from certrotator.device.agent import Agent, Observer
 from certrotator.device.config import DeviceConfig, load_device_config
 from certrotator.device.reactor import Reactor
 from certrotator.device.standalone import build_agent
+from certrotator.fleet.softhsm import move_key_into_token
 from certrotator.local.engine import LocalIoTCore
 from certrotator.local.provision import CONFIG_FILE, provision_thing
 from certrotator.local.runner import EngineThread
@@ -175,6 +179,40 @@ class SimulatedFleet:
                 missing = [d.thing for d in targets if not d.connected.is_set()]
                 raise TimeoutError(f"{len(missing)} agents did not connect in {timeout_s:g} s: {missing[:5]}")
 
+    def start_agent_processes(
+        self, devices: list[SimulatedDevice], env: dict[str, str] | None = None, timeout_s: float = 60.0
+    ) -> list[subprocess.Popen[bytes]]:
+        """Run agents as separate processes (`python -m certrotator.device.standalone`), as shipped;
+        returns once each is connected to the engine."""
+        processes = []
+        for d in devices:
+            with (d.directory / "agent.log").open("ab") as log:  # the child keeps its own descriptor
+                processes.append(
+                    subprocess.Popen(
+                        [sys.executable, "-m", "certrotator.device.standalone", str(d.directory / CONFIG_FILE)],
+                        env={**os.environ, **(env or {})},
+                        stdout=subprocess.DEVNULL,
+                        stderr=log,
+                    )
+                )
+        things = {d.thing for d in devices}
+
+        def connected(engine: LocalIoTCore) -> bool:
+            return things <= {c.thing for c in engine.broker.connections()}
+
+        if not self.engine.wait_until(connected, timeout_s, tick_s=0.05):
+            for p in processes:
+                p.kill()
+            logs = [str(d.directory / "agent.log") for d in devices]
+            raise TimeoutError(f"agent processes did not connect in {timeout_s:g} s; see {logs}")
+        return processes
+
+    def move_keys_into_tokens(self, softhsm_conf: Path, devices: list[SimulatedDevice]) -> None:
+        """Make these devices PKCS#11 devices: each key goes into its own SoftHSM2 token."""
+        for device in devices:
+            move_key_into_token(softhsm_conf, device.directory, device.thing)
+            device.config = load_device_config(device.directory / CONFIG_FILE)
+
     def stop_agents(self) -> None:
         for device in self.devices:
             if device.agent is not None:
@@ -268,7 +306,10 @@ class SimulatedFleet:
             principals, old_gone, live = seen[thing]
             new_id = device.certificate_id()
             checks = [
-                (device.pair_matches(), "certificate and key on the device do not match"),
+                # A PKCS#11 key never leaves its token: there the live mutual-TLS connection with the new
+                # certificate (checked below) is the proof that certificate and key belong together.
+                (device.config.store == "pkcs11" or device.pair_matches(),
+                 "certificate and key on the device do not match"),
                 (new_id != device.certificate_before_job, "the device still has its previous certificate"),
                 (
                     principals == [new_id],

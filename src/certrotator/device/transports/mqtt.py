@@ -44,11 +44,12 @@ _pkcs11_lock = threading.Lock()
 
 
 def _pkcs11_lib(path: Path) -> Any:
-    # One Pkcs11Lib per process and library: C_Initialize must not run twice.
+    # One Pkcs11Lib per process and library, and OMIT: the PKCS#11 key store (python-pkcs11) is always
+    # created first and has already called C_Initialize, which STRICT turns into an error.
     with _pkcs11_lock:
         if path not in _pkcs11_libs:
             _pkcs11_libs[path] = io.Pkcs11Lib(
-                file=str(path), behavior=io.Pkcs11Lib.InitializeFinalizeBehavior.STRICT
+                file=str(path), behavior=io.Pkcs11Lib.InitializeFinalizeBehavior.OMIT
             )
         return _pkcs11_libs[path]
 

@@ -1,0 +1,65 @@
+"""`certrotator agent`: run the device agent, standalone (`--config device.toml`) or as the Greengrass
+component (`--greengrass --root {kernel:rootPath}`). Register with `app.command("agent")(agent)`."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from certrotator.crypto import CryptoError
+from certrotator.device.config import ConfigError
+
+err_console = Console(stderr=True)
+
+
+def agent(
+    config: Annotated[
+        Path | None, typer.Option("--config", help="Standalone mode: the device.toml to run with")
+    ] = None,
+    greengrass: Annotated[
+        bool, typer.Option("--greengrass", help="Greengrass mode: run as the rotator component")
+    ] = False,
+    root: Annotated[
+        Path | None, typer.Option("--root", help="Greengrass mode: the Greengrass root, {kernel:rootPath}")
+    ] = None,
+    work: Annotated[
+        Path | None,
+        typer.Option("--work", help="Greengrass mode: where the journal is kept, {work:path} (default: cwd)"),
+    ] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging")] = False,
+) -> None:
+    """Run the rotation agent until stopped. In Greengrass mode it exits with code 75 when the
+    Greengrass service must restart to use changed credentials (the recipe does that)."""
+    if greengrass == (config is not None):
+        raise _fail("give exactly one of --config FILE (standalone) or --greengrass (component)")
+    if greengrass and root is None:
+        raise _fail("--greengrass needs --root (the recipe passes {kernel:rootPath})")
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    code = 0
+    try:
+        if config is not None:
+            from certrotator.device import standalone
+
+            standalone.run(config)
+        else:
+            assert root is not None
+            from certrotator.device import greengrass as greengrass_mode
+
+            code = greengrass_mode.run(root, work)
+    except (ConfigError, CryptoError) as exc:
+        raise _fail(f"invalid configuration: {exc}") from None
+    except ImportError as exc:
+        raise _fail(f"{exc}; install the device extra: pip install 'certrotator[device]'") from None
+    raise typer.Exit(code)
+
+
+def _fail(message: str) -> typer.Exit:
+    err_console.print(f"[red]error:[/red] {message}", soft_wrap=True)
+    return typer.Exit(2)
