@@ -64,6 +64,7 @@ class Agent:
         )
         self.transport: Transport | None = None
         self._connection = 0  # which start() the transport callbacks belong to
+        self._subscribed = 0  # the connection whose Started the machine has seen
         self._state_timer: TimerHandle | None = None
         self._connect_timer: TimerHandle | None = None
         self._retry_s = settings.retry_min_s
@@ -120,13 +121,17 @@ class Agent:
         self._connect_timer = None
         if error is None:
             self._retry_s = self.settings.retry_min_s
+            self._subscribed = connection
             self.feed(m.Started(self.store.has_backup(), self._committed_job()))
         else:
             log.warning("%s: connection failed: %s", self.settings.thing, error)
             self.feed(m.ConnectFailed(error))
 
     def _message(self, connection: int, topic: str, payload: bytes) -> None:
-        if connection == self._connection and not self.stopped:
+        # Messages that beat the subscription's completion to the reactor are dropped: the machine
+        # must see Started first (it asks $next/get then, so nothing is lost). Otherwise a notify-next
+        # taken before Started makes the get reply look like a rotation interrupted by a restart.
+        if connection == self._subscribed == self._connection and not self.stopped:
             self.feed(m.Message(topic, payload))
 
     # ------------------------------------------------------------------------------ machine
