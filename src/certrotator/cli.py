@@ -78,7 +78,9 @@ def demo(
     ca_signing_algorithm: Annotated[
         str, typer.Option(help="Private CA signing algorithm.")
     ] = "SHA256WITHECDSA",
-    keystore: Annotated[str, typer.Option(help="Where device keys live: file.")] = "file",
+    keystore: Annotated[
+        str, typer.Option(help="Where device keys live: file, or pkcs11 (SoftHSM2 tokens).")
+    ] = "file",
     data_dir: Annotated[Path | None, typer.Option(help="Keep everything here (default: a temp dir).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as one JSON object.")] = False,
 ) -> None:

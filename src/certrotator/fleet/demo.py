@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,7 @@ from rich.table import Table
 from certrotator import crypto
 from certrotator.device.config import validate_algorithms
 from certrotator.fleet.simulator import JobReport, SimulatedFleet
+from certrotator.fleet.softhsm import CONF_ENV, softhsm_available, softhsm_config
 from certrotator.local.ca import IssuerName
 from certrotator.local.engine import EngineConfig
 from certrotator.local.runner import EngineThread
@@ -39,10 +41,10 @@ def run_demo(options: DemoOptions, console: Console) -> int:
     """Returns the process exit code: 0 only if every device rotated and verified."""
     if options.devices < 1:
         raise ValueError("--devices must be at least 1")
-    if options.keystore != "file":
-        raise ValueError(
-            "the demo fleet supports --keystore file for now (PKCS#11 fleets: see the issue notes)"
-        )
+    if options.keystore not in ("file", "pkcs11"):
+        raise ValueError(f"--keystore must be file or pkcs11, not {options.keystore!r}")
+    if options.keystore == "pkcs11" and (missing := softhsm_available()) is not None:
+        raise ValueError(f"--keystore pkcs11 needs SoftHSM2: {missing}")
     signing = options.signing_algorithm or (
         "ECDSA-WITH-SHA256" if options.key_algorithm.startswith("ECDSA") else "SHA256WITHRSA"
     )
@@ -69,11 +71,25 @@ def run_demo(options: DemoOptions, console: Console) -> int:
                 f"local IoT Core on 127.0.0.1:{engine.port}; provisioning {options.devices} devices "
                 f"({key_algorithm.value}, CSRs signed {signing_algorithm.value}, issuer {options.issuer.value})"
             )
-            fleet.provision(options.devices, "demo-fleet", key_algorithm, signing_algorithm)
-            fleet.start_agents()
-            say(f"{options.devices} agents connected over mutual TLS; creating the rotation job")
-            report = _rotate(fleet, options, console)
-            fleet.verify(report)
+            devices = fleet.provision(options.devices, "demo-fleet", key_algorithm, signing_algorithm)
+            processes: list[subprocess.Popen[bytes]] = []
+            if options.keystore == "pkcs11":
+                # Each device gets a SoftHSM2 token holding its key; agents run as processes, one
+                # PKCS#11 application each, as on real devices.
+                conf = softhsm_config(root)
+                fleet.move_keys_into_tokens(conf, devices)
+                processes = fleet.start_agent_processes(devices, env={CONF_ENV: str(conf)})
+            else:
+                fleet.start_agents()
+            try:
+                say(f"{options.devices} agents connected over mutual TLS; creating the rotation job")
+                report = _rotate(fleet, options, console)
+                fleet.verify(report)
+            finally:
+                for process in processes:
+                    process.terminate()
+                for process in processes:
+                    process.wait(timeout=30)
     summary = report.summary()
     if options.as_json:
         console.print_json(json.dumps(summary))

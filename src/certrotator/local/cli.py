@@ -52,7 +52,9 @@ def _fail(message: str) -> typer.Exit:
 
 def _open(data_dir: Path) -> tuple[LocalRegistry, JobStore]:
     db = Database(data_dir)
-    return LocalRegistry(db), JobStore(db)
+    store = JobStore(db)
+    store.ensure_default_template()  # jobs can be created before the engine ever ran here
+    return LocalRegistry(db), store
 
 
 def _admin(data_dir: Path, op: str, **args: Any) -> bool:

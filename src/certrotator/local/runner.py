@@ -10,6 +10,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any, TypeVar
 
+from certrotator.local.admin import AdminServer
 from certrotator.local.engine import EngineConfig, LocalIoTCore
 from certrotator.local.jobs import Execution
 
@@ -17,8 +18,10 @@ T = TypeVar("T")
 
 
 class EngineThread:
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, admin: bool = False) -> None:
         self.config = config
+        self.admin_enabled = admin  # also serve the loopback admin endpoint the CLI talks to
+        self.admin: AdminServer | None = None
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="local-iot-core", daemon=True)
         self._changed = threading.Condition()
@@ -39,12 +42,18 @@ class EngineThread:
             engine = LocalIoTCore(self.config)
             engine.listeners.append(self._notify)
             await engine.start()
+            if self.admin_enabled:
+                self.admin = AdminServer(asyncio.get_running_loop(), engine.admin_ops())
+                self.admin.write_engine_file(self.config.data_dir, self.config.host, engine.port)
             return engine
 
         self.engine = asyncio.run_coroutine_threadsafe(boot(), self.loop).result(timeout=60)
         return self.engine
 
     def stop(self) -> None:
+        if self.admin is not None:
+            self.admin.close(self.config.data_dir)
+            self.admin = None
         if self.engine is not None:
             asyncio.run_coroutine_threadsafe(self.engine.stop(), self.loop).result(timeout=60)
             self.engine = None

@@ -1,0 +1,40 @@
+"""Shared set-up for the CDK app tests: Node's jsii banner off, infra/ importable, one synthesis per
+configuration for the whole session (import ~1-9 s, synthesis ~1-5 s each).
+
+Nothing here imports aws_cdk at import time: without the infra extra each test module skips itself
+(pytest.importorskip), which a conftest cannot do.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.infra.support import INFRA_DIR, PCA_CONTEXT, Synth, synthesise_and_read
+
+# Before jsii starts its Node process: Node 20 is past end of life and jsii says so on every start.
+os.environ.setdefault("JSII_SILENCE_WARNING_END_OF_LIFE_NODE_VERSION", "20")
+if str(INFRA_DIR) not in sys.path:
+    sys.path.insert(0, str(INFRA_DIR))
+
+
+@pytest.fixture(scope="session")
+def code_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The Lambda asset without the platform dependencies (they need PyPI; the template does not)."""
+    from certrotator_infra.lambda_asset import stage_lambda_code
+
+    return stage_lambda_code(tmp_path_factory.mktemp("lambda") / "code", dependencies=None)
+
+
+@pytest.fixture(scope="session")
+def iot_synth(tmp_path_factory: pytest.TempPathFactory, code_dir: Path) -> Synth:
+    """cdk.json as shipped: AWS IoT issues the certificates."""
+    return synthesise_and_read(tmp_path_factory, code_dir, {})
+
+
+@pytest.fixture(scope="session")
+def pca_synth(tmp_path_factory: pytest.TempPathFactory, code_dir: Path) -> Synth:
+    return synthesise_and_read(tmp_path_factory, code_dir, PCA_CONTEXT)

@@ -1,0 +1,171 @@
+"""The Lambda code asset: our package's handler modules (importable on their own), plus dependencies
+built for the Lambda platform, checked before they are shipped."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from tests.infra.support import CDK_MISSING
+
+pytest.importorskip("aws_cdk", reason=CDK_MISSING)
+
+from certrotator_infra import lambda_asset, stack
+from certrotator_infra.lambda_asset import (
+    DEPENDENCY_MARKER,
+    LambdaAssetError,
+    build_dependencies,
+    check_dependencies,
+    lambda_requirements,
+    powertools_version,
+    stage_lambda_code,
+)
+from certrotator_infra.permissions import SHADOW_NAME
+
+from certrotator import protocol
+from certrotator.backend.aws.adapters import DEFAULT_SHADOW_NAME
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def pyproject_pin(name: str, extra: str | None = None) -> str:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    requirements = project["optional-dependencies"][extra] if extra else project["dependencies"]
+    (pin,) = [r for r in requirements if r.startswith(f"{name}==")]
+    return str(pin)
+
+
+def test_pins_come_from_pyproject() -> None:
+    assert lambda_requirements() == [pyproject_pin("cryptography")]
+    assert f"aws-lambda-powertools=={powertools_version()}" == pyproject_pin("aws-lambda-powertools", "aws")
+
+
+def test_runtime_constants_agree() -> None:
+    assert stack.RUNTIME.name == f"python{lambda_asset.LAMBDA_PYTHON_VERSION}"
+    assert stack.ARCHITECTURE.name == lambda_asset.LAMBDA_ARCHITECTURE
+    assert all(p.endswith("_aarch64") for p in lambda_asset.PIP_PLATFORMS)  # arm64
+
+
+def test_stack_constants_agree_with_the_package() -> None:
+    assert SHADOW_NAME == DEFAULT_SHADOW_NAME
+    assert json.loads(stack.JOB_DOCUMENT) == protocol.JOB_DOCUMENT
+    assert f"FROM '{protocol.Topics.create('+')}'" in stack.CREATE_SQL
+    assert f"FROM '{protocol.Topics.commit('+')}'" in stack.COMMIT_SQL
+    assert f"isUndefined(statusDetails.{protocol.STATUS_DETAILS_KEY}) = false" in stack.TERMINAL_SQL
+    from certrotator.backend.aws import lambdas
+
+    for handler in stack.HANDLERS.values():
+        module, _, name = handler.rpartition(".")
+        assert module == lambdas.__name__
+        assert callable(getattr(lambdas, name))
+
+
+def test_staged_code_holds_only_the_backend_modules(code_dir: Path) -> None:
+    files = {p.relative_to(code_dir).as_posix() for p in code_dir.rglob("*") if p.is_file()}
+    assert "certrotator/backend/aws/lambdas.py" in files
+    assert {"certrotator/__init__.py", "certrotator/crypto.py", "certrotator/protocol.py"} <= files
+    assert all(
+        f.startswith(
+            ("certrotator/__init__", "certrotator/crypto", "certrotator/protocol", "certrotator/backend/")
+        )
+        for f in files
+    ), files
+    assert all(f.endswith(".py") for f in files)
+
+
+def test_staged_code_imports_on_its_own(code_dir: Path, tmp_path: Path) -> None:
+    """Every module the entry points import was staged: the import is served from the staged copy
+    (the project's src/ is not on the path), third-party packages from the environment."""
+    script = (
+        "import certrotator, certrotator.backend.aws.lambdas as m;"
+        "print(certrotator.__file__); print(m.__file__);"
+        "print(callable(m.create_certificate) and callable(m.commit_certificate) and callable(m.job_execution_terminal))"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"PYTHONPATH": str(code_dir)}
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        check=False,
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    package_file, module_file, ok = result.stdout.split()
+    assert Path(package_file).is_relative_to(code_dir)
+    assert Path(module_file).is_relative_to(code_dir)
+    assert ok == "True"
+
+
+def write_marker(directory: Path, **overrides: object) -> None:
+    marker = {
+        "python": lambda_asset.LAMBDA_PYTHON_VERSION,
+        "architecture": lambda_asset.LAMBDA_ARCHITECTURE,
+        "requirements": lambda_requirements(),
+    } | overrides
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / DEPENDENCY_MARKER).write_text(json.dumps(marker))
+
+
+def test_missing_dependencies_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(LambdaAssetError, match=r"missing.*build_lambda_deps\.py"):
+        stage_lambda_code(tmp_path / "code", dependencies=tmp_path / "deps")
+    assert not (tmp_path / "code").exists()
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [{"architecture": "x86_64"}, {"python": "3.12"}, {"requirements": ["cryptography==1.0"]}],
+    ids=["architecture", "python", "requirements"],
+)
+def test_stale_dependencies_are_refused(tmp_path: Path, overrides: dict[str, object]) -> None:
+    write_marker(tmp_path / "deps", **overrides)
+    with pytest.raises(LambdaAssetError, match="were built for"):
+        check_dependencies(tmp_path / "deps")
+
+
+def test_matching_dependencies_are_staged_with_the_code(tmp_path: Path) -> None:
+    deps = tmp_path / "deps"
+    write_marker(deps)
+    (deps / "cryptography").mkdir()
+    (deps / "cryptography" / "__init__.py").write_text("")
+    staged = stage_lambda_code(tmp_path / "code", dependencies=deps)
+    assert (staged / "cryptography" / "__init__.py").is_file()
+    assert (staged / "certrotator" / "backend" / "aws" / "lambdas.py").is_file()
+
+
+FAKE_PIP = """
+import json, pathlib, sys
+args = sys.argv[1:]
+target = pathlib.Path(args[args.index("--target") + 1])
+(target / "cryptography").mkdir(parents=True)
+(target / "cryptography-50.0.2.dist-info").mkdir()
+(target / "cffi-2.1.1.dist-info").mkdir()
+(target / "bin").mkdir()
+(target / "bin" / "tool").write_text("")
+pathlib.Path(sys.argv[0]).with_suffix(".json").write_text(json.dumps(args))
+"""
+
+
+def test_build_dependencies_asks_pip_for_lambda_platform_wheels(tmp_path: Path) -> None:
+    fake = tmp_path / "pip.py"
+    fake.write_text(FAKE_PIP)
+    dest = build_dependencies(tmp_path / "deps", pip=[sys.executable, str(fake)])
+    args = json.loads(fake.with_suffix(".json").read_text())
+    assert args[0] == "install"
+    assert args[args.index("--python-version") + 1] == "3.14"
+    assert args[args.index("--implementation") + 1] == "cp"
+    assert [args[i + 1] for i, a in enumerate(args) if a == "--platform"] == list(lambda_asset.PIP_PLATFORMS)
+    assert "--only-binary=:all:" in args
+    assert args[-1] == pyproject_pin("cryptography")
+    assert not (dest / "bin").exists()
+    marker = json.loads((dest / DEPENDENCY_MARKER).read_text())
+    assert marker["installed"] == ["cffi-2.1.1", "cryptography-50.0.2"]
+    check_dependencies(dest)

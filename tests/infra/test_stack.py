@@ -1,0 +1,509 @@
+"""The synthesised stack, in both issuer modes: every resource and property the backend relies on."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.infra.support import (
+    ACCOUNT,
+    CA_ID,
+    CDK_MISSING,
+    LAYER_ARN,
+    PCA_CONTEXT,
+    REGION,
+    Synth,
+    as_list,
+    function_by_name,
+    grants,
+    make_app,
+    only,
+    render,
+    role_statements,
+    substitute,
+)
+
+pytest.importorskip("aws_cdk", reason=CDK_MISSING)
+
+from aws_cdk.assertions import Match
+from certrotator_infra.application import build
+from certrotator_infra.lambda_asset import powertools_version
+from certrotator_infra.permissions import Function
+
+DEFAULT_STACK = "AWSLabsCertificateRotator"
+PCA_STACK = PCA_CONTEXT["StackName"]
+FUNCTIONS = ("CreateCertificate", "CommitCertificate", "JobExecutionTerminal")
+HANDLERS = {
+    "CreateCertificate": "certrotator.backend.aws.lambdas.create_certificate",
+    "CommitCertificate": "certrotator.backend.aws.lambdas.commit_certificate",
+    "JobExecutionTerminal": "certrotator.backend.aws.lambdas.job_execution_terminal",
+}
+CREATE_SQL = (
+    "SELECT *, topic(3) AS thingName, topic() AS topic, clientid() AS clientId, principal() AS principal"
+    " FROM 'awslabs/things/+/certificate/create'"
+)
+COMMIT_SQL = (
+    "SELECT *, topic(3) AS thingName, topic() AS topic, clientid() AS clientId, principal() AS principal"
+    " FROM 'awslabs/things/+/certificate/commit'"
+)
+TERMINAL_SQL = (
+    "SELECT * FROM '$aws/events/jobExecution/#' WHERE isUndefined(statusDetails.CertificateRotator) = false"
+)
+SQL = {"CreateCertificate": CREATE_SQL, "CommitCertificate": COMMIT_SQL, "JobExecutionTerminal": TERMINAL_SQL}
+JOB_DOCUMENT = '{"operation":"ROTATE_CERTIFICATE"}'
+
+ARN_PREFIX = "arn:${AWS::Partition}:iot:${AWS::Region}:${AWS::AccountId}:"
+THINGS = ARN_PREFIX + "thing/*"
+CERTS = ARN_PREFIX + "cert/*"
+SHADOWS = ARN_PREFIX + "thing/*/AWSLabsCertificateRotator"
+PCA_ARN = (
+    f"arn:${{AWS::Partition}}:acm-pca:${{AWS::Region}}:${{AWS::AccountId}}:certificate-authority/{CA_ID}"
+)
+
+
+@pytest.fixture(params=["iot", "pca"])
+def synth(request: pytest.FixtureRequest) -> Synth:
+    """Both configurations, each synthesised once per session."""
+    result: Synth = request.getfixturevalue(f"{request.param}_synth")
+    return result
+
+
+def stack_name(synth: Synth) -> str:
+    return synth.stack.stack_name
+
+
+def is_pca(synth: Synth) -> bool:
+    return synth.stack.ca_arn is not None
+
+
+def logical_id(synth: Synth, kind: str) -> str:
+    return only(synth.resources(kind))[0]
+
+
+# ----------------------------------------------------------------------------------- the synthesis
+
+
+def test_synthesis_passes_the_nag_checks_with_nothing_left_unacknowledged(synth: Synth) -> None:
+    # The fixture ran app.synth(), which raises on an unacknowledged AwsSolutions error; the report
+    # it leaves behind lists no violation at all (errors or warnings).
+    report = json.loads((synth.outdir / "validation-report.json").read_text())
+    assert [r for r in report["pluginReports"] if r.get("violations")] == []
+
+
+def test_stack_names(iot_synth: Synth, pca_synth: Synth) -> None:
+    assert iot_synth.stack.stack_name == DEFAULT_STACK
+    assert pca_synth.stack.stack_name == PCA_STACK
+
+
+# ------------------------------------------------------------------------------------ the functions
+
+
+def test_three_functions_packaged_from_our_package(synth: Synth) -> None:
+    synth.template.resource_count_is("AWS::Lambda::Function", 4)  # + the custom resource's provider
+    layer = LAYER_ARN if is_pca(synth) else None
+    for function in FUNCTIONS:
+        _, resource = function_by_name(synth.json, f"{stack_name(synth)}{function}")
+        props = resource["Properties"]
+        assert props["Runtime"] == "python3.14"
+        assert props["Architectures"] == ["arm64"]
+        assert props["Handler"] == HANDLERS[function]
+        assert props["MemorySize"] == 256
+        assert props["Code"]["S3Key"].endswith(".zip")
+        if layer is not None:
+            assert props["Layers"] == [layer]
+        else:
+            (parameter,) = [render(x) for x in props["Layers"]]
+            name = parameter.removeprefix("${").removesuffix("}")
+            assert synth.json["Parameters"][name] == {
+                "Type": "AWS::SSM::Parameter::Value<String>",
+                "Default": f"/aws/service/powertools/python/arm64/python3.14/{powertools_version()}",
+            }
+
+
+def test_one_code_asset_shared_by_the_functions_holds_the_handlers(synth: Synth) -> None:
+    keys = {
+        function_by_name(synth.json, f"{stack_name(synth)}{f}")[1]["Properties"]["Code"]["S3Key"]
+        for f in FUNCTIONS
+    }
+    (key,) = keys
+    asset = synth.outdir / f"asset.{key.removesuffix('.zip')}"
+    assert (asset / "certrotator" / "backend" / "aws" / "lambdas.py").is_file()
+    assert (asset / "certrotator" / "backend" / "handlers.py").is_file()
+
+
+def test_timeouts(synth: Synth) -> None:
+    expected = {
+        "CreateCertificate": 90 if is_pca(synth) else 60,
+        "CommitCertificate": 30,
+        "JobExecutionTerminal": 30,
+    }
+    for function, seconds in expected.items():
+        _, resource = function_by_name(synth.json, f"{stack_name(synth)}{function}")
+        assert resource["Properties"]["Timeout"] == seconds, function
+
+
+def test_no_async_retries_and_a_60_second_event_age(synth: Synth) -> None:
+    configs = synth.resources("AWS::Lambda::EventInvokeConfig")
+    targets = set()
+    for config in configs.values():
+        props = config["Properties"]
+        assert props["MaximumRetryAttempts"] == 0
+        assert props["MaximumEventAgeInSeconds"] == 60
+        assert props["Qualifier"] == "$LATEST"
+        targets.add(render(props["FunctionName"]))
+    functions = {"${" + function_by_name(synth.json, f"{stack_name(synth)}{f}")[0] + "}" for f in FUNCTIONS}
+    assert targets == functions
+
+
+def test_structured_json_logs_in_a_log_group_kept_a_year(synth: Synth) -> None:
+    for function in FUNCTIONS:
+        _, resource = function_by_name(synth.json, f"{stack_name(synth)}{function}")
+        logging = resource["Properties"]["LoggingConfig"]
+        assert logging["LogFormat"] == "JSON"
+        assert logging["ApplicationLogLevel"] == "INFO"
+        assert logging["SystemLogLevel"] == "WARN"
+        group = synth.json["Resources"][render(logging["LogGroup"]).strip("${}")]
+        assert group["Type"] == "AWS::Logs::LogGroup"
+        assert group["Properties"]["RetentionInDays"] == 365
+
+
+def test_environment_as_the_handlers_expect(synth: Synth) -> None:
+    topic = logical_id(synth, "AWS::SNS::Topic")
+    secret = logical_id(synth, "AWS::SecretsManager::Secret")
+    expected = {
+        "SNS_TOPIC_ARN": "${" + topic + "}",
+        "STATE_KEY_SECRET_ARN": "${" + secret + "}",
+        "SHADOW_NAME": "AWSLabsCertificateRotator",
+        "JOB_DOCUMENT": JOB_DOCUMENT,
+        "POWERTOOLS_SERVICE_NAME": "certificate-rotator",
+        "POWERTOOLS_METRICS_NAMESPACE": "CertificateRotator",
+    }
+    if is_pca(synth):
+        expected |= {
+            "PCA_CA_ARN": PCA_ARN,
+            "PCA_SIGNING_ALGORITHM": "SHA384WITHECDSA",
+            "PCA_VALIDITY_IN_DAYS": "30",
+        }
+    for function in FUNCTIONS:
+        _, resource = function_by_name(synth.json, f"{stack_name(synth)}{function}")
+        variables = resource["Properties"]["Environment"]["Variables"]
+        assert {k: render(v) for k, v in variables.items()} == expected, function
+
+
+def test_the_handlers_accept_the_environment(synth: Synth) -> None:
+    """The deployed variables (references resolved as CloudFormation would) pass the functions' own
+    configuration check, and configure the issuer the context asked for."""
+    from certrotator.backend.aws.lambdas import BackendConfig
+
+    name = stack_name(synth)
+    values = {
+        "AWS::Partition": "aws",
+        "AWS::Region": REGION,
+        "AWS::AccountId": ACCOUNT,
+        logical_id(synth, "AWS::SNS::Topic"): f"arn:aws:sns:{REGION}:{ACCOUNT}:{name}Notification",
+        logical_id(synth, "AWS::SecretsManager::Secret"): (
+            f"arn:aws:secretsmanager:{REGION}:{ACCOUNT}:secret:StateKey1A488514-AbCdEf"
+        ),
+    }
+    for function in FUNCTIONS:
+        _, resource = function_by_name(synth.json, f"{name}{function}")
+        env = {
+            k: substitute(render(v), values)
+            for k, v in resource["Properties"]["Environment"]["Variables"].items()
+        }
+        config = BackendConfig.from_env(env)
+        assert config.sns_topic_arn.endswith(f":{name}Notification")
+        if is_pca(synth):
+            assert config.pca_ca_arn == f"arn:aws:acm-pca:{REGION}:{ACCOUNT}:certificate-authority/{CA_ID}"
+            assert config.pca_signing_algorithm.value == "SHA384WITHECDSA"
+            assert config.pca_validity_days == 30
+        else:
+            assert config.pca_ca_arn is None
+
+
+# ---------------------------------------------------------------------------------------- the rules
+
+
+def test_three_topic_rules_with_the_exact_sql_and_an_error_action(synth: Synth) -> None:
+    rules = synth.resources("AWS::IoT::TopicRule")
+    assert len(rules) == 3
+    prefix = stack_name(synth).replace("-", "_")
+    for function in FUNCTIONS:
+        fn_id, _ = function_by_name(synth.json, f"{stack_name(synth)}{function}")
+        rule = only({k: v for k, v in rules.items() if v["Properties"]["RuleName"] == f"{prefix}{function}"})[
+            1
+        ]
+        payload = rule["Properties"]["TopicRulePayload"]
+        assert payload["Sql"] == SQL[function]
+        assert payload["AwsIotSqlVersion"] == "2016-03-23"
+        assert payload["RuleDisabled"] is False
+        assert payload["Actions"] == [{"Lambda": {"FunctionArn": {"Fn::GetAtt": [fn_id, "Arn"]}}}]
+        error = payload["ErrorAction"]["CloudwatchLogs"]
+        group = synth.json["Resources"][render(error["LogGroupName"]).strip("${}")]
+        assert group["Type"] == "AWS::Logs::LogGroup"
+        role_id = render(error["RoleArn"]).strip("${}").removesuffix(".Arn")
+        assert (
+            "logs:PutLogEvents",
+            "${" + render(error["LogGroupName"]).strip("${}") + ".Arn}",
+        ) in grants(role_statements(synth.json, role_id))
+
+
+def test_rule_error_role_is_for_this_accounts_rules_only(synth: Synth) -> None:
+    rules = synth.resources("AWS::IoT::TopicRule")
+    role_ids = {
+        render(r["Properties"]["TopicRulePayload"]["ErrorAction"]["CloudwatchLogs"]["RoleArn"]).strip("${}")
+        for r in rules.values()
+    }
+    (role_id,) = {r.removesuffix(".Arn") for r in role_ids}
+    (statement,) = synth.json["Resources"][role_id]["Properties"]["AssumeRolePolicyDocument"]["Statement"]
+    assert statement["Principal"] == {"Service": "iot.amazonaws.com"}
+    assert render(statement["Condition"]["StringEquals"]["aws:SourceAccount"]) == "${AWS::AccountId}"
+    prefix = stack_name(synth).replace("-", "_")
+    assert render(statement["Condition"]["ArnLike"]["aws:SourceArn"]) == (
+        f"arn:${{AWS::Partition}}:iot:${{AWS::Region}}:${{AWS::AccountId}}:rule/{prefix}*"
+    )
+    (group,) = {
+        r.removeprefix("${").removesuffix(".Arn}") for _, r in grants(role_statements(synth.json, role_id))
+    }
+    assert synth.json["Resources"][group]["Type"] == "AWS::Logs::LogGroup"
+    assert grants(role_statements(synth.json, role_id)) == {
+        ("logs:CreateLogStream", "${" + group + ".Arn}"),
+        ("logs:PutLogEvents", "${" + group + ".Arn}"),
+    }
+
+
+def test_each_rule_may_invoke_only_its_function_from_this_account(synth: Synth) -> None:
+    permissions = synth.resources("AWS::Lambda::Permission")
+    rules = synth.resources("AWS::IoT::TopicRule")
+    assert len(permissions) == 3
+    pairs = set()
+    for permission in permissions.values():
+        props = permission["Properties"]
+        assert props["Action"] == "lambda:InvokeFunction"
+        assert props["Principal"] == "iot.amazonaws.com"
+        assert props["SourceAccount"] == {"Ref": "AWS::AccountId"}
+        rule_id = props["SourceArn"]["Fn::GetAtt"][0]
+        assert props["SourceArn"] == {"Fn::GetAtt": [rule_id, "Arn"]}
+        pairs.add((rule_id, props["FunctionName"]["Fn::GetAtt"][0]))
+    expected = set()
+    for rule_id, rule in rules.items():
+        (action,) = rule["Properties"]["TopicRulePayload"]["Actions"]
+        expected.add((rule_id, action["Lambda"]["FunctionArn"]["Fn::GetAtt"][0]))
+    assert pairs == expected
+
+
+# ----------------------------------------------------------------------------------- job template
+
+
+def test_job_template(synth: Synth) -> None:
+    synth.template.has_resource_properties(
+        "AWS::IoT::JobTemplate",
+        Match.object_equals(
+            {
+                "JobTemplateId": stack_name(synth),
+                "Description": Match.any_value(),
+                "Document": JOB_DOCUMENT,
+                "JobExecutionsRolloutConfig": {
+                    "ExponentialRolloutRate": {
+                        "BaseRatePerMinute": 100,
+                        "IncrementFactor": 1.2,
+                        "RateIncreaseCriteria": {"NumberOfSucceededThings": 100},
+                    },
+                    "MaximumPerMinute": 1000,
+                },
+                "TimeoutConfig": {"InProgressTimeoutInMinutes": 5},
+            }
+        ),
+    )
+
+
+# ------------------------------------------------------------------------------------- SNS topic
+
+
+def test_topic_encrypted_with_the_aws_managed_key(synth: Synth) -> None:
+    _, topic = only(synth.resources("AWS::SNS::Topic"))
+    assert topic["Properties"]["TopicName"] == f"{stack_name(synth)}Notification"
+    assert render(topic["Properties"]["KmsMasterKeyId"]).endswith(":alias/aws/sns")
+
+
+def test_only_the_terminal_function_may_publish(synth: Synth) -> None:
+    topic_id, _ = only(synth.resources("AWS::SNS::Topic"))
+    _, policy = only(synth.resources("AWS::SNS::TopicPolicy"))
+    _, terminal = function_by_name(synth.json, f"{stack_name(synth)}JobExecutionTerminal")
+    terminal_role = render(terminal["Properties"]["Role"])
+    statements = {s["Sid"]: s for s in policy["Properties"]["PolicyDocument"]["Statement"]}
+    assert statements.keys() == {
+        "AllowPublishThroughSSLOnly",
+        "TerminalFunctionPublishes",
+        "NobodyElsePublishes",
+    }
+    allow = statements["TerminalFunctionPublishes"]
+    assert (allow["Effect"], render(allow["Principal"]["AWS"]), allow["Action"]) == (
+        "Allow",
+        terminal_role,
+        "sns:Publish",
+    )
+    deny = statements["NobodyElsePublishes"]
+    assert (deny["Effect"], deny["Principal"], deny["Action"]) == ("Deny", {"AWS": "*"}, "sns:Publish")
+    assert render(deny["Condition"]["ArnNotEquals"]["aws:PrincipalArn"]) == terminal_role
+    assert render(deny["Resource"]) == "${" + topic_id + "}"
+    tls = statements["AllowPublishThroughSSLOnly"]
+    assert (tls["Effect"], tls["Condition"]) == ("Deny", {"Bool": {"aws:SecureTransport": "false"}})
+    # and no role but the terminal function's is granted sns:Publish
+    publishers = [
+        role_id
+        for role_id, role in synth.resources("AWS::IAM::Role").items()
+        if any(a == "sns:Publish" for a, _ in grants(role_statements(synth.json, role_id)))
+    ]
+    assert ["${" + r + ".Arn}" for r in publishers] == [terminal_role]
+
+
+# --------------------------------------------------------------------------------- state key secret
+
+
+def test_state_key_secret_is_generated_and_long_enough(synth: Synth) -> None:
+    _, secret = only(synth.resources("AWS::SecretsManager::Secret"))
+    generator = secret["Properties"]["GenerateSecretString"]
+    assert generator["PasswordLength"] >= 32  # the functions require at least 32 bytes
+    assert generator["ExcludePunctuation"] is True  # one byte per character as UTF-8
+    assert "SecretString" not in secret["Properties"]
+
+
+def test_only_the_three_functions_read_the_secret_and_only_its_value(synth: Synth) -> None:
+    secret_ref = "${" + logical_id(synth, "AWS::SecretsManager::Secret") + "}"
+    readers = {}
+    for role_id in synth.resources("AWS::IAM::Role"):
+        actions = {a for a, r in grants(role_statements(synth.json, role_id)) if r == secret_ref}
+        if actions:
+            readers[role_id] = actions
+    function_roles = {
+        render(function_by_name(synth.json, f"{stack_name(synth)}{f}")[1]["Properties"]["Role"])
+        .strip("${}")
+        .removesuffix(".Arn")
+        for f in FUNCTIONS
+    }
+    assert readers == {role: {"secretsmanager:GetSecretValue"} for role in function_roles}
+
+
+# ------------------------------------------------------------------------------ least-privilege IAM
+
+
+def expected_grants(synth: Synth, function: str, log_group_arn: str) -> set[tuple[str, str]]:
+    topic = "${" + logical_id(synth, "AWS::SNS::Topic") + "}"
+    secret = "${" + logical_id(synth, "AWS::SecretsManager::Secret") + "}"
+    common = {
+        ("logs:CreateLogStream", log_group_arn),
+        ("logs:PutLogEvents", log_group_arn),
+        ("iot:DescribeEndpoint", "*"),
+        ("secretsmanager:GetSecretValue", secret),
+    }
+    custody = {
+        ("iotjobsdata:DescribeJobExecution", THINGS),
+        ("iot:ListThingPrincipals", THINGS),
+        ("iot:ListThingPrincipalsV2", THINGS),
+    }
+    remove = {(f"iot:{a}", CERTS) for a in ("UpdateCertificate", "DetachThingPrincipal", "DeleteCertificate")}
+
+    def replies(request: str) -> set[tuple[str, str]]:
+        return {
+            ("iot:Publish", f"{ARN_PREFIX}topic/awslabs/things/*/certificate/{request}/{reply}")
+            for reply in ("accepted", "rejected")
+        }
+
+    def shadow(*actions: str) -> set[tuple[str, str]]:
+        return {(f"iot:{a}ThingShadow", SHADOWS) for a in actions}
+
+    if function == "CreateCertificate":
+        if is_pca(synth):
+            issuer = {
+                ("acm-pca:IssueCertificate", PCA_ARN),
+                ("acm-pca:GetCertificate", PCA_ARN),
+                ("iot:RegisterCertificateWithoutCA", "*"),
+            }
+        else:
+            issuer = {("iot:CreateCertificateFromCsr", "*")}
+        return (
+            common
+            | custody
+            | issuer
+            | remove
+            | shadow("Get", "Update", "Delete")
+            | replies("create")
+            | {
+                ("iot:DescribeCertificate", CERTS),
+                ("iot:ListAttachedPolicies", "*"),
+                ("iot:AttachPolicy", CERTS),
+                ("iot:AttachThingPrincipal", CERTS),
+            }
+        )
+    if function == "CommitCertificate":
+        return common | custody | shadow("Get", "Update") | replies("commit")
+    return common | remove | shadow("Get", "Delete") | {("sns:Publish", topic)}
+
+
+@pytest.mark.parametrize("function", FUNCTIONS)
+def test_least_privilege_per_function(synth: Synth, function: str) -> None:
+    _, resource = function_by_name(synth.json, f"{stack_name(synth)}{function}")
+    role_id = render(resource["Properties"]["Role"]).strip("${}").removesuffix(".Arn")
+    log_group_arn = "${" + render(resource["Properties"]["LoggingConfig"]["LogGroup"]).strip("${}") + ".Arn}"
+    assert grants(role_statements(synth.json, role_id)) == expected_grants(synth, function, log_group_arn)
+    trust = synth.json["Resources"][role_id]["Properties"]["AssumeRolePolicyDocument"]["Statement"]
+    assert [s["Principal"] for s in trust] == [{"Service": "lambda.amazonaws.com"}]
+
+
+def test_no_wildcard_actions_and_no_managed_policies_anywhere(synth: Synth) -> None:
+    for role_id, role in synth.resources("AWS::IAM::Role").items():
+        assert "ManagedPolicyArns" not in role["Properties"], role_id
+        for action, _ in grants(role_statements(synth.json, role_id)):
+            assert "*" not in action, (role_id, action)
+
+
+# ------------------------------------------------------------------------- job execution events
+
+
+def test_custom_resource_enables_job_execution_events(synth: Synth) -> None:
+    (custom,) = synth.resources("Custom::AWS").values()
+    for phase in ("Create", "Update"):
+        call: dict[str, Any] = json.loads(custom["Properties"][phase])
+        assert call["service"] == "@aws-sdk/client-iot"
+        assert call["action"] == "UpdateEventConfigurations"
+        assert call["parameters"] == {"eventConfigurations": {"JOB_EXECUTION": {"Enabled": True}}}
+    assert "Delete" not in custom["Properties"]  # other applications may rely on the events
+    assert custom["Properties"]["InstallLatestAwsSdk"] is False  # no download at deploy time
+    provider_id = custom["Properties"]["ServiceToken"]["Fn::GetAtt"][0]
+    provider = synth.json["Resources"][provider_id]["Properties"]
+    role_id = provider["Role"]["Fn::GetAtt"][0]
+    log_group = "${" + render(provider["LoggingConfig"]["LogGroup"]).strip("${}") + ".Arn}"
+    assert grants(role_statements(synth.json, role_id)) == {
+        ("iot:UpdateEventConfigurations", "*"),
+        ("logs:CreateLogStream", log_group),
+        ("logs:PutLogEvents", log_group),
+    }
+
+
+def test_outputs_for_operators(synth: Synth) -> None:
+    outputs = synth.json["Outputs"]
+    assert (
+        render(outputs["NotificationTopicArn"]["Value"]) == "${" + logical_id(synth, "AWS::SNS::Topic") + "}"
+    )
+    assert outputs["JobTemplateArn"]["Value"] == {
+        "Fn::GetAtt": [logical_id(synth, "AWS::IoT::JobTemplate"), "Arn"]
+    }
+    for function in FUNCTIONS:
+        assert f"{function}FunctionName" in outputs
+
+
+def test_private_ca_given_by_arn_is_used_as_given(tmp_path: Path, code_dir: Path) -> None:
+    """A CA shared from another account or region: its ARN goes into the environment and the grant
+    unchanged (constructing the stack is enough; the two synthesised modes cover the rest)."""
+
+    arn = f"arn:aws:acm-pca:us-east-1:210987654321:certificate-authority/{CA_ID}"
+    stack = build(make_app(tmp_path, {"PcaCaId": arn}), code_dir=code_dir)
+    assert stack.resolve(stack.ca_arn) == arn
+    role = stack.functions[Function.CREATE].role
+    document = stack.resolve(role.node.find_child("DefaultPolicy").document)  # type: ignore[attr-defined]
+    (statement,) = [s for s in document["Statement"] if s.get("Sid") == "IssueWithPrivateCa"]
+    assert as_list(statement["Resource"]) == [arn]

@@ -1,0 +1,213 @@
+"""The `certrotator local ...` / `jobs ...` commands, offline (on the database) and against a running
+engine (through its admin endpoint)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from certrotator import crypto
+from certrotator.backend.ports import CertificateStatus
+from certrotator.cli import app
+from certrotator.local.engine import EngineConfig
+from certrotator.local.runner import EngineThread
+
+runner = CliRunner()
+
+
+def cli(*args: str) -> tuple[int, str]:
+    result = runner.invoke(app, list(args))
+    return result.exit_code, result.output
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path) -> Path:
+    return tmp_path / "data"
+
+
+def test_provision_writes_a_runnable_credentials_directory(data_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "dev1"
+    code, output = cli(
+        "local",
+        "provision",
+        "dev1",
+        "--out",
+        str(out),
+        "--data-dir",
+        str(data_dir),
+        "--group",
+        "g",
+        "--key-algorithm",
+        "RSA-2048",
+    )
+    assert code == 0, output
+    key = out / "private.pem.key"
+    assert key.stat().st_mode & 0o777 == 0o600
+    assert key.read_text().startswith("-----BEGIN RSA PRIVATE KEY-----")
+    assert crypto.certificate_matches_key(
+        (out / "device.pem.crt").read_text(), crypto.load_private_key(key.read_bytes())
+    )
+    assert (out / "AmazonRootCA1.pem").read_bytes() == (data_dir / "ca" / "AmazonRootCA1.pem").read_bytes()
+    assert 'signing_algorithm = "SHA256WITHRSA"' in (out / "device.toml").read_text()
+
+    code, output = cli("local", "things", "--json", "--data-dir", str(data_dir))
+    assert code == 0
+    things = json.loads(output)
+    assert things[0]["thing"] == "dev1" and things[0]["groups"] == "g"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--key-algorithm", "RSA-1024"], "unknown key algorithm 'RSA-1024'"),
+        (["--key-algorithm", "RSA-2048", "--signing-algorithm", "ECDSA-WITH-SHA256"], "does not match"),
+    ],
+)
+def test_provision_rejects_bad_algorithms(
+    data_dir: Path, tmp_path: Path, args: list[str], message: str
+) -> None:
+    code, output = cli(
+        "local", "provision", "dev1", "--out", str(tmp_path / "d"), "--data-dir", str(data_dir), *args
+    )
+    assert code == 2
+    assert message in output
+    assert not (tmp_path / "d").exists()
+
+
+def test_provisioning_a_thing_twice_is_refused(data_dir: Path, tmp_path: Path) -> None:
+    assert (
+        cli("local", "provision", "dev1", "--out", str(tmp_path / "a"), "--data-dir", str(data_dir))[0] == 0
+    )
+    code, output = cli(
+        "local", "provision", "dev1", "--out", str(tmp_path / "b"), "--data-dir", str(data_dir)
+    )
+    assert code == 2 and "already provisioned" in output
+
+
+def test_offline_commands_work_on_the_database(data_dir: Path, tmp_path: Path) -> None:
+    cli(
+        "local",
+        "provision",
+        "dev1",
+        "--out",
+        str(tmp_path / "dev1"),
+        "--data-dir",
+        str(data_dir),
+        "--group",
+        "g",
+    )
+    cert_id = crypto.certificate_id((tmp_path / "dev1" / "device.pem.crt").read_bytes())
+
+    assert cli("local", "rule", "disable", "commit", "--data-dir", str(data_dir))[0] == 0
+    code, output = cli("local", "rule", "disable", "bogus", "--data-dir", str(data_dir))
+    assert code == 2 and "unknown rule 'bogus'" in output
+    assert cli("local", "certificate", "set-status", cert_id, "REVOKED", "--data-dir", str(data_dir))[0] == 0
+    code, output = cli("local", "certificate", "set-status", cert_id, "LOST", "--data-dir", str(data_dir))
+    assert code == 2 and "ACTIVE, INACTIVE or REVOKED" in output
+    code, output = cli(
+        "local", "certificate", "set-status", "0" * 64, "INACTIVE", "--data-dir", str(data_dir)
+    )
+    assert code == 2 and "does not exist" in output
+    certs = json.loads(cli("local", "certificates", "--json", "--data-dir", str(data_dir))[1])
+    assert [(c["certificateId"], c["status"]) for c in certs] == [(cert_id, "REVOKED")]
+
+    code, output = cli("jobs", "create", "--group", "g", "--job-id", "j1", "--data-dir", str(data_dir))
+    assert code == 0 and "no engine running" in output
+    code, output = cli("jobs", "create", "--thing", "ghost", "--job-id", "j2", "--data-dir", str(data_dir))
+    assert code == 2 and "thing 'ghost' does not exist" in output
+    code, output = cli("jobs", "create", "--data-dir", str(data_dir))
+    assert code == 2 and "at least one --thing or --group" in output
+    info = json.loads(cli("jobs", "describe", "j1", "--json", "--data-dir", str(data_dir))[1])
+    assert info["executions"] == {"PENDING_ROLLOUT": 1}  # rolls out when an engine starts
+    code, output = cli("jobs", "describe", "nope", "--data-dir", str(data_dir))
+    assert code == 2 and "does not exist" in output
+
+
+@pytest.fixture
+def running(data_dir: Path) -> Iterator[EngineThread]:
+    with EngineThread(EngineConfig(data_dir, port=0), admin=True) as engine:
+        yield engine
+
+
+def test_commands_reach_a_running_engine(running: EngineThread, data_dir: Path, tmp_path: Path) -> None:
+    code, output = cli(
+        "local",
+        "provision",
+        "dev1",
+        "--out",
+        str(tmp_path / "dev1"),
+        "--data-dir",
+        str(data_dir),
+        "--group",
+        "g",
+    )
+    assert code == 0, output
+    toml = (tmp_path / "dev1" / "device.toml").read_text()
+    assert f"port = {running.port}" in toml  # provisioning asked the running engine for its port
+
+    assert cli("local", "rule", "disable", "create", "--data-dir", str(data_dir))[0] == 0
+    assert running.call(lambda e: e.rule_enabled("create")) is False  # the live engine switched
+
+    code, output = cli(
+        "jobs",
+        "create",
+        "--group",
+        "g",
+        "--job-id",
+        "live",
+        "--in-progress-timeout-minutes",
+        "3",
+        "--data-dir",
+        str(data_dir),
+    )
+    assert code == 0 and "no engine running" not in output
+    execution = running.call(lambda e: e.jobs.execution("dev1", "live"))
+    assert execution is not None and execution.status.value == "QUEUED"  # released by the live engine
+
+    code, output = cli("jobs", "create", "--group", "g", "--job-id", "live", "--data-dir", str(data_dir))
+    assert code == 2 and "already exists" in output
+    assert cli("jobs", "cancel", "live", "--data-dir", str(data_dir))[0] == 0
+    execution = running.call(lambda e: e.jobs.execution("dev1", "live"))
+    assert execution is not None and execution.status.value == "CANCELED"
+
+    cert_id = crypto.certificate_id((tmp_path / "dev1" / "device.pem.crt").read_bytes())
+    assert cli("local", "certificate", "set-status", cert_id, "INACTIVE", "--data-dir", str(data_dir))[0] == 0
+    cert = running.call(lambda e: e.registry.certificate(cert_id))
+    assert cert is not None and cert.status is CertificateStatus.INACTIVE
+    notes = json.loads(cli("local", "notifications", "--json", "--data-dir", str(data_dir))[1])
+    assert isinstance(notes, list)
+
+
+def test_cancel_needs_a_running_engine(data_dir: Path) -> None:
+    code, output = cli("jobs", "cancel", "x", "--data-dir", str(data_dir))
+    assert code == 2 and "needs the running engine" in output
+
+
+def test_demo_json_reports_a_verified_fleet() -> None:
+    code, output = cli("demo", "--devices", "3", "--json")
+    assert code == 0, output
+    summary = json.loads(output)
+    for key in (
+        "devices",
+        "succeeded",
+        "failed",
+        "timed_out",
+        "verified",
+        "duration_s",
+        "rotations_per_s",
+        "p50_s",
+        "p99_s",
+    ):
+        assert key in summary
+    assert (summary["devices"], summary["succeeded"], summary["verified"], summary["failed"]) == (3, 3, 3, 0)
+
+
+def test_demo_rejects_bad_options() -> None:
+    code, output = cli("demo", "--key-algorithm", "ECDSA-P256", "--signing-algorithm", "SHA256WITHRSA")
+    assert code == 2 and "does not match key algorithm" in output
+    code, output = cli("demo", "--devices", "0")
+    assert code == 2 and "at least 1" in output
