@@ -11,7 +11,7 @@ import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any
+from typing import Any, TypeVar
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
@@ -122,28 +122,27 @@ class CaSigningAlgorithm(StrEnum):
         return _HASHES[self.value[:6]]()
 
 
-def parse_key_algorithm(value: str) -> KeyAlgorithm:
+_E = TypeVar("_E", bound=StrEnum)
+
+
+def _parse(kind: type[_E], value: str, what: str) -> _E:
     try:
-        return KeyAlgorithm(value)
+        return kind(value)
     except ValueError:
-        allowed = ", ".join(a.value for a in KeyAlgorithm)
-        raise CryptoError(f"unknown key algorithm {value!r}; allowed: {allowed}") from None
+        allowed = ", ".join(a.value for a in kind)
+        raise CryptoError(f"unknown {what} {value!r}; allowed: {allowed}") from None
+
+
+def parse_key_algorithm(value: str) -> KeyAlgorithm:
+    return _parse(KeyAlgorithm, value, "key algorithm")
 
 
 def parse_signing_algorithm(value: str) -> SigningAlgorithm:
-    try:
-        return SigningAlgorithm(value)
-    except ValueError:
-        allowed = ", ".join(a.value for a in SigningAlgorithm)
-        raise CryptoError(f"unknown signing algorithm {value!r}; allowed: {allowed}") from None
+    return _parse(SigningAlgorithm, value, "signing algorithm")
 
 
 def parse_ca_signing_algorithm(value: str) -> CaSigningAlgorithm:
-    try:
-        return CaSigningAlgorithm(value)
-    except ValueError:
-        allowed = ", ".join(a.value for a in CaSigningAlgorithm)
-        raise CryptoError(f"unknown CA signing algorithm {value!r}; allowed: {allowed}") from None
+    return _parse(CaSigningAlgorithm, value, "CA signing algorithm")
 
 
 def check_family(key_algorithm: KeyAlgorithm, signing_algorithm: SigningAlgorithm) -> None:

@@ -14,6 +14,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from certrotator.fsutil import atomic_move, atomic_write, fsync_dir, remove
+
+__all__ = [
+    "CRASH_ENV",
+    "Entry",
+    "Journal",
+    "atomic_move",
+    "atomic_write",
+    "crash_point",
+    "fsync_dir",
+    "remove",
+]
+
 # Crash points for the power-loss tests: CERTROTATOR_CRASH_AT=<name> kills the process right there.
 CRASH_ENV = "CERTROTATOR_CRASH_AT"
 crash_hook: Callable[[str], None] | None = None
@@ -25,44 +38,6 @@ def crash_point(name: str) -> None:
         crash_hook(name)
     if os.environ.get(CRASH_ENV) == name:
         os._exit(86)
-
-
-def fsync_dir(directory: Path) -> None:
-    if os.name == "nt":  # directories cannot be opened for fsync on Windows; NTFS journals metadata
-        return
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
-    """Replace `path` with `data` so that a crash leaves either the old or the new content."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
-
-
-def atomic_move(source: Path, target: Path) -> None:
-    os.replace(source, target)
-    fsync_dir(target.parent)
-
-
-def remove(path: Path) -> None:
-    if path.exists():
-        path.unlink()
-        fsync_dir(path.parent)
 
 
 @dataclass(frozen=True, slots=True)

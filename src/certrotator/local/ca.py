@@ -22,7 +22,6 @@ import datetime as dt
 import fcntl
 import ipaddress
 import os
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -49,6 +48,7 @@ from certrotator.crypto import (
     inspect_csr,
     load_certificate,
 )
+from certrotator.fsutil import atomic_write
 
 # AWS IoT's CreateCertificateFromCsr certificates are valid until this instant.
 AWS_IOT_NOT_AFTER: Final = dt.datetime(2049, 12, 31, 23, 59, 59, tzinfo=dt.UTC)
@@ -227,7 +227,7 @@ def ensure_local_ca(
         )
         bundle = (certificate_pem(iot_cert) + certificate_pem(private_cert)).encode()
         if not files.client_ca_bundle.exists() or files.client_ca_bundle.read_bytes() != bundle:
-            write_atomic(files.client_ca_bundle, bundle, 0o644)
+            atomic_write(files.client_ca_bundle, bundle, 0o644)
     return LocalCa(
         files=files,
         iot=Issuer(IssuerName.IOT, iot_cert, iot_key, CaSigningAlgorithm.SHA256WITHECDSA, None),
@@ -278,7 +278,7 @@ def _ensure_ca_pair(
         if cert is not None:
             raise CryptoError(f"{cert_path} exists but its private key {key_path} is missing")
         key = generate_private_key(key_algorithm)
-        write_atomic(key_path, _key_pem(key), 0o600)
+        atomic_write(key_path, _key_pem(key), 0o600)
     if _key_family(key) is not signing_algorithm.family:
         raise CryptoError(
             f"CA key {key_path} is {_key_family(key).value}, signing algorithm {signing_algorithm.value} "
@@ -305,7 +305,7 @@ def _ensure_ca_pair(
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
             .sign(key, signing_algorithm.hash())
         )
-        write_atomic(cert_path, certificate_pem(cert).encode(), 0o644)
+        atomic_write(cert_path, certificate_pem(cert).encode(), 0o644)
     elif not certificate_matches_key(cert, key):
         raise CryptoError(f"CA certificate {cert_path} does not match its key {key_path}")
     return cert, key
@@ -345,8 +345,8 @@ def _ensure_server_cert(
         .sign(ca_key, CaSigningAlgorithm.SHA256WITHECDSA.hash())
     )
     # Key first: a crash before the certificate is replaced leaves a mismatch that the check above repairs.
-    write_atomic(files.server_key, _key_pem(key), 0o600)
-    write_atomic(files.server_cert, certificate_pem(cert).encode(), 0o644)
+    atomic_write(files.server_key, _key_pem(key), 0o600)
+    atomic_write(files.server_cert, certificate_pem(cert).encode(), 0o644)
 
 
 def _issued_by(cert: x509.Certificate, ca_cert: x509.Certificate) -> bool:
@@ -373,26 +373,6 @@ def _load_key(path: Path) -> PrivateKey:
     if not isinstance(key, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey):
         raise CryptoError(f"{path}: CA keys must be RSA or EC, got {type(key).__name__}")
     return key
-
-
-def write_atomic(path: Path, data: bytes, mode: int) -> None:
-    """Replace `path` with `data` so that a crash leaves either the old or the new file, never a mix."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")  # created 0600
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 @contextmanager

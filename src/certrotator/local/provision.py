@@ -3,7 +3,6 @@ issuer, registry entries, and a credentials directory the device agent can run f
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,6 +10,7 @@ from cryptography import x509
 from cryptography.x509.oid import NameOID
 
 from certrotator import crypto
+from certrotator.fsutil import atomic_write
 from certrotator.local.ca import IssuerName, LocalCa
 from certrotator.local.registry import LocalRegistry
 
@@ -26,18 +26,6 @@ class Provisioned:
     thing: str
     certificate_id: str
     directory: Path
-
-
-def write_file(path: Path, data: bytes, mode: int) -> None:
-    """Write atomically with the given mode (the key is never readable by others, not even briefly)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.chmod(tmp, mode)
-    os.replace(tmp, path)
 
 
 def device_config(
@@ -103,10 +91,10 @@ def provision_thing(
         registry.add_to_group(group, thing)
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_file(out_dir / KEY_FILE, crypto.private_key_pem(key), 0o600)
-    write_file(out_dir / CERT_FILE, pem.encode(), 0o644)
-    write_file(out_dir / ROOT_CA_FILE, ca.files.root_ca.read_bytes(), 0o644)
-    write_file(
+    atomic_write(out_dir / KEY_FILE, crypto.private_key_pem(key), 0o600)
+    atomic_write(out_dir / CERT_FILE, pem.encode(), 0o644)
+    atomic_write(out_dir / ROOT_CA_FILE, ca.files.root_ca.read_bytes(), 0o644)
+    atomic_write(
         out_dir / CONFIG_FILE, device_config(thing, host, port, key_algorithm, signing).encode(), 0o644
     )
     return Provisioned(thing, certificate_id, out_dir)
