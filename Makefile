@@ -11,7 +11,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 SOFTHSM_MODULE := /usr/lib/softhsm/libsofthsm2.so
 # Only the source folders that exist (bench/ arrives with the benchmark).
-LINT_PATHS := $(wildcard src tests bench)
+LINT_PATHS := $(wildcard src tests bench infra)
 
 .PHONY: venv softhsm lint test demo clean
 
@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml
 	  exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m pip install --quiet -e '.[test,infra]'
 	@touch $@
 
 # SoftHSM2 backs the PKCS#11 key-store tests. Installed with apt when missing; never fatal when it cannot be.

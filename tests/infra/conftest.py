@@ -18,7 +18,7 @@ from tests.infra.support import INFRA_DIR, PCA_CONTEXT, Synth, synthesise_and_re
 # Before jsii starts its Node process: Node 20 is past end of life and jsii says so on every start.
 os.environ.setdefault("JSII_SILENCE_WARNING_END_OF_LIFE_NODE_VERSION", "20")
 if str(INFRA_DIR) not in sys.path:
-    sys.path.insert(0, str(INFRA_DIR))
+    sys.path.append(str(INFRA_DIR))
 
 
 @pytest.fixture(scope="session")

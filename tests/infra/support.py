@@ -89,7 +89,7 @@ def render(value: Any) -> str:
     if isinstance(value, dict) and len(value) == 1:
         ((function, argument),) = value.items()
         if function == "Ref":
-            return "${" + argument + "}"
+            return "${" + str(argument) + "}"
         if function == "Fn::GetAtt":
             return "${" + ".".join(argument) + "}"
         if function == "Fn::Join":

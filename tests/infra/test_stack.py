@@ -262,9 +262,11 @@ def test_rule_error_role_is_for_this_accounts_rules_only(synth: Synth) -> None:
     assert statement["Principal"] == {"Service": "iot.amazonaws.com"}
     assert render(statement["Condition"]["StringEquals"]["aws:SourceAccount"]) == "${AWS::AccountId}"
     prefix = stack_name(synth).replace("-", "_")
-    assert render(statement["Condition"]["ArnLike"]["aws:SourceArn"]) == (
-        f"arn:${{AWS::Partition}}:iot:${{AWS::Region}}:${{AWS::AccountId}}:rule/{prefix}*"
-    )
+    assert [render(a) for a in statement["Condition"]["ArnEquals"]["aws:SourceArn"]] == [
+        f"arn:${{AWS::Partition}}:iot:${{AWS::Region}}:${{AWS::AccountId}}:rule/{prefix}{function}"
+        for function in FUNCTIONS
+    ]
+    assert {r["Properties"]["RuleName"] for r in rules.values()} == {f"{prefix}{f}" for f in FUNCTIONS}
     (group,) = {
         r.removeprefix("${").removesuffix(".Arn}") for _, r in grants(role_statements(synth.json, role_id))
     }
@@ -335,24 +337,14 @@ def test_only_the_terminal_function_may_publish(synth: Synth) -> None:
     _, terminal = function_by_name(synth.json, f"{stack_name(synth)}JobExecutionTerminal")
     terminal_role = render(terminal["Properties"]["Role"])
     statements = {s["Sid"]: s for s in policy["Properties"]["PolicyDocument"]["Statement"]}
-    assert statements.keys() == {
-        "AllowPublishThroughSSLOnly",
-        "TerminalFunctionPublishes",
-        "NobodyElsePublishes",
-    }
-    allow = statements["TerminalFunctionPublishes"]
-    assert (allow["Effect"], render(allow["Principal"]["AWS"]), allow["Action"]) == (
-        "Allow",
-        terminal_role,
-        "sns:Publish",
-    )
-    deny = statements["NobodyElsePublishes"]
+    assert statements.keys() == {"AllowPublishThroughSSLOnly", "OnlyTheTerminalFunctionPublishes"}
+    deny = statements["OnlyTheTerminalFunctionPublishes"]
     assert (deny["Effect"], deny["Principal"], deny["Action"]) == ("Deny", {"AWS": "*"}, "sns:Publish")
     assert render(deny["Condition"]["ArnNotEquals"]["aws:PrincipalArn"]) == terminal_role
     assert render(deny["Resource"]) == "${" + topic_id + "}"
     tls = statements["AllowPublishThroughSSLOnly"]
     assert (tls["Effect"], tls["Condition"]) == ("Deny", {"Bool": {"aws:SecureTransport": "false"}})
-    # and no role but the terminal function's is granted sns:Publish
+    # and the terminal function's role is the only one granted sns:Publish
     publishers = [
         role_id
         for role_id, role in synth.resources("AWS::IAM::Role").items()

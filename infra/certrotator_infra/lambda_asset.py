@@ -1,0 +1,173 @@
+"""The Lambda code asset: our own `certrotator` package plus the one compiled dependency it needs.
+
+Bundling in Docker is not an option here, so the asset is a plain directory assembled at synthesis
+time without network access:
+
+* the `certrotator` modules the Lambda entry points import (`crypto`, `protocol`, `backend/**`),
+  copied from `src/` — the same handler code the local engine runs;
+* `cryptography` (with `cffi` and `pycparser`) built for the Lambda platform (CPython 3.14 on
+  arm64 / Amazon Linux 2023), prepared once with network access by `build_lambda_deps.py`
+  (`pip install --target ... --platform ... --only-binary=:all:`) into `build/lambda-deps`;
+
+and nothing else: `boto3`/`botocore` come from the Lambda Python runtime, and
+`aws-lambda-powertools` from the public Powertools for AWS Lambda layer (see `stack.py`).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+import tomllib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Final
+
+REPO_ROOT: Final = Path(__file__).resolve().parents[2]
+PACKAGE_DIR: Final = REPO_ROOT / "src" / "certrotator"
+PYPROJECT: Final = REPO_ROOT / "pyproject.toml"
+
+# The Lambda platform; stack.py uses the same values for the functions and the Powertools layer.
+LAMBDA_PYTHON_VERSION: Final = "3.14"
+LAMBDA_ARCHITECTURE: Final = "arm64"
+# pip --platform tags for Amazon Linux 2023 (glibc 2.34) on arm64, newest first: pip takes each tag
+# literally, so the older manylinux levels that wheels are still published for are listed too.
+PIP_PLATFORMS: Final = ("manylinux_2_34_aarch64", "manylinux_2_28_aarch64", "manylinux2014_aarch64")
+
+# What the entry points in certrotator.backend.aws.lambdas import, relative to the package.
+PACKAGE_SOURCES: Final = ("__init__.py", "crypto.py", "protocol.py", "backend")
+# Core dependencies of certrotator that the Lambda needs and the runtime does not provide.
+LAMBDA_DEPENDENCIES: Final = ("cryptography",)
+DEPENDENCY_MARKER: Final = ".certrotator-lambda-deps.json"
+
+
+class LambdaAssetError(RuntimeError):
+    """The Lambda asset cannot be assembled; the text says what to run."""
+
+
+def _pins(requirements: Sequence[str]) -> dict[str, str]:
+    """Requirement strings by lower-case distribution name (extras and markers are not used here)."""
+    pins: dict[str, str] = {}
+    for requirement in requirements:
+        name = re.split(r"[=<>!~\[;\s]", requirement.strip(), maxsplit=1)[0].lower()
+        pins[name] = requirement.strip()
+    return pins
+
+
+def _project(pyproject: Path) -> dict[str, Any]:
+    project: dict[str, Any] = tomllib.loads(pyproject.read_text(encoding="utf-8"))["project"]
+    return project
+
+
+def lambda_requirements(pyproject: Path = PYPROJECT) -> list[str]:
+    """The pinned requirements (e.g. "cryptography==50.0.2") of LAMBDA_DEPENDENCIES, from pyproject.toml,
+    so the Lambda runs the version the tests ran."""
+    pins = _pins(_project(pyproject).get("dependencies", []))
+    missing = [name for name in LAMBDA_DEPENDENCIES if name not in pins]
+    if missing:
+        raise LambdaAssetError(f"{pyproject} does not list {', '.join(missing)} in [project].dependencies")
+    return [pins[name] for name in LAMBDA_DEPENDENCIES]
+
+
+def powertools_version(pyproject: Path = PYPROJECT) -> str:
+    """The aws-lambda-powertools version pinned by the `aws` extra (the layer version to deploy)."""
+    extras = _project(pyproject).get("optional-dependencies", {})
+    requirement = _pins(extras.get("aws", [])).get("aws-lambda-powertools", "")
+    match = re.fullmatch(r"aws-lambda-powertools==(\d+\.\d+\.\d+)", requirement)
+    if match is None:
+        raise LambdaAssetError(
+            f"{pyproject}: the aws extra must pin aws-lambda-powertools==X.Y.Z, found {requirement!r}"
+        )
+    return match[1]
+
+
+def _expected_marker(requirements: Sequence[str]) -> dict[str, object]:
+    return {
+        "python": LAMBDA_PYTHON_VERSION,
+        "architecture": LAMBDA_ARCHITECTURE,
+        "requirements": list(requirements),
+    }
+
+
+def build_dependencies(dest: Path, *, pip: Sequence[str] | None = None) -> Path:
+    """Install the Lambda's dependencies for the Lambda platform into `dest` (needs PyPI access).
+
+    `dest` is replaced. A marker file records platform and requirements, so a later synthesis can tell
+    a matching directory from a stale one.
+    """
+    requirements = lambda_requirements()
+    if dest.exists():
+        shutil.rmtree(dest)
+    dest.mkdir(parents=True)
+    command = [
+        *(pip or [sys.executable, "-m", "pip"]),
+        "install",
+        "--quiet",
+        "--target",
+        str(dest),
+        "--implementation",
+        "cp",
+        "--python-version",
+        LAMBDA_PYTHON_VERSION,
+        *(arg for platform in PIP_PLATFORMS for arg in ("--platform", platform)),
+        "--only-binary=:all:",
+        "--no-compile",
+        *requirements,
+    ]
+    subprocess.run(command, check=True)
+    # Console scripts (e.g. cffi's) are of no use in a Lambda.
+    shutil.rmtree(dest / "bin", ignore_errors=True)
+    installed = sorted(p.name.removesuffix(".dist-info") for p in dest.glob("*.dist-info"))
+    marker = _expected_marker(requirements) | {"installed": installed}
+    (dest / DEPENDENCY_MARKER).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
+    return dest
+
+
+def check_dependencies(deps_dir: Path) -> None:
+    """Raise LambdaAssetError unless `deps_dir` holds the dependencies build_dependencies would make now."""
+    rebuild = f"run `python build_lambda_deps.py` in infra/ (needs PyPI access) to create {deps_dir}"
+    marker_path = deps_dir / DEPENDENCY_MARKER
+    if not marker_path.is_file():
+        raise LambdaAssetError(
+            f"the Lambda dependencies are missing: {marker_path} does not exist; {rebuild}"
+        )
+    try:
+        marker = json.loads(marker_path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise LambdaAssetError(f"cannot read {marker_path} ({exc}); {rebuild}") from None
+    expected = _expected_marker(lambda_requirements())
+    found = {key: marker.get(key) for key in expected} if isinstance(marker, dict) else marker
+    if found != expected:
+        raise LambdaAssetError(
+            f"the Lambda dependencies in {deps_dir} were built for {found}, the stack needs {expected}; {rebuild}"
+        )
+
+
+def stage_lambda_code(dest: Path, *, dependencies: Path | None, package_dir: Path = PACKAGE_DIR) -> Path:
+    """Assemble the asset directory `dest` (replaced): the certrotator modules, plus the contents of the
+    `dependencies` directory (checked first) unless it is None (template-only synthesis, e.g. tests)."""
+    if dependencies is not None:
+        check_dependencies(dependencies)
+    if not (package_dir / "backend" / "aws" / "lambdas.py").is_file():
+        raise LambdaAssetError(f"{package_dir} is not the certrotator package (no backend/aws/lambdas.py)")
+    if dest.exists():
+        shutil.rmtree(dest)
+    dest.mkdir(parents=True)
+    if dependencies is not None:
+        shutil.copytree(dependencies, dest, dirs_exist_ok=True)
+    target = dest / "certrotator"
+    for name in PACKAGE_SOURCES:
+        source = package_dir / name
+        if source.is_dir():
+            for path in sorted(source.rglob("*.py")):
+                if "__pycache__" in path.parts:
+                    continue
+                copy = target / name / path.relative_to(source)
+                copy.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(path, copy)
+        else:
+            target.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source, target / name)
+    return dest

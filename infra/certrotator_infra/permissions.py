@@ -1,0 +1,206 @@
+"""Least-privilege IAM for the three functions, derived from the AWS calls each handler makes.
+
+Which calls (src/certrotator/backend/handlers.py and backend/aws/*):
+
+| call (IAM action)                                   | create | commit | terminal |
+| --------------------------------------------------- | ------ | ------ | -------- |
+| iot:DescribeEndpoint (data-plane endpoints)         | x      | x      | x        |
+| secretsmanager:GetSecretValue (state key)           | x      | x      | x        |
+| iotjobsdata:DescribeJobExecution (chain of custody) | x      | x      |          |
+| iot:ListThingPrincipals[V2] (exclusive principals)  | x      | x      |          |
+| iot:DescribeCertificate (current cert, re-send)     | x      |        |          |
+| iot:CreateCertificateFromCsr (AWS IoT issuer)       | x      |        |          |
+| acm-pca:IssueCertificate/GetCertificate (Private CA)| x      |        |          |
+| iot:RegisterCertificateWithoutCA (Private CA)       | x      |        |          |
+| iot:ListAttachedPolicies, iot:AttachPolicy          | x      |        |          |
+| iot:AttachThingPrincipal                            | x      |        |          |
+| iot:Update/DeleteCertificate, DetachThingPrincipal  | x (undo a failed set-up) |  | x  |
+| iot:GetThingShadow (rotation state)                 | x      | x      | x        |
+| iot:UpdateThingShadow                               | x      | x      |          |
+| iot:DeleteThingShadow                               | x (undo) |      | x        |
+| iot:Publish (replies to the device)                 | create/* | commit/* |        |
+| sns:Publish (notifications)                         |        |        | x        |
+
+Resource scoping follows the Service Authorization Reference: DescribeEndpoint, CreateCertificateFromCsr,
+RegisterCertificateWithoutCA and ListAttachedPolicies support no resource-level permissions (`*`);
+everything else is scoped to its resource type. Things and certificates are the whole fleet's (any
+thing may be rotated), so those ARNs end in `*`; each such wildcard carries the reason that goes into
+its cdk-nag acknowledgement.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Final
+
+from aws_cdk import ArnFormat, Stack
+
+SHADOW_NAME: Final = "AWSLabsCertificateRotator"  # = certrotator.backend.aws.adapters.DEFAULT_SHADOW_NAME
+
+
+class Function(StrEnum):
+    CREATE = "CreateCertificate"
+    COMMIT = "CommitCertificate"
+    TERMINAL = "JobExecutionTerminal"
+
+
+@dataclass(frozen=True, slots=True)
+class IotResource:
+    """An AWS IoT resource in the stack's account and region, e.g. "thing/*" or "cert/*"."""
+
+    path: str
+
+    def arn(self, stack: Stack) -> str:
+        kind, _, name = self.path.partition("/")
+        return stack.format_arn(
+            service="iot", resource=kind, resource_name=name, arn_format=ArnFormat.SLASH_RESOURCE_NAME
+        )
+
+    def nag_name(self) -> str:
+        """How cdk-nag prints the ARN in a finding id (tokens as <AWS::...>)."""
+        return f"arn:<AWS::Partition>:iot:<AWS::Region>:<AWS::AccountId>:{self.path}"
+
+
+ALL: Final = "*"  # a service that supports no resource-level permissions for the action
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """One policy statement. `resources` are IotResource paths, ALL, or ARNs/tokens given by the stack
+    (the secret, the CA, the SNS topic). `wildcard_reason` justifies every `*` in `resources`."""
+
+    sid: str
+    actions: tuple[str, ...]
+    resources: tuple[IotResource | str, ...]
+    wildcard_reason: str = ""
+
+    def has_wildcard(self) -> bool:
+        return any(r == ALL or (isinstance(r, IotResource) and "*" in r.path) for r in self.resources)
+
+
+THINGS: Final = IotResource("thing/*")
+CERTIFICATES: Final = IotResource("cert/*")
+STATE_SHADOWS: Final = IotResource(f"thing/*/{SHADOW_NAME}")
+
+_ANY_THING: Final = (
+    "any thing of the fleet may be in a rotation job, and the thing name is only known from the MQTT"
+    " topic at run time"
+)
+_ANY_CERTIFICATE: Final = (
+    "the certificates a rotation touches (the thing's current one, the newly issued one) are created and"
+    " named at run time; their ids are not known when the stack is deployed"
+)
+_ENDPOINTS: Final = (
+    "iot:DescribeEndpoint supports no resource-level permissions (Service Authorization Reference); the"
+    " functions look up the account's iot:Data-ATS and iot:Jobs endpoints once per container"
+)
+
+
+def _state_shadow(*actions: str, sid: str) -> Grant:
+    return Grant(
+        sid,
+        tuple(f"iot:{a}ThingShadow" for a in actions),
+        (STATE_SHADOWS,),
+        f"only the rotator's named shadow '{SHADOW_NAME}' of each thing; {_ANY_THING}",
+    )
+
+
+def _reply_topics(request: str) -> Grant:
+    replies = tuple(
+        IotResource(f"topic/awslabs/things/*/certificate/{request}/{r}") for r in ("accepted", "rejected")
+    )
+    return Grant(
+        f"Reply{request.capitalize()}",
+        ("iot:Publish",),
+        replies,
+        f"only the {request} reply topics (accepted/rejected); the thing name in the topic is {_ANY_THING}",
+    )
+
+
+def function_grants(
+    function: Function, *, secret_arn: str, topic_arn: str, ca_arn: str | None
+) -> list[Grant]:
+    """The statements of `function`'s role (AWS IoT issuer when `ca_arn` is None)."""
+    grants = [
+        Grant("DataPlaneEndpoints", ("iot:DescribeEndpoint",), (ALL,), _ENDPOINTS),
+        Grant("StateKey", ("secretsmanager:GetSecretValue",), (secret_arn,)),
+    ]
+    custody = [
+        Grant("ChainOfCustody", ("iotjobsdata:DescribeJobExecution",), (THINGS,), _ANY_THING),
+        # The API reference names iot:ListThingPrincipals as the permission ListThingPrincipalsV2
+        # needs, while the Service Authorization Reference also lists iot:ListThingPrincipalsV2: both,
+        # on the same resources, so either reading authorises the call.
+        Grant(
+            "ThingPrincipals",
+            ("iot:ListThingPrincipals", "iot:ListThingPrincipalsV2"),
+            (THINGS,),
+            _ANY_THING,
+        ),
+    ]
+    remove_certificate = Grant(
+        "RemoveCertificate",
+        ("iot:UpdateCertificate", "iot:DetachThingPrincipal", "iot:DeleteCertificate"),
+        (CERTIFICATES,),
+        _ANY_CERTIFICATE,
+    )
+    if function is Function.CREATE:
+        if ca_arn is None:
+            issuer = [
+                Grant(
+                    "IssueWithAwsIot",
+                    ("iot:CreateCertificateFromCsr",),
+                    (ALL,),
+                    "iot:CreateCertificateFromCsr supports no resource-level permissions (Service"
+                    " Authorization Reference)",
+                )
+            ]
+        else:
+            issuer = [
+                Grant(
+                    "IssueWithPrivateCa", ("acm-pca:IssueCertificate", "acm-pca:GetCertificate"), (ca_arn,)
+                ),
+                Grant(
+                    "RegisterPrivateCaCertificate",
+                    ("iot:RegisterCertificateWithoutCA",),
+                    (ALL,),
+                    "iot:RegisterCertificateWithoutCA supports no resource-level permissions (Service"
+                    " Authorization Reference)",
+                ),
+            ]
+        return [
+            *grants,
+            *custody,
+            Grant("ReadCertificate", ("iot:DescribeCertificate",), (CERTIFICATES,), _ANY_CERTIFICATE),
+            *issuer,
+            Grant(
+                "ReadCertificatePolicies",
+                ("iot:ListAttachedPolicies",),
+                (ALL,),
+                "iot:ListAttachedPolicies supports no resource-level permissions (Service Authorization"
+                " Reference); the new certificate gets the policies of the current one",
+            ),
+            Grant(
+                "SetUpNewCertificate",
+                ("iot:AttachPolicy", "iot:AttachThingPrincipal"),
+                (CERTIFICATES,),
+                f"{_ANY_CERTIFICATE}; the policies attached are those the thing's current certificate"
+                " already has",
+            ),
+            remove_certificate,
+            _state_shadow("Get", "Update", "Delete", sid="RotationState"),
+            _reply_topics("create"),
+        ]
+    if function is Function.COMMIT:
+        return [
+            *grants,
+            *custody,
+            _state_shadow("Get", "Update", sid="RotationState"),
+            _reply_topics("commit"),
+        ]
+    return [
+        *grants,
+        remove_certificate,
+        _state_shadow("Get", "Delete", sid="RotationState"),
+        Grant("Notify", ("sns:Publish",), (topic_arn,)),
+    ]

@@ -1,0 +1,418 @@
+"""The certificate rotator's cloud backend as one CloudFormation stack."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+from aws_cdk import (
+    Acknowledgment,
+    Aws,
+    CfnOutput,
+    Duration,
+    RemovalPolicy,
+    Stack,
+    Validations,
+)
+from aws_cdk import aws_iam as iam
+from aws_cdk import aws_iot as iot
+from aws_cdk import aws_kms as kms
+from aws_cdk import aws_lambda as lambda_
+from aws_cdk import aws_logs as logs
+from aws_cdk import aws_secretsmanager as secretsmanager
+from aws_cdk import aws_sns as sns
+from aws_cdk import aws_ssm as ssm
+from aws_cdk import custom_resources as cr
+from constructs import Construct, IConstruct
+
+from certrotator_infra.config import RotatorConfig
+from certrotator_infra.lambda_asset import LAMBDA_ARCHITECTURE, LAMBDA_PYTHON_VERSION, powertools_version
+from certrotator_infra.permissions import ALL, SHADOW_NAME, Function, Grant, IotResource, function_grants
+
+# The rotation job document; = certrotator.protocol.JOB_DOCUMENT, compact as the devices compare it.
+JOB_DOCUMENT: Final = json.dumps({"operation": "ROTATE_CERTIFICATE"}, separators=(",", ":"))
+
+CREATE_SQL: Final = (
+    "SELECT *, topic(3) AS thingName, topic() AS topic, clientid() AS clientId, principal() AS principal"
+    " FROM 'awslabs/things/+/certificate/create'"
+)
+COMMIT_SQL: Final = (
+    "SELECT *, topic(3) AS thingName, topic() AS topic, clientid() AS clientId, principal() AS principal"
+    " FROM 'awslabs/things/+/certificate/commit'"
+)
+TERMINAL_SQL: Final = (
+    "SELECT * FROM '$aws/events/jobExecution/#' WHERE isUndefined(statusDetails.CertificateRotator) = false"
+)
+IOT_SQL_VERSION: Final = "2016-03-23"
+
+# Job template: rollout 100/min growing x1.2 per 100 successes up to 1,000/min (the Jobs maximum),
+# 5 minutes per execution in progress. PascalCase dicts: CloudFormation takes these properties as
+# free-form JSON, and the generated *Property classes would emit camelCase keys it rejects.
+ROLLOUT_CONFIG: Final[dict[str, Any]] = {
+    "ExponentialRolloutRate": {
+        "BaseRatePerMinute": 100,
+        "IncrementFactor": 1.2,
+        "RateIncreaseCriteria": {"NumberOfSucceededThings": 100},
+    },
+    "MaximumPerMinute": 1000,
+}
+TIMEOUT_CONFIG: Final[dict[str, Any]] = {"InProgressTimeoutInMinutes": 5}
+
+# Timeouts (seed #51: short timeouts failed at fleet scale). Create with a private CA polls
+# GetCertificate for up to 60 s on top of the IoT calls; terminal's certificate deletion retries a
+# DeleteConflict for about 15 s while a detach propagates.
+CREATE_TIMEOUT: Final = Duration.seconds(60)
+CREATE_TIMEOUT_PRIVATE_CA: Final = Duration.seconds(90)
+COMMIT_TIMEOUT: Final = Duration.seconds(30)
+TERMINAL_TIMEOUT: Final = Duration.seconds(30)
+MEMORY_MB: Final = 256  # Lambda CPU scales with memory: 256 MB halves the cold start of 128 MB
+MAX_EVENT_AGE: Final = Duration.seconds(60)
+LOG_RETENTION: Final = logs.RetentionDays.ONE_YEAR
+
+RUNTIME: Final = lambda_.Runtime.PYTHON_3_14
+ARCHITECTURE: Final = lambda_.Architecture.ARM_64
+HANDLERS: Final = {
+    Function.CREATE: "certrotator.backend.aws.lambdas.create_certificate",
+    Function.COMMIT: "certrotator.backend.aws.lambdas.commit_certificate",
+    Function.TERMINAL: "certrotator.backend.aws.lambdas.job_execution_terminal",
+}
+RULE_SQL: Final = {Function.CREATE: CREATE_SQL, Function.COMMIT: COMMIT_SQL, Function.TERMINAL: TERMINAL_SQL}
+DESCRIPTIONS: Final = {
+    Function.CREATE: "Certificate rotator: validates a create request and issues the new certificate",
+    Function.COMMIT: "Certificate rotator: confirms the device connected with its new certificate",
+    Function.TERMINAL: "Certificate rotator: cleans up and notifies when a rotation job execution ends",
+}
+POWERTOOLS_SERVICE_NAME: Final = "certificate-rotator"
+POWERTOOLS_METRICS_NAMESPACE: Final = "CertificateRotator"
+# The public Powertools for AWS Lambda (Python) v3 layer ARNs, one SSM public parameter per
+# architecture, Python version and release (published by the Powertools project in every commercial
+# region and resolved by CloudFormation at deploy time).
+POWERTOOLS_SSM_PARAMETER: Final = "/aws/service/powertools/python/{arch}/python{python}/{version}"
+
+
+def ack(scope: IConstruct, rule: str, reason: str) -> None:
+    """Acknowledge one cdk-nag finding (e.g. "AwsSolutions-IAM5[Resource::*]") on `scope` and below."""
+    Validations.of(scope).acknowledge(Acknowledgment(id=rule, reason=reason))
+
+
+@dataclass(frozen=True, slots=True)
+class RotatorFunction:
+    function: lambda_.Function
+    role: iam.Role
+    log_group: logs.LogGroup
+    rule: iot.CfnTopicRule
+
+
+class CertificateRotatorStack(Stack):
+    """Three Lambda functions behind three IoT rules, the rotation job template, the notification
+    topic, the rotation-state key and the account's job execution events."""
+
+    def __init__(self, scope: Construct, config: RotatorConfig, *, code_dir: Path, **kwargs: Any) -> None:
+        super().__init__(
+            scope,
+            config.stack_name,
+            stack_name=config.stack_name,
+            description="Certificate rotator: cloud backend for device certificate and private key rotation"
+            " with AWS IoT Jobs",
+            **kwargs,
+        )
+        self.config = config
+        name = config.stack_name
+        self.ca_arn: str | None = None
+        if config.private_ca is not None:
+            self.ca_arn = config.private_ca.arn or self.format_arn(
+                service="acm-pca", resource="certificate-authority", resource_name=config.private_ca.ca_id
+            )
+
+        self.state_key = secretsmanager.Secret(
+            self,
+            "StateKey",
+            description=f"{name}: HMAC key that authenticates the rotation state kept in thing shadows",
+            # 64 characters of [A-Za-z0-9]: 381 random bits, well over the 32 bytes the functions require
+            generate_secret_string=secretsmanager.SecretStringGenerator(
+                password_length=64, exclude_punctuation=True, include_space=False
+            ),
+            # The key only authenticates in-flight rotation states: losing it fails those safely.
+            removal_policy=RemovalPolicy.DESTROY,
+        )
+        ack(
+            self.state_key,
+            "AwsSolutions-SMG4",
+            "The state key is an HMAC key read once per Lambda container, not a credential for another"
+            " service, so there is nothing for a rotation function to rotate it against; rotating it"
+            " fails in-flight rotations safely (their state no longer authenticates). Rotate it by hand"
+            " between rotation waves if policy demands (infra/README.md).",
+        )
+
+        self.topic = sns.Topic(
+            self,
+            "Notifications",
+            topic_name=f"{name}Notification",
+            display_name="Certificate rotator notifications",
+            master_key=kms.Alias.from_alias_name(self, "SnsManagedKey", "alias/aws/sns"),
+            enforce_ssl=True,
+        )
+
+        self.powertools_layer = lambda_.LayerVersion.from_layer_version_arn(
+            self, "PowertoolsLayer", config.powertools_layer_arn or self._powertools_layer_arn()
+        )
+        self.rule_errors_log, self.rule_errors_role = self._rule_errors()
+        code = lambda_.Code.from_asset(str(code_dir))
+        environment = self._environment()
+        self.functions = {function: self._function(function, code, environment) for function in Function}
+        self._restrict_topic(self.functions[Function.TERMINAL].role)
+        self.job_template = iot.CfnJobTemplate(
+            self,
+            "JobTemplate",
+            job_template_id=name,
+            description="Certificate rotator: rotate the device certificate and private key",
+            document=JOB_DOCUMENT,
+            job_executions_rollout_config=ROLLOUT_CONFIG,
+            timeout_config=TIMEOUT_CONFIG,
+        )
+        self._job_execution_events()
+        self._outputs()
+
+    # ------------------------------------------------------------------------------------ functions
+
+    def _powertools_layer_arn(self) -> str:
+        parameter = POWERTOOLS_SSM_PARAMETER.format(
+            arch=LAMBDA_ARCHITECTURE, python=LAMBDA_PYTHON_VERSION, version=powertools_version()
+        )
+        return ssm.StringParameter.value_for_string_parameter(self, parameter)
+
+    def _environment(self) -> dict[str, str]:
+        environment = {
+            "SNS_TOPIC_ARN": self.topic.topic_arn,
+            "STATE_KEY_SECRET_ARN": self.state_key.secret_arn,
+            "SHADOW_NAME": SHADOW_NAME,
+            "JOB_DOCUMENT": JOB_DOCUMENT,
+            "POWERTOOLS_SERVICE_NAME": POWERTOOLS_SERVICE_NAME,
+            "POWERTOOLS_METRICS_NAMESPACE": POWERTOOLS_METRICS_NAMESPACE,
+        }
+        if self.ca_arn is not None:
+            environment |= {
+                "PCA_CA_ARN": self.ca_arn,
+                "PCA_SIGNING_ALGORITHM": self.config.pca_signing_algorithm,
+                "PCA_VALIDITY_IN_DAYS": str(self.config.pca_validity_days),
+            }
+        return environment
+
+    def _function(
+        self, function: Function, code: lambda_.Code, environment: dict[str, str]
+    ) -> RotatorFunction:
+        role = iam.Role(
+            self,
+            f"{function}Role",
+            assumed_by=iam.ServicePrincipal("lambda.amazonaws.com"),
+            description=f"{self.config.stack_name}: {function} function",
+        )
+        log_group = logs.LogGroup(
+            self, f"{function}Logs", retention=LOG_RETENTION, removal_policy=RemovalPolicy.RETAIN
+        )
+        log_group.grant_write(role)
+        grants = function_grants(
+            function, secret_arn=self.state_key.secret_arn, topic_arn=self.topic.topic_arn, ca_arn=self.ca_arn
+        )
+        self._grant(role, grants)
+        timeout = {
+            Function.CREATE: CREATE_TIMEOUT if self.ca_arn is None else CREATE_TIMEOUT_PRIVATE_CA,
+            Function.COMMIT: COMMIT_TIMEOUT,
+            Function.TERMINAL: TERMINAL_TIMEOUT,
+        }[function]
+        fn = lambda_.Function(
+            self,
+            f"{function}Function",
+            function_name=f"{self.config.stack_name}{function}",
+            description=DESCRIPTIONS[function],
+            runtime=RUNTIME,
+            architecture=ARCHITECTURE,
+            code=code,
+            handler=HANDLERS[function],
+            layers=[self.powertools_layer],
+            memory_size=MEMORY_MB,
+            timeout=timeout,
+            environment=environment,
+            role=role,
+            log_group=log_group,
+            logging_format=lambda_.LoggingFormat.JSON,
+            application_log_level_v2=lambda_.ApplicationLogLevel.INFO,
+            system_log_level_v2=lambda_.SystemLogLevel.WARN,
+            # IoT rules invoke asynchronously. A retried or long-queued create/commit would arrive after
+            # the device stopped waiting (30 s per step) and act on a rotation it already gave up on;
+            # the device itself retries (it re-runs the job).
+            retry_attempts=0,
+            max_event_age=MAX_EVENT_AGE,
+        )
+        rule = self._rule(function, fn)
+        return RotatorFunction(fn, role, log_group, rule)
+
+    def _grant(self, role: iam.Role, grants: list[Grant]) -> None:
+        """Add the statements to the role, and acknowledge each cdk-nag wildcard finding once, with the
+        reasons of every statement that contributes to it."""
+        reasons: dict[str, list[str]] = {}
+        for grant in grants:
+            resources = [r.arn(self) if isinstance(r, IotResource) else r for r in grant.resources]
+            role.add_to_policy(
+                iam.PolicyStatement(sid=grant.sid, actions=list(grant.actions), resources=resources)
+            )
+            if not grant.has_wildcard():
+                continue
+            if not grant.wildcard_reason:
+                raise ValueError(f"grant {grant.sid} has a wildcard resource but no reason for it")
+            for resource in grant.resources:
+                if resource == ALL:
+                    finding = "Resource::*"
+                elif isinstance(resource, IotResource) and "*" in resource.path:
+                    finding = f"Resource::{resource.nag_name()}"
+                else:
+                    continue
+                reasons.setdefault(finding, []).append(
+                    f"{grant.sid} ({', '.join(grant.actions)}): {grant.wildcard_reason}"
+                )
+        for finding, why in reasons.items():
+            ack(role, f"AwsSolutions-IAM5[{finding}]", "; ".join(why))
+
+    def _restrict_topic(self, publisher: iam.Role) -> None:
+        """Only the terminal function may publish. Its role's own policy grants sns:Publish on the topic;
+        the topic policy denies everyone else, which no identity policy in the account can override.
+        (No Allow naming the role here: a resource policy naming a role created in the same deployment
+        can fail IAM principal validation while the role propagates.)"""
+        self.topic.add_to_resource_policy(
+            iam.PolicyStatement(
+                sid="OnlyTheTerminalFunctionPublishes",
+                effect=iam.Effect.DENY,
+                principals=[iam.AnyPrincipal()],
+                actions=["sns:Publish"],
+                resources=[self.topic.topic_arn],
+                conditions={"ArnNotEquals": {"aws:PrincipalArn": publisher.role_arn}},
+            )
+        )
+
+    # ---------------------------------------------------------------------------------------- rules
+
+    def _rule_errors(self) -> tuple[logs.LogGroup, iam.Role]:
+        """Where the three rules log a failed action (e.g. the function could not be invoked), and the
+        role they log with: rule failures are otherwise silent."""
+        log_group = logs.LogGroup(
+            self, "RuleErrors", retention=LOG_RETENTION, removal_policy=RemovalPolicy.RETAIN
+        )
+        role = iam.Role(
+            self,
+            "RuleErrorsRole",
+            assumed_by=iam.ServicePrincipal(
+                "iot.amazonaws.com",
+                conditions={
+                    "StringEquals": {"aws:SourceAccount": Aws.ACCOUNT_ID},
+                    # the three rules by name (their ARN attributes would make a dependency cycle)
+                    "ArnEquals": {
+                        "aws:SourceArn": [
+                            self.format_arn(service="iot", resource="rule", resource_name=self.rule_name(f))
+                            for f in Function
+                        ]
+                    },
+                },
+            ),
+            description=f"{self.config.stack_name}: IoT rules log their action failures",
+        )
+        log_group.grant_write(role)
+        return log_group, role
+
+    def rule_name(self, function: Function) -> str:
+        # Rule names allow [a-zA-Z0-9_] only; stack names may contain hyphens.
+        return f"{self.config.stack_name.replace('-', '_')}{function}"
+
+    def _rule(self, function: Function, fn: lambda_.Function) -> iot.CfnTopicRule:
+        errors, errors_role = self.rule_errors_log, self.rule_errors_role
+        rule = iot.CfnTopicRule(
+            self,
+            f"{function}Rule",
+            rule_name=self.rule_name(function),
+            topic_rule_payload=iot.CfnTopicRule.TopicRulePayloadProperty(
+                description=f"Certificate rotator: invoke the {function} function",
+                sql=RULE_SQL[function],
+                aws_iot_sql_version=IOT_SQL_VERSION,
+                rule_disabled=False,
+                actions=[
+                    iot.CfnTopicRule.ActionProperty(
+                        lambda_=iot.CfnTopicRule.LambdaActionProperty(function_arn=fn.function_arn)
+                    )
+                ],
+                error_action=iot.CfnTopicRule.ActionProperty(
+                    cloudwatch_logs=iot.CfnTopicRule.CloudwatchLogsActionProperty(
+                        log_group_name=errors.log_group_name, role_arn=errors_role.role_arn
+                    )
+                ),
+            ),
+        )
+        fn.add_permission(
+            f"{function}RuleInvokes",
+            principal=iam.ServicePrincipal("iot.amazonaws.com"),
+            action="lambda:InvokeFunction",
+            source_arn=rule.attr_arn,
+            source_account=Aws.ACCOUNT_ID,
+        )
+        return rule
+
+    # ------------------------------------------------------------------------- job execution events
+
+    def _job_execution_events(self) -> None:
+        """Turn on JOB_EXECUTION events in the account (off by default): without them the terminal rule
+        never fires and old certificates are never cleaned up (seed #10). Left on when the stack is
+        deleted: other applications in the account may rely on them."""
+        role = iam.Role(
+            self,
+            "JobExecutionEventsRole",
+            assumed_by=iam.ServicePrincipal("lambda.amazonaws.com"),
+            description=f"{self.config.stack_name}: enables job execution events (custom resource)",
+        )
+        log_group = logs.LogGroup(
+            self, "JobExecutionEventsLogs", retention=LOG_RETENTION, removal_policy=RemovalPolicy.DESTROY
+        )
+        log_group.grant_write(role)
+        call = cr.AwsSdkCall(
+            service="@aws-sdk/client-iot",
+            action="UpdateEventConfigurations",
+            parameters={"eventConfigurations": {"JOB_EXECUTION": {"Enabled": True}}},
+            physical_resource_id=cr.PhysicalResourceId.of(f"{self.config.stack_name}-job-execution-events"),
+        )
+        self.job_execution_events = cr.AwsCustomResource(
+            self,
+            "JobExecutionEvents",
+            on_create=call,
+            on_update=call,
+            policy=cr.AwsCustomResourcePolicy.from_statements(
+                [iam.PolicyStatement(actions=["iot:UpdateEventConfigurations"], resources=["*"])]
+            ),
+            role=role,
+            log_group=log_group,
+            install_latest_aws_sdk=False,
+            timeout=Duration.minutes(2),
+        )
+        ack(
+            self.job_execution_events,
+            "AwsSolutions-IAM5[Resource::*]",
+            "iot:UpdateEventConfigurations supports no resource-level permissions (Service Authorization"
+            " Reference): the event configuration is account-wide. It is the custom resource's only action.",
+        )
+
+    def _outputs(self) -> None:
+        CfnOutput(
+            self,
+            "NotificationTopicArn",
+            value=self.topic.topic_arn,
+            description="Subscribe for failed rotations",
+        )
+        CfnOutput(
+            self,
+            "JobTemplateArn",
+            value=self.job_template.attr_arn,
+            description="Create rotation jobs from it",
+        )
+        CfnOutput(
+            self, "StateKeySecretArn", value=self.state_key.secret_arn, description="Rotation-state HMAC key"
+        )
+        for function, parts in self.functions.items():
+            CfnOutput(self, f"{function}FunctionName", value=parts.function.function_name)
