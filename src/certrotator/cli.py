@@ -109,10 +109,12 @@ def demo(
 def _register_groups() -> None:
     from certrotator.device.agent_cli import agent
     from certrotator.device.component_cli import component_app
+    from certrotator.fleet.aws_cli import aws_app
     from certrotator.local.cli import jobs_app, local_app
 
     app.command("agent")(agent)
     app.add_typer(component_app, name="component")
+    app.add_typer(aws_app, name="aws")
     app.add_typer(local_app, name="local")
     app.add_typer(jobs_app, name="jobs")
 
