@@ -20,7 +20,8 @@ from typer.testing import CliRunner
 
 from certrotator.device import component as c
 from certrotator.device.component_cli import component_app
-from certrotator.device.greengrass import RESTART_EXIT_CODE, parse_component_configuration
+from certrotator.device.greengrass import RESTART_EXIT_CODE
+from certrotator.device.greengrass_settings import parse_component_configuration
 from certrotator.protocol import Topics
 
 PROJECT = Path(__file__).resolve().parents[2]

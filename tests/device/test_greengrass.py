@@ -26,7 +26,14 @@ from certrotator.device import greengrass as gg
 from certrotator.device import machine as m
 from certrotator.device.agent_cli import agent as agent_command
 from certrotator.device.config import ConfigError
+from certrotator.device.greengrass_config import NucleusCredentials, read_tlog, resolve_nucleus_credentials
+from certrotator.device.greengrass_settings import (
+    ComponentSettings,
+    ConfigurationWatcher,
+    parse_component_configuration,
+)
 from certrotator.device.keystores.files import FileKeyStore
+from certrotator.device.keystores.pkcs11_config import PKCS11_PROVIDER
 from certrotator.device.reactor import Reactor
 from certrotator.device.transports import greengrass as transport_module
 from certrotator.device.transports.greengrass import GreengrassTransport
@@ -64,9 +71,9 @@ def standin(configuration: dict[str, Any] | None = None, **kwargs: Any) -> Green
 
 class Applied:
     def __init__(self) -> None:
-        self.settings: queue.Queue[gg.ComponentSettings] = queue.Queue()
+        self.settings: queue.Queue[ComponentSettings] = queue.Queue()
 
-    def __call__(self, settings: gg.ComponentSettings) -> None:
+    def __call__(self, settings: ComponentSettings) -> None:
         self.settings.put(settings)
 
 
@@ -88,7 +95,7 @@ def test_invalid_configuration_is_rejected_with_the_reason(
 ) -> None:
     ipc = standin()
     applied = Applied()
-    watcher = gg.ConfigurationWatcher(ipc, store, applied)
+    watcher = ConfigurationWatcher(ipc, store, applied)
     watcher.start()
     try:
         report = ipc.deploy(update)
@@ -109,7 +116,7 @@ def test_invalid_configuration_is_rejected_with_the_reason(
         (
             {"keyAlgorithm": "ECDSA-P521", "signingAlgorithm": "ECDSA-WITH-SHA512"},
             "file",
-            gg.ComponentSettings(
+            ComponentSettings(
                 crypto.KeyAlgorithm.ECDSA_P521, crypto.SigningAlgorithm.ECDSA_WITH_SHA512, 30.0
             ),
         ),
@@ -120,7 +127,7 @@ def test_invalid_configuration_is_rejected_with_the_reason(
                 "stateTimeoutSeconds": "45",
             },
             "pkcs11",
-            gg.ComponentSettings(
+            ComponentSettings(
                 crypto.KeyAlgorithm.ECDSA_P384, crypto.SigningAlgorithm.ECDSA_WITH_SHA384, 45.0
             ),
         ),
@@ -131,18 +138,18 @@ def test_invalid_configuration_is_rejected_with_the_reason(
                 "stateTimeoutSeconds": 12,
             },
             "file",
-            gg.ComponentSettings(
+            ComponentSettings(
                 crypto.KeyAlgorithm.RSA_3072, crypto.SigningAlgorithm.SHA512WITHRSAANDMGF1, 12.0
             ),
         ),
     ],
 )
 def test_valid_configuration_is_accepted_and_applied(
-    update: dict[str, Any], store: str, expected: gg.ComponentSettings
+    update: dict[str, Any], store: str, expected: ComponentSettings
 ) -> None:
     ipc = standin()
     applied = Applied()
-    watcher = gg.ConfigurationWatcher(ipc, store, applied)
+    watcher = ConfigurationWatcher(ipc, store, applied)
     watcher.start()
     try:
         report = ipc.deploy(update)
@@ -156,12 +163,12 @@ def test_valid_configuration_is_accepted_and_applied(
 
 
 def test_recipe_defaults_are_valid_and_missing_keys_take_them() -> None:
-    defaults = gg.parse_component_configuration(recipe_configuration(), "file")
-    assert defaults == gg.ComponentSettings(
+    defaults = parse_component_configuration(recipe_configuration(), "file")
+    assert defaults == ComponentSettings(
         crypto.KeyAlgorithm.RSA_2048, crypto.SigningAlgorithm.SHA256WITHRSA, 30.0
     )
-    assert gg.parse_component_configuration({}, "pkcs11") == defaults
-    assert gg.parse_component_configuration(None, "file") == defaults
+    assert parse_component_configuration({}, "pkcs11") == defaults
+    assert parse_component_configuration(None, "file") == defaults
 
 
 # ---------------------------------------------------------------------------- nucleus configuration
@@ -306,7 +313,7 @@ def test_effective_config_paths_are_used(tmp_path: Path) -> None:
     root = write_root(
         tmp_path, EFFECTIVE_CONFIG, [tlog_line(1, ["system", "certificateFilePath"], "changed", "/tlog.crt")]
     )
-    credentials = gg.resolve_nucleus_credentials(root)
+    credentials = resolve_nucleus_credentials(root)
     assert (credentials.certificate, credentials.private_key, credentials.root_ca) == (
         "/greengrass/v2/thingCert.crt",
         "/greengrass/v2/privKey.key",
@@ -323,7 +330,7 @@ def test_fleet_provisioned_paths_come_from_the_latest_tlog_values(tmp_path: Path
         FLEET_PROVISIONED_EFFECTIVE_CONFIG,
         fleet_provisioned_tlog("/greengrass/v2/thingCert.crt", "/greengrass/v2/privKey.key"),
     )
-    credentials = gg.resolve_nucleus_credentials(root)
+    credentials = resolve_nucleus_credentials(root)
     assert credentials.certificate == "/greengrass/v2/thingCert.crt"
     assert credentials.private_key == "/greengrass/v2/privKey.key"
     assert credentials.root_ca == "/greengrass/v2/AmazonRootCA1.pem"
@@ -347,7 +354,7 @@ def test_tlog_replay_semantics(tmp_path: Path) -> None:
             ]
         )
     )
-    values = gg.read_tlog(path)
+    values = read_tlog(path)
     assert values[("system", "certificatefilepath")] == "/c.crt"
     assert values[("system", "privatekeypath")] == "/k.key"
     assert values[("system", "thingname")] == THING
@@ -359,24 +366,24 @@ def test_tlog_replay_semantics(tmp_path: Path) -> None:
     }
     # Keys are case-insensitive: a removal spelled differently still removes.
     assert ("system", "rootcapath") not in values
-    assert gg.read_tlog(tmp_path / "missing.tlog") == {}
+    assert read_tlog(tmp_path / "missing.tlog") == {}
 
 
 def test_defaults_when_neither_file_has_the_paths(tmp_path: Path) -> None:
     root = write_root(
         tmp_path, FLEET_PROVISIONED_EFFECTIVE_CONFIG.replace('"/greengrass/v2/AmazonRootCA1.pem"', '""'), []
     )
-    credentials = gg.resolve_nucleus_credentials(root)
+    credentials = resolve_nucleus_credentials(root)
     assert credentials.certificate == str(root / "thingCert.crt")
     assert credentials.private_key == str(root / "privKey.key")
     assert credentials.root_ca == str(root / "rootCA.pem")
     assert set(credentials.sources.values()) == {"default"}
     # No files at all: defaults as well; a corrupt effectiveConfig.yaml is no worse than a missing one.
-    assert gg.resolve_nucleus_credentials(write_root(tmp_path / "empty", None)).certificate.endswith(
+    assert resolve_nucleus_credentials(write_root(tmp_path / "empty", None)).certificate.endswith(
         "thingCert.crt"
     )
     broken = write_root(tmp_path / "broken", "system: [unclosed\n", fleet_provisioned_tlog("/c", "/k"))
-    assert gg.resolve_nucleus_credentials(broken).certificate == "/c"
+    assert resolve_nucleus_credentials(broken).certificate == "/c"
 
 
 def test_pkcs11_credentials_and_provider_configuration(tmp_path: Path) -> None:
@@ -403,7 +410,7 @@ def test_pkcs11_credentials_and_provider_configuration(tmp_path: Path) -> None:
             tlog_line(3, [*provider, "slot"], "changed", 7),  # effectiveConfig.yaml wins where it has a value
         ],
     )
-    credentials = gg.resolve_nucleus_credentials(root)
+    credentials = resolve_nucleus_credentials(root)
     assert credentials.uses_pkcs11
     assert credentials.private_key == "pkcs11:object=greengrass_key;type=private"
     assert credentials.pkcs11_provider == {
@@ -427,11 +434,9 @@ def test_key_store_selection(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
         return sentinel
 
     monkeypatch.setattr(pkcs11_module, "store_from_greengrass", fake_store, raising=False)
-    ipc = standin(
-        other_components={gg.PKCS11_PROVIDER: {"library": "/lib/p11.so", "slot": 0, "userPin": "42"}}
-    )
+    ipc = standin(other_components={PKCS11_PROVIDER: {"library": "/lib/p11.so", "slot": 0, "userPin": "42"}})
     work = tmp_path / "work"
-    files = gg.NucleusCredentials("/gg/thingCert.crt", "/gg/privKey.key", "/gg/rootCA.pem")
+    files = NucleusCredentials("/gg/thingCert.crt", "/gg/privKey.key", "/gg/rootCA.pem")
     store = gg.key_store(files, work, ipc)
     assert isinstance(store, FileKeyStore)
     assert (store.cert, store.key, store.journal.path) == (
@@ -440,9 +445,7 @@ def test_key_store_selection(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
         work / gg.JOURNAL_FILE,
     )
     # Key in the token, provider configuration not in the nucleus files: asked over IPC.
-    token = gg.NucleusCredentials(
-        "pkcs11:object=c;type=cert", "pkcs11:object=k;type=private", "/gg/rootCA.pem"
-    )
+    token = NucleusCredentials("pkcs11:object=c;type=cert", "pkcs11:object=k;type=private", "/gg/rootCA.pem")
     assert gg.key_store(token, work, ipc) is sentinel
     assert calls[-1] == (
         {"library": "/lib/p11.so", "slot": 0, "userPin": "42"},
@@ -452,13 +455,13 @@ def test_key_store_selection(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
         work / gg.JOURNAL_FILE,
     )
     # Key in the token, certificate a file: that file is the certificate file.
-    mixed = gg.NucleusCredentials(
+    mixed = NucleusCredentials(
         "/gg/thingCert.crt", "pkcs11:object=k;type=private", "/gg/rootCA.pem", {"library": "/l.so"}
     )
     gg.key_store(mixed, work, ipc)
     assert calls[-1][0] == {"library": "/l.so"} and calls[-1][3] == Path("/gg/thingCert.crt")
     with pytest.raises(ConfigError, match="not supported"):
-        gg.key_store(gg.NucleusCredentials("pkcs11:object=c;type=cert", "/gg/privKey.key", "/r"), work, ipc)
+        gg.key_store(NucleusCredentials("pkcs11:object=c;type=cert", "/gg/privKey.key", "/r"), work, ipc)
     ipc.close()
 
 

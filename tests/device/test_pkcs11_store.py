@@ -35,7 +35,6 @@ from certrotator.device.keystores.pkcs11 import (
     Pkcs11KeyStore,
     store_from_greengrass,
     store_from_settings,
-    token_signer,
 )
 from certrotator.device.keystores.pkcs11_config import (
     P521_REFUSAL,
@@ -43,6 +42,7 @@ from certrotator.device.keystores.pkcs11_config import (
     Pkcs11ConfigError,
     parse_pkcs11_uri,
 )
+from certrotator.device.keystores.pkcs11_signing import token_signer
 
 from .softhsm import (
     CERT_LABEL,
