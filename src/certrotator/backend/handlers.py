@@ -120,7 +120,7 @@ def _create(ports: Ports, context: BrokerContext, request: CreateCertificateRequ
         issued = ports.issuer.issue(thing, request.csr)
     except Exception as exc:
         log.exception("issuing a certificate for %s failed", thing)
-        raise Rejection(f"the certificate authority refused the CSR: {exc}") from None
+        raise Rejection(f"the certificate authority refused the CSR: {_safe_reason(exc)}") from None
     try:
         ports.state.save(
             thing,
@@ -133,9 +133,17 @@ def _create(ports: Ports, context: BrokerContext, request: CreateCertificateRequ
         # Never leave a half-set-up certificate behind: the device will not get it, so nothing uses it.
         log.exception("setting up certificate %s for %s failed; removing it", issued.certificate_id, thing)
         _undo_issue(ports, thing, issued.certificate_id)
-        raise Rejection(f"the backend could not set up the new certificate: {exc}") from None
+        raise Rejection(f"the backend could not set up the new certificate: {_safe_reason(exc)}") from None
     ports.publisher.publish(Topics.accepted(Topics.create(thing)), certificate_accepted(issued.pem))
     return _record(HandlerResult(name, thing, job_id, "accepted", f"issued {issued.certificate_id}"))
+
+
+def _safe_reason(exc: Exception) -> str:
+    """What a device may be told of a backend failure: input problems in full; for anything else only
+    the kind of error, because AWS error text names accounts, roles and ARNs (it is in the log)."""
+    if isinstance(exc, crypto.CryptoError | ValueError):
+        return str(exc)
+    return f"{type(exc).__name__} (details in the backend log)"
 
 
 def _undo_issue(ports: Ports, thing: str, certificate_id: str) -> None:
