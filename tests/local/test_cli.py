@@ -211,3 +211,30 @@ def test_demo_rejects_bad_options() -> None:
     assert code == 2 and "does not match key algorithm" in output
     code, output = cli("demo", "--devices", "0")
     assert code == 2 and "at least 1" in output
+
+
+def test_expiry_report_lists_certificates_by_days_left(data_dir: Path, tmp_path: Path) -> None:
+    from certrotator.local.ca import IssuerName
+
+    cli("local", "provision", "iot-dev", "--out", str(tmp_path / "a"), "--data-dir", str(data_dir))
+    # the private CA issues with the engine's configured validity (365 days by default)
+    cli(
+        "local",
+        "provision",
+        "pca-dev",
+        "--out",
+        str(tmp_path / "b"),
+        "--data-dir",
+        str(data_dir),
+        "--issuer",
+        IssuerName.PRIVATE_CA.value,
+    )
+    soon = json.loads(
+        cli("local", "certificates", "--json", "--expiring-within-days", "400", "--data-dir", str(data_dir))[
+            1
+        ]
+    )
+    assert [c["thing"] for c in soon] == ["pca-dev"]  # the AWS-IoT-style one lasts until 2049
+    assert 360 < soon[0]["daysLeft"] <= 365
+    everything = json.loads(cli("local", "certificates", "--json", "--data-dir", str(data_dir))[1])
+    assert [c["thing"] for c in everything] == ["pca-dev", "iot-dev"]  # soonest first

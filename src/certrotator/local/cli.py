@@ -239,18 +239,35 @@ def things(data_dir: DataDir = DEFAULT_DATA_DIR, as_json: JsonFlag = False) -> N
 
 
 @local_app.command()
-def certificates(data_dir: DataDir = DEFAULT_DATA_DIR, as_json: JsonFlag = False) -> None:
-    """Certificates with status, issuer, validity and thing."""
+def certificates(
+    data_dir: DataDir = DEFAULT_DATA_DIR,
+    as_json: JsonFlag = False,
+    expiring_within_days: Annotated[
+        float | None,
+        typer.Option(help="Only ACTIVE certificates attached to a thing that expire within this many days."),
+    ] = None,
+) -> None:
+    """Certificates with status, issuer, validity and thing (an expiry report with --expiring-within-days;
+    feed its things to `jobs create --thing`)."""
     registry, _ = _open(data_dir)
+    listed = registry.certificates()
+    if expiring_within_days is not None:
+        horizon = time.time() + expiring_within_days * 86400
+        listed = [
+            c
+            for c in listed
+            if c.status is CertificateStatus.ACTIVE and c.thing is not None and c.not_after <= horizon
+        ]
     rows = [
         {
             "certificateId": c.certificate_id,
             "status": c.status.value,
             "issuer": c.issuer,
             "notAfter": _when(c.not_after),
+            "daysLeft": round((c.not_after - time.time()) / 86400, 1),
             "thing": c.thing or "-",
         }
-        for c in registry.certificates()
+        for c in sorted(listed, key=lambda c: c.not_after)
     ]
     _emit(rows, as_json, "Certificates")
 
