@@ -37,7 +37,7 @@ LAMBDA_ARCHITECTURE: Final = "arm64"
 PIP_PLATFORMS: Final = ("manylinux_2_34_aarch64", "manylinux_2_28_aarch64", "manylinux2014_aarch64")
 
 # What the entry points in certrotator.backend.aws.lambdas import, relative to the package.
-PACKAGE_SOURCES: Final = ("__init__.py", "crypto.py", "protocol.py", "backend")
+PACKAGE_SOURCES: Final = ("__init__.py", "algorithms.py", "crypto.py", "protocol.py", "backend")
 # Core dependencies of certrotator that the Lambda needs and the runtime does not provide.
 LAMBDA_DEPENDENCIES: Final = ("cryptography",)
 DEPENDENCY_MARKER: Final = ".certrotator-lambda-deps.json"

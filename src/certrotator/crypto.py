@@ -7,11 +7,11 @@ CSR builder only needs `sign()` and `public_key()` from the private key it is gi
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from enum import StrEnum
-from typing import Any, TypeVar
+from typing import Any
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
@@ -19,139 +19,21 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 
+# The tables live where the device agent can use them without loading `cryptography`; same objects,
+# re-exported (`X as X`) for everything that imports them from here.
+from certrotator.algorithms import CaSigningAlgorithm as CaSigningAlgorithm  # noqa: PLC0414
+from certrotator.algorithms import CryptoError as CryptoError  # noqa: PLC0414
+from certrotator.algorithms import Family as Family  # noqa: PLC0414
+from certrotator.algorithms import KeyAlgorithm as KeyAlgorithm  # noqa: PLC0414
+from certrotator.algorithms import SigningAlgorithm as SigningAlgorithm  # noqa: PLC0414
+from certrotator.algorithms import check_family as check_family  # noqa: PLC0414
+from certrotator.algorithms import parse_ca_signing_algorithm as parse_ca_signing_algorithm  # noqa: PLC0414
+from certrotator.algorithms import parse_key_algorithm as parse_key_algorithm  # noqa: PLC0414
+from certrotator.algorithms import parse_signing_algorithm as parse_signing_algorithm  # noqa: PLC0414
+
 PrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
 PublicKey = rsa.RSAPublicKey | ec.EllipticCurvePublicKey
-
-
-class CryptoError(ValueError):
-    """Bad key material, CSR or configuration; the text says what is wrong."""
-
-
-class Family(StrEnum):
-    RSA = "RSA"
-    EC = "EC"
-
-
 Digest = hashes.SHA256 | hashes.SHA384 | hashes.SHA512
-
-_HASHES: dict[str, type[Digest]] = {
-    "SHA256": hashes.SHA256,
-    "SHA384": hashes.SHA384,
-    "SHA512": hashes.SHA512,
-}
-
-_CURVES: dict[str, type[ec.EllipticCurve]] = {
-    "P256": ec.SECP256R1,
-    "P384": ec.SECP384R1,
-    "P521": ec.SECP521R1,
-}
-
-
-class KeyAlgorithm(StrEnum):
-    """Key algorithms AWS IoT's CreateCertificateFromCsr accepts (the component's keyAlgorithm)."""
-
-    RSA_2048 = "RSA-2048"
-    RSA_3072 = "RSA-3072"
-    ECDSA_P256 = "ECDSA-P256"
-    ECDSA_P384 = "ECDSA-P384"
-    ECDSA_P521 = "ECDSA-P521"
-
-    @property
-    def family(self) -> Family:
-        return Family.RSA if self.value.startswith("RSA") else Family.EC
-
-    @property
-    def rsa_bits(self) -> int:
-        return int(self.value.split("-")[1])
-
-    @property
-    def curve(self) -> ec.EllipticCurve:
-        return _CURVES[self.value.split("-")[1]]()
-
-
-class SigningAlgorithm(StrEnum):
-    """CSR signing algorithms (AWS IoT's certificate signing algorithms less DSA)."""
-
-    SHA256WITHRSA = "SHA256WITHRSA"
-    SHA384WITHRSA = "SHA384WITHRSA"
-    SHA512WITHRSA = "SHA512WITHRSA"
-    SHA256WITHRSAANDMGF1 = "SHA256WITHRSAANDMGF1"
-    SHA384WITHRSAANDMGF1 = "SHA384WITHRSAANDMGF1"
-    SHA512WITHRSAANDMGF1 = "SHA512WITHRSAANDMGF1"
-    ECDSA_WITH_SHA256 = "ECDSA-WITH-SHA256"
-    ECDSA_WITH_SHA384 = "ECDSA-WITH-SHA384"
-    ECDSA_WITH_SHA512 = "ECDSA-WITH-SHA512"
-
-    @property
-    def family(self) -> Family:
-        return Family.EC if self.value.startswith("ECDSA") else Family.RSA
-
-    @property
-    def is_pss(self) -> bool:
-        return self.value.endswith("ANDMGF1")
-
-    def hash(self) -> Digest:
-        name = self.value[:6] if self.family is Family.RSA else self.value[-6:]
-        return _HASHES[name]()
-
-    def rsa_padding(self) -> padding.AsymmetricPadding | None:
-        """The RSA padding for this algorithm (PSS salt = hash length, as AWS IoT expects)."""
-        if self.family is Family.EC:
-            return None
-        if self.is_pss:
-            digest = self.hash()
-            return padding.PSS(mgf=padding.MGF1(digest), salt_length=digest.digest_size)
-        return padding.PKCS1v15()
-
-
-class CaSigningAlgorithm(StrEnum):
-    """Signing algorithms of a private CA (AWS Private CA's names)."""
-
-    SHA256WITHRSA = "SHA256WITHRSA"
-    SHA384WITHRSA = "SHA384WITHRSA"
-    SHA512WITHRSA = "SHA512WITHRSA"
-    SHA256WITHECDSA = "SHA256WITHECDSA"
-    SHA384WITHECDSA = "SHA384WITHECDSA"
-    SHA512WITHECDSA = "SHA512WITHECDSA"
-
-    @property
-    def family(self) -> Family:
-        return Family.EC if self.value.endswith("ECDSA") else Family.RSA
-
-    def hash(self) -> Digest:
-        return _HASHES[self.value[:6]]()
-
-
-_E = TypeVar("_E", bound=StrEnum)
-
-
-def _parse(kind: type[_E], value: str, what: str) -> _E:
-    try:
-        return kind(value)
-    except ValueError:
-        allowed = ", ".join(a.value for a in kind)
-        raise CryptoError(f"unknown {what} {value!r}; allowed: {allowed}") from None
-
-
-def parse_key_algorithm(value: str) -> KeyAlgorithm:
-    return _parse(KeyAlgorithm, value, "key algorithm")
-
-
-def parse_signing_algorithm(value: str) -> SigningAlgorithm:
-    return _parse(SigningAlgorithm, value, "signing algorithm")
-
-
-def parse_ca_signing_algorithm(value: str) -> CaSigningAlgorithm:
-    return _parse(CaSigningAlgorithm, value, "CA signing algorithm")
-
-
-def check_family(key_algorithm: KeyAlgorithm, signing_algorithm: SigningAlgorithm) -> None:
-    """Raise CryptoError unless the key and signing algorithms are of one family (RSA or EC)."""
-    if key_algorithm.family is not signing_algorithm.family:
-        raise CryptoError(
-            f"signing algorithm {signing_algorithm.value} ({signing_algorithm.family.value}) does not "
-            f"match key algorithm {key_algorithm.value} ({key_algorithm.family.value})"
-        )
 
 
 def generate_private_key(algorithm: KeyAlgorithm) -> PrivateKey:
@@ -225,7 +107,17 @@ class CsrInfo:
 def inspect_csr(pem: str | bytes) -> CsrInfo:
     """Parse a PEM CSR; raises CryptoError if it is not one. Signature validity is reported, not raised."""
     try:
-        data = pem.encode() if isinstance(pem, str) else pem
+        data = pem.encode() if isinstance(pem, str) else bytes(pem)
+    except (ValueError, TypeError) as exc:  # e.g. a lone surrogate in the text
+        raise CryptoError(f"CSR is not a well-formed PEM certificate signing request ({exc})") from None
+    return _inspect_csr(data)
+
+
+# PERF: a create request's CSR is inspected twice, by the handler's CSR policy and again by the issuer
+# (as CreateCertificateFromCsr verifies it again); the result depends on the bytes alone.
+@functools.lru_cache(maxsize=64)
+def _inspect_csr(data: bytes) -> CsrInfo:
+    try:
         csr = x509.load_pem_x509_csr(data)
         public_key = csr.public_key()
     except (ValueError, TypeError, UnsupportedAlgorithm) as exc:

@@ -69,10 +69,21 @@ def test_stack_constants_agree_with_the_package() -> None:
 def test_staged_code_holds_only_the_backend_modules(code_dir: Path) -> None:
     files = {p.relative_to(code_dir).as_posix() for p in code_dir.rglob("*") if p.is_file()}
     assert "certrotator/backend/aws/lambdas.py" in files
-    assert {"certrotator/__init__.py", "certrotator/crypto.py", "certrotator/protocol.py"} <= files
+    assert {
+        "certrotator/__init__.py",
+        "certrotator/algorithms.py",
+        "certrotator/crypto.py",
+        "certrotator/protocol.py",
+    } <= files
     assert all(
         f.startswith(
-            ("certrotator/__init__", "certrotator/crypto", "certrotator/protocol", "certrotator/backend/")
+            (
+                "certrotator/__init__",
+                "certrotator/algorithms",
+                "certrotator/crypto",
+                "certrotator/protocol",
+                "certrotator/backend/",
+            )
         )
         for f in files
     ), files

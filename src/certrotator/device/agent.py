@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from certrotator.crypto import KeyAlgorithm, SigningAlgorithm
+from certrotator.algorithms import KeyAlgorithm, SigningAlgorithm
 from certrotator.device import machine as m
 from certrotator.device.journal import atomic_write, remove
 from certrotator.device.keystores.base import KeyStore, KeyStoreError
@@ -120,6 +120,7 @@ class Agent:
         self._connect_timer.cancel()
         self._connect_timer = None
         if error is None:
+            log.info("%s: connected and subscribed", self.settings.thing)
             self._retry_s = self.settings.retry_min_s
             self._subscribed = connection
             self.feed(m.Started(self.store.has_backup(), self._committed_job()))

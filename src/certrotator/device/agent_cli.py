@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from certrotator.crypto import CryptoError
+from certrotator.algorithms import CryptoError
 from certrotator.device.config import ConfigError
 
 err_console = Console(stderr=True)

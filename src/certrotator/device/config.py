@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from certrotator import crypto
+from certrotator import algorithms  # not certrotator.crypto: the agent loads `cryptography` lazily
 
 
 class ConfigError(ValueError):
@@ -17,15 +17,15 @@ class ConfigError(ValueError):
 
 def validate_algorithms(
     key_algorithm: str, signing_algorithm: str, store: str = "file"
-) -> tuple[crypto.KeyAlgorithm, crypto.SigningAlgorithm]:
+) -> tuple[algorithms.KeyAlgorithm, algorithms.SigningAlgorithm]:
     """keyAlgorithm / signingAlgorithm: known, of one family, and usable with the key store."""
     try:
-        key = crypto.parse_key_algorithm(key_algorithm)
-        signing = crypto.parse_signing_algorithm(signing_algorithm)
-        crypto.check_family(key, signing)
-    except crypto.CryptoError as exc:
+        key = algorithms.parse_key_algorithm(key_algorithm)
+        signing = algorithms.parse_signing_algorithm(signing_algorithm)
+        algorithms.check_family(key, signing)
+    except algorithms.CryptoError as exc:
         raise ConfigError(str(exc)) from None
-    if store == "pkcs11" and key is crypto.KeyAlgorithm.ECDSA_P521:
+    if store == "pkcs11" and key is algorithms.KeyAlgorithm.ECDSA_P521:
         raise ConfigError(
             "ECDSA-P521 cannot be used with PKCS#11: the AWS CRT cannot use P-521 token keys for TLS "
             "(awslabs/aws-c-io#591); choose ECDSA-P256 or ECDSA-P384"
@@ -52,8 +52,8 @@ class DeviceConfig:
     certificate: Path
     private_key: Path | None
     pkcs11: Pkcs11Settings | None
-    key_algorithm: crypto.KeyAlgorithm
-    signing_algorithm: crypto.SigningAlgorithm
+    key_algorithm: algorithms.KeyAlgorithm
+    signing_algorithm: algorithms.SigningAlgorithm
     state_timeout_s: float
     journal: Path
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 from enum import StrEnum
 from typing import Any
 
-from certrotator.crypto import KeyAlgorithm, SigningAlgorithm
+from certrotator.algorithms import KeyAlgorithm, SigningAlgorithm
 from certrotator.protocol import (
     CommitCertificateRequest,
     JobExecutionStatus,

@@ -6,6 +6,8 @@ import json
 import logging
 import subprocess
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,7 +17,8 @@ from rich.table import Table
 
 from certrotator import crypto
 from certrotator.device.config import validate_algorithms
-from certrotator.fleet.simulator import JobReport, SimulatedFleet
+from certrotator.fleet.remote import EngineProcess, RemoteEngine
+from certrotator.fleet.simulator import EngineHandle, JobReport, SimulatedFleet
 from certrotator.fleet.softhsm import CONF_ENV, softhsm_available, softhsm_config
 from certrotator.local.ca import IssuerName
 from certrotator.local.engine import EngineConfig
@@ -35,6 +38,7 @@ class DemoOptions:
     keystore: str = "file"
     data_dir: Path | None = None
     as_json: bool = False
+    in_process: bool = False  # engine on a thread of this process instead of its own process
 
 
 def run_demo(options: DemoOptions, console: Console) -> int:
@@ -54,14 +58,7 @@ def run_demo(options: DemoOptions, console: Console) -> int:
 
     with tempfile.TemporaryDirectory(prefix="certrotator-demo-") as tmp:
         root = options.data_dir or Path(tmp)
-        config = EngineConfig(
-            root / "engine",
-            port=0,
-            issuer=options.issuer,
-            private_ca_signing_algorithm=ca_signing,
-            private_ca_validity_days=options.ca_validity_days,
-        )
-        with EngineThread(config) as engine, SimulatedFleet(engine, root) as fleet:
+        with _engine(options, root, ca_signing) as engine, SimulatedFleet(engine, root) as fleet:
 
             def say(message: str) -> None:
                 if not options.as_json:
@@ -97,6 +94,36 @@ def run_demo(options: DemoOptions, console: Console) -> int:
         _print_summary(report, summary, console)
     ok = summary["succeeded"] == summary["verified"] == options.devices and not report.problems
     return 0 if ok else 1
+
+
+@contextmanager
+def _engine(
+    options: DemoOptions, root: Path, ca_signing: crypto.CaSigningAlgorithm
+) -> Iterator[EngineHandle]:
+    """The local IoT Core in its own process (`certrotator local up`), as the benchmarks run it: with
+    the engine on a thread of this process, broker and fleet share one GIL, and past a few hundred
+    devices the broker answers too late (CONNACK after the AWS CRT's 3 s) while agents hold the GIL.
+    `in_process` keeps the thread, for debugging."""
+    data_dir = root / "engine"
+    if options.in_process:
+        config = EngineConfig(
+            data_dir,
+            port=0,
+            issuer=options.issuer,
+            private_ca_signing_algorithm=ca_signing,
+            private_ca_validity_days=options.ca_validity_days,
+        )
+        with EngineThread(config) as thread:
+            yield thread
+        return
+    args = ["--issuer", options.issuer.value, "--ca-signing-algorithm", ca_signing.value]
+    args += ["--ca-validity-days", str(options.ca_validity_days)]
+    with EngineProcess(data_dir, args, log=root / "engine.log"):
+        remote = RemoteEngine(data_dir)
+        try:
+            yield remote
+        finally:
+            remote.close()
 
 
 def _rotate(fleet: SimulatedFleet, options: DemoOptions, console: Console) -> JobReport:

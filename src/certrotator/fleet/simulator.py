@@ -11,9 +11,10 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol, TypeVar
 
 from certrotator import crypto
 from certrotator.device import machine
@@ -22,12 +23,61 @@ from certrotator.device.config import DeviceConfig, load_device_config
 from certrotator.device.reactor import Reactor
 from certrotator.device.standalone import build_agent
 from certrotator.fleet.softhsm import move_key_into_token
-from certrotator.local.engine import LocalIoTCore
+from certrotator.local.ca import LocalCa
+from certrotator.local.jobs import DEFAULT_TEMPLATE, JobStore
+from certrotator.local.policy import Connection
 from certrotator.local.provision import CONFIG_FILE, provision_thing
-from certrotator.local.runner import EngineThread
+from certrotator.local.registry import LocalRegistry
 from certrotator.protocol import FAILURE_REASON_KEY, JobExecutionStatus
 
 OPEN = ("QUEUED", "IN_PROGRESS", "PENDING_ROLLOUT")
+# Where OpenSSL-style libraries (aws-lc in the AWS CRT) find the default trust store.
+_DEFAULT_TRUST_ENV = ("SSL_CERT_FILE", "SSL_CERT_DIR")
+T = TypeVar("T")
+
+
+class _Connections(Protocol):
+    def connections(self) -> list[Connection]: ...
+
+
+class EngineView(Protocol):
+    """What the fleet uses of an engine: `LocalIoTCore` in-process, `fleet.remote.RemoteView` across
+    processes."""
+
+    @property
+    def registry(self) -> LocalRegistry: ...
+    @property
+    def jobs(self) -> JobStore: ...
+    @property
+    def ca(self) -> LocalCa: ...
+    @property
+    def port(self) -> int: ...
+    @property
+    def broker(self) -> _Connections: ...
+
+    def create_job(
+        self,
+        job_id: str,
+        things: Sequence[str] = (),
+        groups: Sequence[str] = (),
+        template: str = DEFAULT_TEMPLATE,
+        max_per_minute: int | None = None,
+        in_progress_timeout_minutes: float | None = None,
+        unlimited_rollout: bool = False,
+    ) -> None: ...
+
+
+class EngineHandle(Protocol):
+    """`local.runner.EngineThread` (engine in this process) or `fleet.remote.RemoteEngine`."""
+
+    @property
+    def port(self) -> int: ...
+
+    def call(self, fn: Callable[[EngineView], T], timeout: float = 60) -> T: ...
+
+    def wait_until(
+        self, predicate: Callable[[EngineView], bool], timeout: float, tick_s: float | None = None
+    ) -> bool: ...
 
 
 @dataclass
@@ -109,7 +159,7 @@ Progress = Callable[[dict[str, int], float], None]  # (status counts, elapsed se
 
 
 class SimulatedFleet:
-    def __init__(self, engine: EngineThread, root: Path, threads: int = 8) -> None:
+    def __init__(self, engine: EngineHandle, root: Path, threads: int = 8) -> None:
         self.engine = engine
         self.root = root
         # Each device would have its own disk; here they share one, and every credential write is
@@ -117,6 +167,18 @@ class SimulatedFleet:
         # (fsync releases the GIL) instead of queueing behind each other on one thread.
         self.reactors = [Reactor(f"fleet-agents-{i}").start() for i in range(threads)]
         self.devices: list[SimulatedDevice] = []
+        # PERF: the AWS CRT builds a TLS context per connection, as it must (a context keeps the key it
+        # was built with, so the one after a rotation has to be new). Building one starts with s2n
+        # loading the *default* trust store (the system CA bundle: 11-30 ms of CPU here, with the GIL
+        # held), which the device's own root CA then replaces. A real device pays that once per
+        # connection on its own CPU; a thousand simulated ones pay it on the fleet's one GIL, where it
+        # was 97% of the fleet's CPU while 1,000 agents connected. So while the fleet runs, the default
+        # store is the local root CA: each connection still trusts exactly its device.toml's root CA and
+        # still gets a new context, built in ~0.5 ms.
+        self._saved_env = {name: os.environ.get(name) for name in _DEFAULT_TRUST_ENV}
+        root_ca = engine.call(lambda e: e.ca.files.root_ca)
+        os.environ["SSL_CERT_FILE"] = str(root_ca)
+        os.environ["SSL_CERT_DIR"] = str(root_ca.parent / "no-default-ca-dir")
 
     def __enter__(self) -> SimulatedFleet:
         return self
@@ -128,6 +190,11 @@ class SimulatedFleet:
         self.stop_agents()
         for reactor in self.reactors:
             reactor.stop()
+        for name, value in self._saved_env.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
     def provision(
         self,
@@ -144,7 +211,7 @@ class SimulatedFleet:
             thing = f"{group}-{i:04d}"
             directory = self.root / "devices" / thing
 
-            def make(engine: LocalIoTCore, thing: str = thing, directory: Path = directory) -> str:
+            def make(engine: EngineView, thing: str = thing, directory: Path = directory) -> str:
                 return provision_thing(
                     engine.registry,
                     engine.ca,
@@ -189,7 +256,12 @@ class SimulatedFleet:
             with (d.directory / "agent.log").open("ab") as log:  # the child keeps its own descriptor
                 processes.append(
                     subprocess.Popen(
-                        [sys.executable, "-m", "certrotator.device.standalone", str(d.directory / CONFIG_FILE)],
+                        [
+                            sys.executable,
+                            "-m",
+                            "certrotator.device.standalone",
+                            str(d.directory / CONFIG_FILE),
+                        ],
                         env={**os.environ, **(env or {})},
                         stdout=subprocess.DEVNULL,
                         stderr=log,
@@ -197,7 +269,7 @@ class SimulatedFleet:
                 )
         things = {d.thing for d in devices}
 
-        def connected(engine: LocalIoTCore) -> bool:
+        def connected(engine: EngineView) -> bool:
             return things <= {c.thing for c in engine.broker.connections()}
 
         if not self.engine.wait_until(connected, timeout_s, tick_s=0.05):
@@ -249,7 +321,7 @@ class SimulatedFleet:
         """Wait until every execution of an existing job is terminal and report on it."""
         started = time.monotonic() if started is None else started
 
-        def done(engine: LocalIoTCore) -> bool:
+        def done(engine: EngineView) -> bool:
             counts = engine.jobs.status_counts(job_id)
             if progress is not None:
                 progress(counts, time.monotonic() - started)
@@ -279,7 +351,7 @@ class SimulatedFleet:
         """Check DESIGN.md §4's invariants for every device the job rotated; add what fails to the report."""
         by_thing = {d.thing: d for d in self.devices}
 
-        def facts(engine: LocalIoTCore) -> dict[str, tuple[list[str], bool, set[str]]]:
+        def facts(engine: EngineView) -> dict[str, tuple[list[str], bool, set[str]]]:
             live: dict[str, set[str]] = {}
             for c in engine.broker.connections():
                 live.setdefault(c.thing, set()).add(c.principal)
@@ -308,8 +380,10 @@ class SimulatedFleet:
             checks = [
                 # A PKCS#11 key never leaves its token: there the live mutual-TLS connection with the new
                 # certificate (checked below) is the proof that certificate and key belong together.
-                (device.config.store == "pkcs11" or device.pair_matches(),
-                 "certificate and key on the device do not match"),
+                (
+                    device.config.store == "pkcs11" or device.pair_matches(),
+                    "certificate and key on the device do not match",
+                ),
                 (new_id != device.certificate_before_job, "the device still has its previous certificate"),
                 (
                     principals == [new_id],

@@ -43,11 +43,16 @@ def softhsm_config(root: Path) -> Path:
 
 def _util(conf: Path, *args: str) -> None:
     result = subprocess.run(
-        ["softhsm2-util", *args], env={**os.environ, CONF_ENV: str(conf)}, capture_output=True, text=True,
+        ["softhsm2-util", *args],
+        env={**os.environ, CONF_ENV: str(conf)},
+        capture_output=True,
+        text=True,
         check=False,
     )
     if result.returncode != 0:
-        raise SoftHsmError(f"softhsm2-util {args[0]} failed: {result.stderr.strip() or result.stdout.strip()}")
+        raise SoftHsmError(
+            f"softhsm2-util {args[0]} failed: {result.stderr.strip() or result.stdout.strip()}"
+        )
 
 
 def move_key_into_token(conf: Path, device_dir: Path, token_label: str) -> None:
@@ -58,19 +63,34 @@ def move_key_into_token(conf: Path, device_dir: Path, token_label: str) -> None:
     pkcs8 = device_dir / ".import.p8"
     # softhsm2-util imports PKCS#8 only; RSA keys are written PKCS#1 on disk, so re-encode
     pkcs8.write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
     )
     os.chmod(pkcs8, 0o600)
     try:
         _util(conf, "--init-token", "--free", "--label", token_label, "--pin", USER_PIN, "--so-pin", SO_PIN)
-        _util(conf, "--import", str(pkcs8), "--token", token_label, "--label", token_label, "--id", "01",
-              "--pin", USER_PIN)
+        _util(
+            conf,
+            "--import",
+            str(pkcs8),
+            "--token",
+            token_label,
+            "--label",
+            token_label,
+            "--id",
+            "01",
+            "--pin",
+            USER_PIN,
+        )
     finally:
         pkcs8.unlink(missing_ok=True)
     key_path.unlink()
     toml = device_dir / CONFIG_FILE
     text = toml.read_text()
-    file_section = f'[credentials]\nstore = "file"\ncertificate = "device.pem.crt"\nprivate_key = "{KEY_FILE}"\n'
+    file_section = (
+        f'[credentials]\nstore = "file"\ncertificate = "device.pem.crt"\nprivate_key = "{KEY_FILE}"\n'
+    )
     if file_section not in text:
         raise SoftHsmError(f"{toml} does not have the provisioned file credentials section")
     token_section = (

@@ -58,6 +58,13 @@ MIGRATIONS: list[str] = [
     CREATE INDEX job_executions_by_thing ON job_executions(thing_name, status, queued_at);
     CREATE INDEX job_executions_timeouts ON job_executions(timeout_at) WHERE timeout_at IS NOT NULL;
     """,
+    # PERF: without these, two per-rotation lookups scanned a table that grows with the fleet (O(N^2)
+    # over a job): whether a job still has open executions (asked at every terminal execution), and a
+    # certificate's policies (read when issuing, and by the cascade when deleting the old certificate).
+    """
+    CREATE INDEX job_executions_by_job_status ON job_executions(job_id, status);
+    CREATE INDEX policy_attachments_by_certificate ON policy_attachments(certificate_id);
+    """,
 ]
 
 
@@ -70,6 +77,7 @@ class Database:
         self._conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
         self._conn.row_factory = sqlite3.Row
         self._lock = threading.RLock()
+        self._depth = 0  # transactions open on this connection (nested ones are savepoints)
         self._conn.execute("PRAGMA journal_mode=WAL")
         self._conn.execute("PRAGMA synchronous=NORMAL")
         self._conn.execute("PRAGMA foreign_keys=ON")
@@ -91,15 +99,59 @@ class Database:
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
-        """BEGIN IMMEDIATE ... COMMIT: other processes (admin CLI) wait on the busy timeout."""
+        """BEGIN IMMEDIATE ... COMMIT: other processes (admin CLI) wait on the busy timeout.
+
+        Inside another transaction (see `batch`) this is a SAVEPOINT: still all or nothing, committed
+        with the outer one."""
         with self._lock:
+            if self._depth:
+                with self._savepoint():
+                    yield self._conn
+                return
             self._conn.execute("BEGIN IMMEDIATE")
+            self._depth = 1
             try:
                 yield self._conn
             except BaseException:
                 self._conn.execute("ROLLBACK")
                 raise
+            finally:
+                self._depth = 0
             self._conn.execute("COMMIT")
+
+    @contextmanager
+    def batch(self) -> Iterator[None]:
+        """One transaction for everything in the block: each `transaction()` inside is a savepoint, and
+        what they did is committed at the end even if the block raises (as it would have been had each
+        committed on its own).
+
+        PERF: the engine handles each device message in one batch. A rotation made ~12 commits, each
+        its own WAL append and lock round; the ~5 messages that write now make one each."""
+        with self._lock:
+            if self._depth:
+                yield
+                return
+            self._conn.execute("BEGIN IMMEDIATE")
+            self._depth = 1
+            try:
+                yield
+            finally:
+                self._depth = 0
+                self._conn.execute("COMMIT")
+
+    @contextmanager
+    def _savepoint(self) -> Iterator[None]:
+        name = f"nested{self._depth}"
+        self._conn.execute(f"SAVEPOINT {name}")
+        self._depth += 1
+        try:
+            yield
+        except BaseException:
+            self._conn.execute(f"ROLLBACK TO {name}")
+            raise
+        finally:
+            self._depth -= 1
+            self._conn.execute(f"RELEASE {name}")
 
     def query(self, sql: str, params: tuple[object, ...] = ()) -> list[sqlite3.Row]:
         with self._lock:

@@ -139,6 +139,9 @@ def device_transition(
 class JobStore:
     def __init__(self, db: Database) -> None:
         self.db = db
+        # PERF: a job's configuration never changes once created, and every device update needs it
+        # (its in-progress timeout): read and parse it once per job, not once per message.
+        self._configs: dict[str, JobConfig] = {}
 
     # -------------------------------------------------------------------------------- templates
 
@@ -197,6 +200,16 @@ class JobStore:
             "completed": r["completed"],
         }
 
+    def config(self, job_id: str) -> JobConfig | None:
+        """The job's rollout and timeout configuration (immutable after creation), or None."""
+        config = self._configs.get(job_id)
+        if config is None:
+            rows = self.db.query("SELECT config FROM jobs WHERE job_id=?", (job_id,))
+            if not rows:
+                return None
+            config = self._configs[job_id] = JobConfig.from_json(rows[0]["config"])
+        return config
+
     def jobs(self) -> list[dict[str, Any]]:
         ids = [r["job_id"] for r in self.db.query("SELECT job_id FROM jobs ORDER BY created")]
         return [j for j in (self.job(i) for i in ids) if j is not None]
@@ -244,10 +257,13 @@ class JobStore:
         return int(rows[0][0])
 
     def complete_if_done(self, job_id: str, now: float) -> bool:
+        # PERF: runs for every terminal execution. Counting the open executions scanned all of the
+        # job's executions each time (O(N^2) over a job); EXISTS on the (job_id, status) index stops
+        # at the first open one.
         with self.db.transaction() as conn:
             open_ = conn.execute(
-                "SELECT (SELECT COUNT(*) FROM job_pending WHERE job_id=?) + (SELECT COUNT(*) FROM job_executions "
-                "WHERE job_id=? AND status IN ('QUEUED','IN_PROGRESS'))",
+                "SELECT EXISTS (SELECT 1 FROM job_pending WHERE job_id=?) OR EXISTS (SELECT 1 FROM "
+                "job_executions WHERE job_id=? AND status IN ('QUEUED','IN_PROGRESS'))",
                 (job_id, job_id),
             ).fetchone()[0]
             if open_:

@@ -107,8 +107,8 @@ def _update(
     status = body.get("status")
     if not isinstance(status, str):
         raise JobError("InvalidRequest", "'status' is required")
-    job = store.job(job_id)
-    timeout_s = job["config"].in_progress_timeout_s if job else None
+    config = store.config(job_id)
+    timeout_s = config.in_progress_timeout_s if config else None
     step = body.get("stepTimeoutInMinutes")
     if isinstance(step, int | float) and not isinstance(step, bool) and step > 0:
         timeout_s = min(timeout_s, step * 60.0) if timeout_s else step * 60.0

@@ -5,11 +5,12 @@ never loses its last working pair (DESIGN.md §3)."""
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-from cryptography import x509
+from certrotator.algorithms import KeyAlgorithm, SigningAlgorithm
 
-from certrotator.crypto import KeyAlgorithm, SigningAlgorithm
+if TYPE_CHECKING:
+    from cryptography import x509
 
 
 class KeyStoreError(RuntimeError):

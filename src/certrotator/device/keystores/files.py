@@ -17,12 +17,18 @@ The new key is generated in memory and written only once its certificate has arr
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from cryptography import x509
-
-from certrotator import crypto
 from certrotator.device.journal import Journal, atomic_move, atomic_write, crash_point, remove
 from certrotator.device.keystores.base import KeyStoreError
+
+if TYPE_CHECKING:
+    from cryptography import x509
+
+    from certrotator import crypto
+
+# `certrotator.crypto` (and with it `cryptography`, ~18 MB) is imported by the methods that need it:
+# an agent waiting for a job never does, so its idle footprint stays small.
 
 CRASH_POINTS = (
     "files.install.journaled",
@@ -53,6 +59,8 @@ class FileKeyStore:
     # ------------------------------------------------------------------------------ inspection
 
     def current_certificate(self) -> x509.Certificate:
+        from certrotator import crypto
+
         try:
             return crypto.load_certificate(self.cert.read_bytes())
         except (OSError, crypto.CryptoError) as exc:
@@ -63,6 +71,8 @@ class FileKeyStore:
 
     def pair_matches(self) -> bool:
         """Whether the certificate and key in place belong together."""
+        from certrotator import crypto
+
         try:
             key = crypto.load_private_key(self.key.read_bytes())
             return crypto.certificate_matches_key(self.current_certificate(), key)
@@ -103,6 +113,8 @@ class FileKeyStore:
     def prepare(
         self, job_id: str, key_algorithm: crypto.KeyAlgorithm, signing_algorithm: crypto.SigningAlgorithm
     ) -> str:
+        from certrotator import crypto
+
         crypto.check_family(key_algorithm, signing_algorithm)
         key = crypto.generate_private_key(key_algorithm)
         csr = crypto.build_csr(key, signing_algorithm, self.current_certificate().subject)
@@ -113,6 +125,8 @@ class FileKeyStore:
         self._prepared = None
 
     def install(self, job_id: str, certificate_pem: str) -> None:
+        from certrotator import crypto
+
         if self._prepared is None or self._prepared[0] != job_id:
             raise KeyStoreError(f"no key was prepared for job {job_id!r} (the agent restarted since)")
         key = self._prepared[1]
