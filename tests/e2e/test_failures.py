@@ -40,7 +40,19 @@ def notifications(fleet: SimulatedFleet, job_id: str) -> dict[str, dict[str, obj
     return {str(n["thingName"]): n for n in notes if n.get("jobId") == job_id}
 
 
+def wait_back_online_with_first_certificates(fleet: SimulatedFleet, devices: list[SimulatedDevice]) -> None:
+    """A device reports FAILED *before* it rolls back and reconnects; wait for the reconnection (with
+    the old certificate) so the files are checked after the rollback, not during it."""
+    wanted = {(d.thing, d.first_certificate_id) for d in devices}
+
+    def back(engine: LocalIoTCore) -> bool:
+        return wanted <= {(c.thing, c.principal) for c in engine.broker.connections()}
+
+    assert fleet.engine.wait_until(back, 30, tick_s=0.05), "devices did not reconnect with their old pair"
+
+
 def assert_back_on_the_old_pair(fleet: SimulatedFleet, devices: list[SimulatedDevice]) -> None:
+    wait_back_online_with_first_certificates(fleet, devices)
     for device in devices:
         assert device.pair_matches()
         assert device.certificate_id() == device.first_certificate_id

@@ -125,6 +125,7 @@ class LocalIoTCore:
         self._outbox: list[tuple[str, bytes]] | None = None  # replies held until the message's commit
         self._inbox: deque[tuple[str, Connection, Callable[[], None]]] = deque()  # device messages to handle
         self._worker: asyncio.Task[None] | None = None
+        self._stopping = False
 
     @property
     def port(self) -> int:
@@ -152,12 +153,16 @@ class LocalIoTCore:
                 rollout.timer.cancel()
         if self._timeout_timer:
             self._timeout_timer.cancel()
-        await self.broker.stop()
-        self._inbox.clear()  # messages not handled yet are dropped, as messages in flight are
+        # Stop handling messages before the broker goes: a unit of work finishing during broker.stop()
+        # would publish through a broker that is gone. Messages not handled yet are dropped, as
+        # messages in flight are.
+        self._stopping = True
+        self._inbox.clear()
         if self._worker is not None:
             self._worker.cancel()
             with suppress(asyncio.CancelledError):
                 await self._worker
+        await self.broker.stop()
         self.db.close()
 
     # ---------------------------------------------------------------------------- authorisation
@@ -322,6 +327,8 @@ class LocalIoTCore:
             self.broker.publish_nowait(topic, encode(message), 0)
 
     def _on_message(self, topic: str, payload: bytes, connection: Connection) -> None:
+        if self._stopping:
+            return
         try:
             parsed = parse_topic(topic)
         except ProtocolError:
