@@ -38,7 +38,7 @@ class DemoOptions:
     keystore: str = "file"
     data_dir: Path | None = None
     as_json: bool = False
-    in_process: bool = False  # engine on a thread of this process instead of its own process
+    in_process: bool = True  # engine on a thread of this process (False: its own process, both cores)
 
 
 def run_demo(options: DemoOptions, console: Console) -> int:
@@ -100,10 +100,9 @@ def run_demo(options: DemoOptions, console: Console) -> int:
 def _engine(
     options: DemoOptions, root: Path, ca_signing: crypto.CaSigningAlgorithm
 ) -> Iterator[EngineHandle]:
-    """The local IoT Core in its own process (`certrotator local up`), as the benchmarks run it: with
-    the engine on a thread of this process, broker and fleet share one GIL, and past a few hundred
-    devices the broker answers too late (CONNACK after the AWS CRT's 3 s) while agents hold the GIL.
-    `in_process` keeps the thread, for debugging."""
+    """The local IoT Core on a thread of this process (the default), or in its own process
+    (`certrotator local up`), as the benchmarks run it: on a thread, broker and fleet share one GIL,
+    and past a few hundred devices the broker can answer too late (CONNACK after the AWS CRT's 3 s)."""
     data_dir = root / "engine"
     if options.in_process:
         config = EngineConfig(

@@ -134,7 +134,7 @@ class EngineProcess:
         self.args = list(args)
         self.log = log or data_dir.with_name(data_dir.name + "-engine.log")
         self.process: subprocess.Popen[bytes] | None = None
-        self.launcher = ["-m", "certrotator.cli"]
+        self.launcher = ["-m", "certrotator.cli"]  # how to run the CLI; a profiling wrapper may replace it
 
     def __enter__(self) -> EngineProcess:
         self.start()
