@@ -146,30 +146,32 @@ def test_commit_rule_disabled_rolls_back(tmp_path: Path) -> None:
         still_works(fleet, devices)
 
 
+def run_agent_until_crash(
+    fleet: SimulatedFleet, device: SimulatedDevice, crash_point: str, job_id: str, **job_options: object
+) -> None:
+    """Run the shipped standalone agent as a process that dies (SIGKILL-like, exit 86) at
+    `crash_point`, and create the job that drives it there."""
+    agent = subprocess.Popen(
+        [sys.executable, "-m", "certrotator.device.standalone", str(device.directory / "device.toml")],
+        env={**os.environ, CRASH_ENV: crash_point},
+    )
+    try:
+        fleet.engine.call(
+            lambda e: e.create_job(job_id, things=[device.thing], unlimited_rollout=True, **job_options)  # type: ignore[arg-type]
+        )
+        assert agent.wait(timeout=60) == 86, f"the agent did not die at {crash_point}"
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+
+
 def test_device_killed_after_install_and_offline_past_the_timeout(tmp_path: Path) -> None:
     with running_fleet(tmp_path) as fleet:
         (device,) = fleet.provision(1, state_timeout_s=STATE_TIMEOUT_S)
-        env = {**os.environ, CRASH_ENV: "files.install.installed"}
-        script = (
-            "import sys; from pathlib import Path; from certrotator.device.standalone import run; "
-            "run(Path(sys.argv[1]))"
+        # dies right after installing the new credentials, then stays offline past the timeout
+        run_agent_until_crash(
+            fleet, device, "files.install.installed", "killed", in_progress_timeout_minutes=2.0 / 60
         )
-        agent = subprocess.Popen(
-            [sys.executable, "-c", script, str(device.directory / "device.toml")], env=env
-        )
-        try:
-            fleet.engine.call(
-                lambda e: e.create_job(
-                    "killed",
-                    things=[device.thing],
-                    unlimited_rollout=True,
-                    in_progress_timeout_minutes=2.0 / 60,
-                )
-            )
-            assert agent.wait(timeout=60) == 86  # died right after installing the new credentials
-        finally:
-            if agent.poll() is None:
-                agent.kill()
         # on disk: the new pair, with the old one backed up
         assert device.pair_matches()
         assert device.certificate_id() != device.first_certificate_id
@@ -218,22 +220,8 @@ def test_device_killed_mid_commit_finishes_the_rotation_after_restart(tmp_path: 
     with running_fleet(tmp_path) as fleet:
         (device,) = fleet.provision(1, state_timeout_s=STATE_TIMEOUT_S)
         device.certificate_before_job = device.first_certificate_id  # what verify() expects to be gone
-        env = {**os.environ, CRASH_ENV: "files.commit.cert_backup_deleted"}
-        script = (
-            "import sys; from pathlib import Path; from certrotator.device.standalone import run; "
-            "run(Path(sys.argv[1]))"
-        )
-        agent = subprocess.Popen(
-            [sys.executable, "-c", script, str(device.directory / "device.toml")], env=env
-        )
-        try:
-            fleet.engine.call(
-                lambda e: e.create_job("mid-commit", things=[device.thing], unlimited_rollout=True)
-            )
-            assert agent.wait(timeout=60) == 86  # died with the backup deleted, before reporting SUCCEEDED
-        finally:
-            if agent.poll() is None:
-                agent.kill()
+        # dies with the backup deleted, before reporting SUCCEEDED
+        run_agent_until_crash(fleet, device, "files.commit.cert_backup_deleted", "mid-commit")
         assert fleet.statuses("mid-commit") == {device.thing: "IN_PROGRESS"}
 
         fleet.start_agents([device], timeout_s=30)
