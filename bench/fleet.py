@@ -14,8 +14,11 @@ process, exactly as `certrotator demo` does. CPU per rotation is the process CPU
 threads) of engine + fleet over the rotation window (job created -> last execution terminal), from
 /proc/<pid>/stat for the engine and getrusage for this process.
 
-Latency is per execution, notify -> SUCCEEDED: the execution's queuedAt -> lastUpdatedAt. With the
-rollout uncapped every execution is queued at once, so latency includes waiting for the others.
+Latency is per execution, notify -> SUCCEEDED: the execution's queuedAt -> lastUpdatedAt (an
+execution is queued and its device notified in the same step). The rollout rate is uncapped; the
+engine's admission limit (`--max-in-flight`, as `certrotator local up`) releases executions as others
+finish, so the bench also prints job created -> SUCCEEDED, which includes the wait for admission.
+`--max-in-flight 0` queues every execution at once, and every device then waits for all the others.
 
 Run:
     .venv/bin/python bench/fleet.py                       # N = 1,000
@@ -58,7 +61,9 @@ from certrotator.fleet.remote import EngineProcess, RemoteEngine
 from certrotator.fleet.simulator import EngineHandle, JobReport, SimulatedFleet
 from certrotator.local.ca import LocalCa, ensure_local_ca
 from certrotator.local.engine import EngineConfig, relax_gc
+from certrotator.local.jobs import DEFAULT_MAX_IN_FLIGHT
 from certrotator.local.runner import EngineThread
+from certrotator.protocol import JobExecutionStatus
 
 GROUP = "bench-fleet"
 TICK = os.sysconf("SC_CLK_TCK")
@@ -335,6 +340,7 @@ class Run:
     devices: int
     report: JobReport
     window_s: float  # job created -> last execution terminal, by the engine's clock
+    end_to_end_s: list[float]  # job created -> SUCCEEDED per execution (includes waiting for admission)
     cpu_engine: Cpu
     cpu_fleet: Cpu
     engine_rss_idle_mb: float
@@ -346,7 +352,7 @@ class Run:
 
     @property
     def succeeded(self) -> int:
-        return int(self.report.summary()["succeeded"])
+        return self.report.count(JobExecutionStatus.SUCCEEDED)
 
     @property
     def rotations_per_s(self) -> float:
@@ -392,18 +398,23 @@ def rotate_fleet(args: argparse.Namespace, devices: int, work: Path) -> Run:
             cpu_engine = process_cpu(engine_pid) - engine_before if not args.in_process else Cpu(0.0, 0.0)
         rss_peak = rss_mb(engine_pid, "VmHWM")
 
-        def window(e: Any) -> float:
+        def window(e: Any) -> tuple[float, list[float]]:
             job = e.jobs.job(job_id)
-            ends = [x.updated_at for x in e.jobs.executions(job_id)]
-            return max(ends) - float(job["created"]) if job and ends else 0.0
+            executions = e.jobs.executions(job_id)
+            if not job or not executions:
+                return 0.0, []
+            created = float(job["created"])
+            done = sorted(x.updated_at - created for x in executions if x.status.value == "SUCCEEDED")
+            return max(x.updated_at for x in executions) - created, done
 
-        window_s = engine.call(window)
+        window_s, end_to_end_s = engine.call(window)
         fleet.verify(report)
         fleet.stop_agents()
     return Run(
         devices,
         report,
         window_s,
+        end_to_end_s,
         cpu_engine,
         cpu_fleet,
         rss_idle,
@@ -423,10 +434,10 @@ def _nothing() -> Iterator[None]:
 @contextmanager
 def _engine(args: argparse.Namespace, data_dir: Path) -> Iterator[tuple[EngineHandle, int]]:
     if args.in_process:
-        with EngineThread(EngineConfig(data_dir, port=0)) as thread:
+        with EngineThread(EngineConfig(data_dir, port=0, max_in_flight=args.max_in_flight or None)) as thread:
             yield thread, os.getpid()
         return
-    with EngineProcess(data_dir) as process:
+    with EngineProcess(data_dir, ["--max-in-flight", str(args.max_in_flight)]) as process:
         remote = RemoteEngine(data_dir)
         try:
             yield remote, process.pid
@@ -459,7 +470,11 @@ def print_run(run: Run, floor: Floor) -> dict[str, Any]:
     print(f"rotations/s               {run.rotations_per_s:8.1f}")
     print(
         f"latency p50 / p99         {run.report.percentile(50):8.3f} / {run.report.percentile(99):.3f} s"
-        "  (queuedAt -> SUCCEEDED)"
+        "  (queuedAt -> SUCCEEDED: notified -> done)"
+    )
+    print(
+        f"job created -> SUCCEEDED    {percentile(run.end_to_end_s, 50):8.3f} / "
+        f"{percentile(run.end_to_end_s, 99):.3f} s  (p50 / p99, including the wait for admission)"
     )
     per = 1000 / max(run.succeeded, 1)
     if run.in_process:
@@ -498,6 +513,8 @@ def print_run(run: Run, floor: Floor) -> dict[str, Any]:
         "rotations_per_s": round(run.rotations_per_s, 2),
         "p50_s": round(run.report.percentile(50), 3),
         "p99_s": round(run.report.percentile(99), 3),
+        "end_to_end_p50_s": round(percentile(run.end_to_end_s, 50), 3),
+        "end_to_end_p99_s": round(percentile(run.end_to_end_s, 99), 3),
         "cpu_engine_s": round(run.cpu_engine.total, 3),
         "cpu_fleet_s": round(run.cpu_fleet.total, 3),
         "cpu_per_rotation_ms": round(run.cpu_per_rotation * 1000, 3),
@@ -509,6 +526,12 @@ def print_run(run: Run, floor: Floor) -> dict[str, Any]:
         "engine_rss_per_device_kb": round(grown / run.devices * 1024, 1),
         "connect_s": round(run.connect_s, 2),
     }
+
+
+def percentile(values: list[float], q: int) -> float:
+    if len(values) < 2:
+        return values[0] if values else 0.0
+    return statistics.quantiles(values, n=100, method="inclusive")[q - 1]
 
 
 def median_floor(floors: list[Floor]) -> Floor:
@@ -558,6 +581,12 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--timeout", type=float, default=300.0, help="bound on connecting and on the job (s)")
     parser.add_argument("--state-timeout", type=float, default=30.0, help="agents' per-state timeout (s)")
+    parser.add_argument(
+        "--max-in-flight",
+        type=int,
+        default=DEFAULT_MAX_IN_FLIGHT,
+        help=f"the engine's admission limit (default {DEFAULT_MAX_IN_FLIGHT}; 0 = none, every execution at once)",
+    )
     parser.add_argument("--floor-samples", type=int, default=300)
     parser.add_argument("--profile", help="directory for py-spy raw profiles of engine and fleet")
     parser.add_argument("--profile-native", action="store_true", help="profile all threads with C frames")

@@ -220,3 +220,42 @@ def test_state_survives_an_engine_restart(tmp_path: Path) -> None:
         assert json.loads(reply.payload)["execution"]["jobId"] == "kept"
         client.close()
         assert crypto.certificate_id(dev.cert_path.read_bytes()) == dev.principal
+
+
+def test_admission_bounds_executions_in_flight_whatever_the_rate(tmp_path: Path) -> None:
+    with EngineThread(EngineConfig(tmp_path / "data", port=0, max_in_flight=2)) as engine:
+        devices = [provision(engine, tmp_path, f"adm{i}") for i in range(4)]
+        client = connected(engine, devices[0])
+        try:
+            engine.call(
+                lambda e: e.create_job("admitted", things=[d.thing for d in devices], unlimited_rollout=True)
+            )
+            assert engine.call(lambda e: e.jobs.status_counts("admitted")) == {
+                "QUEUED": 2,
+                "PENDING_ROLLOUT": 2,
+            }
+            assert json.loads(client.next_message().payload)["execution"]["jobId"] == "admitted"
+
+            # A terminal execution frees its slot at once.
+            update = Topics.job_update("adm0", "admitted")
+            assert ask(client, update, {"status": "SUCCEEDED"}).topic == Topics.accepted(update)
+            expected = {"SUCCEEDED": 1, "QUEUED": 2, "PENDING_ROLLOUT": 1}
+            assert engine.wait_until(lambda e: e.jobs.status_counts("admitted") == expected, 10)
+        finally:
+            client.close()
+
+        # An execution that has waited longer than the admission window (its device offline) stops
+        # holding a slot, so an absent device cannot stall the rollout.
+        def age_one(e: LocalIoTCore) -> None:
+            with e.db.transaction() as conn:
+                conn.execute("UPDATE job_executions SET queued_at = queued_at - 31 WHERE thing_name = 'adm1'")
+            e._release("admitted")
+
+        engine.call(age_one)
+        assert engine.call(lambda e: e.jobs.status_counts("admitted")) == {"SUCCEEDED": 1, "QUEUED": 3}
+
+
+def test_admission_limit_must_be_positive(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="max_in_flight must be at least 1"):
+        EngineConfig(tmp_path, max_in_flight=0)
+    assert EngineConfig(tmp_path, max_in_flight=None).max_in_flight is None

@@ -26,7 +26,7 @@ from certrotator.backend.ports import CertificateStatus
 from certrotator.local import admin, operations
 from certrotator.local.ca import IssuerName, ensure_local_ca
 from certrotator.local.db import Database
-from certrotator.local.jobs import DEFAULT_TEMPLATE, JobError, JobStore
+from certrotator.local.jobs import DEFAULT_MAX_IN_FLIGHT, DEFAULT_TEMPLATE, JobError, JobStore
 from certrotator.local.provision import provision_thing
 from certrotator.local.registry import RULES, LocalRegistry, RegistryError
 
@@ -97,6 +97,14 @@ def up(
     ] = "SHA256WITHECDSA",
     ca_validity_days: Annotated[int, typer.Option(help="Private CA certificate validity.")] = 365,
     webhook_url: Annotated[str | None, typer.Option(help="POST notifications here as JSON.")] = None,
+    max_in_flight: Annotated[
+        int,
+        typer.Option(
+            help="Job executions in flight at once, engine-wide, whatever the rollout rate "
+            "(0 = no limit, as AWS IoT Jobs).",
+            min=0,
+        ),
+    ] = DEFAULT_MAX_IN_FLIGHT,
 ) -> None:
     """Run the local IoT Core in the foreground (Ctrl-C stops it cleanly)."""
     from certrotator.local.engine import EngineConfig, serve  # the broker is imported only here
@@ -110,6 +118,7 @@ def up(
             crypto.parse_ca_signing_algorithm(ca_signing_algorithm),
             ca_validity_days,
             webhook_url,
+            max_in_flight or None,
         )
     except crypto.CryptoError as exc:
         raise _fail(str(exc)) from None

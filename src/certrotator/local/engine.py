@@ -41,7 +41,14 @@ from certrotator.local.admin import AdminOp, AdminServer
 from certrotator.local.broker import Connection, LocalBroker, default_topic_policy
 from certrotator.local.ca import IssuerName, LocalCa, ensure_local_ca
 from certrotator.local.db import Database
-from certrotator.local.jobs import DEFAULT_TEMPLATE, Execution, JobConfig, JobError, JobStore
+from certrotator.local.jobs import (
+    DEFAULT_MAX_IN_FLIGHT,
+    DEFAULT_TEMPLATE,
+    Execution,
+    JobConfig,
+    JobError,
+    JobStore,
+)
 from certrotator.local.jobs_api import handle_jobs_request, notify_next_message
 from certrotator.local.policy_documents import policy_allows
 from certrotator.local.registry import LocalRegistry
@@ -64,6 +71,13 @@ log = logging.getLogger("certrotator.local")
 # Longest stretch of device-message handling per event-loop turn (see LocalIoTCore._on_message).
 WORK_SLICE_S = 0.05
 
+# Admission control (see LocalIoTCore._admission_room): at most max_in_flight job executions in
+# flight engine-wide, whatever a job's rollout rate. An execution holds its slot from release until it
+# is terminal or ADMISSION_WINDOW_S has passed (a device that is offline or stuck must not stall the
+# rollout); slots are re-examined every ADMISSION_RECHECK_S while targets wait for one.
+ADMISSION_WINDOW_S = 30.0
+ADMISSION_RECHECK_S = 1.0
+
 
 @dataclass
 class EngineConfig:
@@ -74,6 +88,13 @@ class EngineConfig:
     private_ca_signing_algorithm: CaSigningAlgorithm = CaSigningAlgorithm.SHA256WITHECDSA
     private_ca_validity_days: int = 365
     webhook_url: str | None = None
+    max_in_flight: int | None = DEFAULT_MAX_IN_FLIGHT  # None = release as fast as the rollout rate allows
+
+    def __post_init__(self) -> None:
+        if self.max_in_flight is not None and self.max_in_flight < 1:
+            raise ValueError(
+                f"max_in_flight must be at least 1 (or None for no limit), not {self.max_in_flight}"
+            )
 
 
 @dataclass
@@ -251,6 +272,7 @@ class LocalIoTCore:
         rollout.timer = None
         job = self.jobs.job(job_id)
         if job is None or job["status"] != "IN_PROGRESS":
+            self._rollouts.pop(job_id, None)  # canceled: nothing more to release
             return
         config: JobConfig = job["config"]
         rate = config.rate_per_minute(self.jobs.succeeded_count(job_id))
@@ -262,7 +284,10 @@ class LocalIoTCore:
             rollout.tokens = min(rollout.tokens + rate / 60.0 * (now_m - rollout.last), max(1.0, rate / 60.0))
             count = int(rollout.tokens)
         rollout.last = now_m
-        released = self.jobs.release(job_id, count, time.time()) if count else []
+        now = time.time()
+        room = self._admission_room(now)
+        admitted = count if room is None else min(count, room)
+        released = self.jobs.release(job_id, admitted, now) if admitted else []
         if rate is not None:
             rollout.tokens -= len(released)
         for thing in released:
@@ -270,7 +295,22 @@ class LocalIoTCore:
         rollout.pending = self.jobs.pending_count(job_id) > 0
         if rollout.pending:
             delay = 0.0 if rate is None else max((1 - rollout.tokens) / (rate / 60.0), 0.001)
+            if admitted < count:  # full: a terminal execution frees a slot sooner, the window later
+                delay = max(delay, ADMISSION_RECHECK_S)
             rollout.timer = self._loop.call_later(delay, self._release, job_id)
+
+    def _admission_room(self, now: float) -> int | None:
+        """How many more executions may be released now; None = no limit.
+
+        PERF: an uncapped rollout queued every target at once, and every device then advanced in
+        lockstep with all the others (p50 ~ p99 ~ the whole job). Bounding what is in flight lets
+        the devices that started finish first, and keeps bursts of handshakes and CA signatures
+        short enough for reconnecting devices to get their CONNACK in time."""
+        limit = self.config.max_in_flight
+        if limit is None:
+            return None
+        in_flight = self.jobs.admitted_count(list(self._rollouts), now - ADMISSION_WINDOW_S)
+        return max(limit - in_flight, 0)
 
     def _notify_next_if_head(self, thing: str, job_id: str) -> None:
         head = self.jobs.next_execution(thing)
@@ -431,13 +471,17 @@ class LocalIoTCore:
             ).to_event()
             self._record(handle_job_execution_terminal(event, self.ports))
         rollout = self._rollouts.get(execution.job_id)
-        if rollout is not None and rollout.pending:
-            if rollout.timer is not None:
-                rollout.timer.cancel()  # successes may have raised the exponential rate: recompute now
-                rollout.timer = None
-            self._schedule_rollout(execution.job_id)
-        elif self.jobs.complete_if_done(execution.job_id, now) and rollout is not None:
+        if (rollout is None or not rollout.pending) and self.jobs.complete_if_done(execution.job_id, now):
             self._rollouts.pop(execution.job_id, None)
+        # A slot is free, and successes may have raised an exponential rate: release now, for every
+        # job waiting for a slot (admission is engine-wide), this one first.
+        # A release already due this turn serves every execution that ends before it runs.
+        for job_id, waiting in sorted(self._rollouts.items(), key=lambda item: item[0] != execution.job_id):
+            if waiting.pending and (waiting.timer is None or isinstance(waiting.timer, asyncio.TimerHandle)):
+                if waiting.timer is not None:
+                    waiting.timer.cancel()
+                    waiting.timer = None
+                self._schedule_rollout(job_id)
 
     # ------------------------------------------------------------------------------ admin ops
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -18,6 +19,9 @@ from certrotator.protocol import JOB_DOCUMENT, JobExecutionStatus, validate_job_
 
 S = JobExecutionStatus
 DEFAULT_TEMPLATE = "AWSLabsCertificateRotator"
+
+# The local IoT Core's admission limit: executions in flight at once, engine-wide (see engine.py).
+DEFAULT_MAX_IN_FLIGHT = 32
 
 
 class JobError(ValueError):
@@ -239,6 +243,18 @@ class JobStore:
                 conn.execute("DELETE FROM job_pending WHERE job_id=? AND seq=?", (job_id, row["seq"]))
                 released.append(thing)
         return released
+
+    def admitted_count(self, job_ids: Sequence[str], since: float) -> int:
+        """Open executions of these jobs released at or after `since` (the engine's admission window)."""
+        if not job_ids:
+            return 0
+        marks = ",".join("?" * len(job_ids))
+        rows = self.db.query(
+            f"SELECT COUNT(*) FROM job_executions WHERE job_id IN ({marks}) "
+            "AND status IN ('QUEUED','IN_PROGRESS') AND queued_at >= ?",
+            (*job_ids, since),
+        )
+        return int(rows[0][0])
 
     def status_counts(self, job_id: str) -> dict[str, int]:
         rows = self.db.query(
