@@ -139,6 +139,41 @@ def test_rotation_then_commit_or_rollback(
     assert fresh.pair_matches()
 
 
+def test_a_rotation_costs_12_fsyncs(device: Device, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Install + commit: each fsync orders one step before the next (see files.py); a new one is a
+    deliberate change, made here too."""
+    calls: list[int] = []
+    real = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (calls.append(fd), real(fd))[1])
+    rotate(device.store, device.ca)
+    installed = len(calls)
+    device.store.commit()
+    assert (installed, len(calls)) == (8, 12)
+
+
+def test_without_hard_links_the_backup_is_a_durable_copy(
+    device: Device, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_links(_source: object, _target: object) -> None:
+        raise PermissionError(1, "Operation not permitted")  # what FAT answers
+
+    monkeypatch.setattr(os, "link", no_links)
+    new_cert = rotate(device.store, device.ca).encode()
+    store = device.store
+    assert (store.cert_bak.read_bytes(), store.key_bak.read_bytes()) == (device.old_cert, device.old_key)
+    assert not store.key_bak.samefile(store.key)
+    assert (mode(store.key_bak), mode(store.cert_bak)) == (0o600, mode(store.cert))
+    assert store.cert.read_bytes() == new_cert
+    store.rollback()
+    assert snapshot(device.directory) == {CERT: device.old_cert, KEY: device.old_key}
+
+
+def test_a_lone_backup_without_a_journal_does_not_block_the_next_rotation(device: Device) -> None:
+    device.store.key_bak.write_bytes(b"left over")
+    rotate(device.store, device.ca)
+    assert device.store.key_bak.read_bytes() == device.old_key
+
+
 def test_key_file_is_0600_even_with_a_permissive_umask(device: Device) -> None:
     previous = os.umask(0)
     try:
@@ -288,6 +323,7 @@ class Crash:
     at_crash: str  # the cert/key in place at the crash
     recovered: str  # the cert/key in place after recover()
     on_trial: bool = False  # after recover(): journal 'installed' and backups kept (else both are gone)
+    staged: frozenset[str] = frozenset()  # files with a staged (temporary) new version at the crash
 
 
 BOTH = frozenset({CERT_BAK, KEY_BAK})
@@ -295,11 +331,11 @@ BOTH = frozenset({CERT_BAK, KEY_BAK})
 # Every crash point of the file store. Must equal files.CRASH_POINTS: a new write needs a row here.
 CRASHES: dict[str, Crash] = {
     # install: until the journal says 'installed', recover() undoes it -> the old pair.
-    "files.install.journaled": Crash("install", "backup", frozenset(), OLD, OLD),
-    "files.install.key_backed_up": Crash("install", "backup", frozenset({KEY_BAK}), OLD, OLD),
-    "files.install.backed_up": Crash("install", "backup", BOTH, OLD, OLD),
-    "files.install.install_journaled": Crash("install", "install", BOTH, OLD, OLD),
-    "files.install.key_written": Crash("install", "install", BOTH, MISMATCH, OLD),
+    "files.install.journaled": Crash("install", "install", frozenset(), OLD, OLD),
+    "files.install.key_backed_up": Crash("install", "install", frozenset({KEY_BAK}), OLD, OLD),
+    "files.install.backed_up": Crash("install", "install", BOTH, OLD, OLD),
+    "files.install.staged": Crash("install", "install", BOTH, OLD, OLD, staged=frozenset({CERT, KEY})),
+    "files.install.key_written": Crash("install", "install", BOTH, MISMATCH, OLD, staged=frozenset({CERT})),
     "files.install.cert_written": Crash("install", "install", BOTH, NEW, OLD),
     # ... from then on the new pair is on trial: the machine decides (commit or roll back).
     "files.install.installed": Crash("install", "installed", BOTH, NEW, NEW, on_trial=True),
@@ -364,8 +400,15 @@ def test_power_loss_at_each_crash_point(device: Device, point: str) -> None:
     entry = store.journal.read()
     assert entry is not None
     assert (entry.job_id, entry.phase) == (JOB, crash.journal)
-    assert set(snapshot(device.directory)) == {CERT, KEY, JOURNAL} | crash.backups
+    names = set(snapshot(device.directory))
+    temps = {name for name in names if name.startswith(".") and name.endswith(".tmp")}
+    assert names - temps == {CERT, KEY, JOURNAL} | crash.backups
+    assert {name[1:].removesuffix(".tmp").rsplit(".", 1)[0] for name in temps} == crash.staged
+    assert len(temps) == len(crash.staged)
     assert in_place(store, old, new_cert) == crash.at_crash
+    if crash.step == "install" and crash.backups == BOTH and crash.at_crash == OLD:
+        # The backup is the old pair itself under a second name, not a copy.
+        assert store.key_bak.samefile(store.key) and store.cert_bak.samefile(store.cert)
 
     # Start-up: recover() completes or undoes the step; twice is the same as once.
     store.recover()

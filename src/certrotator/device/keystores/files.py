@@ -3,15 +3,22 @@
 Invariant at every instruction: either (cert, key) or (cert.bak, key.bak) is a matching pair, and
 the journal names the phase, so `recover()` knows which one to keep:
 
-    phase      on disk                                 recover()
-    -------    --------------------------------------  ---------------------------------------
-    backup     old pair in place, .bak being written   drop the partial .bak files
-    install    .bak complete, new pair being written   move the .bak files back (undo)
-    installed  new pair in place, .bak complete        nothing: the agent tries the new pair
-    rollback   .bak being moved back                   finish moving the remaining .bak files
-    commit     .bak being deleted                      finish deleting
+    phase      on disk                                        recover()
+    -------    ---------------------------------------------  --------------------------------------
+    install    .bak being linked to the old pair, then the    move the .bak files back (undo; a .bak
+               new pair staged and renamed into place         that is a link to the file in place
+                                                              changes nothing), drop staged files
+    installed  new pair in place, .bak = the old pair         nothing: the agent tries the new pair
+    rollback   .bak being moved back                          finish moving the remaining .bak files
+    commit     .bak being deleted                             finish deleting
+    backup     (written by earlier versions, which copied     drop the partial .bak files
+               the old pair)
 
 The new key is generated in memory and written only once its certificate has arrived and matches it.
+
+PERF, and flash wear on a real device: the old pair is kept as a second name (a hard link) rather
+than a copy, and the files that change together share one directory fsync. Install + commit cost
+12 fsyncs instead of 19; every fsync that orders one step before the next is kept.
 """
 
 from __future__ import annotations
@@ -19,8 +26,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from certrotator.device.journal import Journal, atomic_move, atomic_write, crash_point, remove
+from certrotator.device.journal import Journal, crash_point
 from certrotator.device.keystores.base import KeyStoreError
+from certrotator.fsutil import fsync_dirs, publish, remove_all, remove_stale_temps, second_name, stage
 
 if TYPE_CHECKING:
     from cryptography import x509
@@ -34,7 +42,7 @@ CRASH_POINTS = (
     "files.install.journaled",
     "files.install.key_backed_up",
     "files.install.backed_up",
-    "files.install.install_journaled",
+    "files.install.staged",
     "files.install.key_written",
     "files.install.cert_written",
     "files.install.installed",
@@ -86,13 +94,13 @@ class FileKeyStore:
         if entry is None:
             return
         if entry.phase == "backup":
-            remove(self.key_bak)
-            remove(self.cert_bak)
+            remove_all([self.key_bak, self.cert_bak])
         elif entry.phase in ("install", "rollback"):
             self._restore_backup()
+            for path in (self.key, self.cert):
+                remove_stale_temps(path)
         elif entry.phase == "commit":
-            remove(self.key_bak)
-            remove(self.cert_bak)
+            remove_all([self.key_bak, self.cert_bak])
         elif entry.phase == "installed":
             return  # the state machine decides: commit or roll back
         else:  # only this class writes the journal: keep it (and the files) for a human to inspect
@@ -100,13 +108,24 @@ class FileKeyStore:
         self.journal.clear()
 
     def _restore_backup(self) -> None:
-        # Idempotent: a .bak that is gone has already been moved back.
-        if self.key_bak.exists():
-            atomic_move(self.key_bak, self.key)
+        # Idempotent: a .bak that is gone has already been moved back. Durable (one fsync) before the
+        # caller clears the journal; until then a power cut only means moving them again.
+        self._restore(self.key_bak, self.key)
         crash_point("files.rollback.key_restored")
-        if self.cert_bak.exists():
-            atomic_move(self.cert_bak, self.cert)
+        self._restore(self.cert_bak, self.cert)
         crash_point("files.rollback.cert_restored")
+        fsync_dirs([self.key, self.cert])
+
+    @staticmethod
+    def _restore(backup: Path, path: Path) -> None:
+        if not backup.exists():
+            return
+        if path.exists() and backup.samefile(path):
+            # Linked before the new file was put in place: nothing to restore. (rename() between two
+            # names of one file does nothing at all, so the link must go by itself.)
+            backup.unlink()
+        else:
+            publish(backup, path)
 
     # ---------------------------------------------------------------------------------- rotate
 
@@ -138,20 +157,25 @@ class FileKeyStore:
             raise KeyStoreError("the new certificate is not for the key this device generated")
         if self.journal.read() is not None or self.has_backup():
             raise KeyStoreError("a previous rotation is still pending (backup present); not installing")
-        old_key, old_cert = self.key.read_bytes(), self.cert.read_bytes()
+        key_pem, cert_pem = crypto.private_key_pem(key), crypto.certificate_pem(certificate).encode()
+        for stale in (self.key_bak, self.cert_bak):  # a lone .bak, with no journal, backs up nothing
+            stale.unlink(missing_ok=True)
 
-        self.journal.write(job_id, "backup")
-        crash_point("files.install.journaled")
-        atomic_write(self.key_bak, old_key, 0o600)
-        crash_point("files.install.key_backed_up")
-        atomic_write(self.cert_bak, old_cert, 0o644)
-        crash_point("files.install.backed_up")
         self.journal.write(job_id, "install")
-        crash_point("files.install.install_journaled")
-        atomic_write(self.key, crypto.private_key_pem(key), 0o600)
+        crash_point("files.install.journaled")
+        second_name(self.key, self.key_bak)
+        crash_point("files.install.key_backed_up")
+        second_name(self.cert, self.cert_bak)
+        crash_point("files.install.backed_up")
+        staged_key, staged_cert = stage(self.key, key_pem, 0o600), stage(self.cert, cert_pem, 0o644)
+        # The backups must be durable before the old pair loses its own names.
+        fsync_dirs([self.key, self.cert])
+        crash_point("files.install.staged")
+        publish(staged_key, self.key)
         crash_point("files.install.key_written")
-        atomic_write(self.cert, crypto.certificate_pem(certificate).encode(), 0o644)
+        publish(staged_cert, self.cert)
         crash_point("files.install.cert_written")
+        fsync_dirs([self.key, self.cert])  # the new pair is in place before the journal says so
         self.journal.write(job_id, "installed")
         crash_point("files.install.installed")
         self._prepared = None
@@ -171,8 +195,9 @@ class FileKeyStore:
         entry = self.journal.read()
         self.journal.write(entry.job_id if entry else "", "commit")
         crash_point("files.commit.journaled")
-        remove(self.key_bak)
+        self.key_bak.unlink(missing_ok=True)
         crash_point("files.commit.key_backup_deleted")
-        remove(self.cert_bak)
+        self.cert_bak.unlink(missing_ok=True)
         crash_point("files.commit.cert_backup_deleted")
+        fsync_dirs([self.key_bak, self.cert_bak])  # gone for good before the journal stops saying so
         self.journal.clear()
