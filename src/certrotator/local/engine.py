@@ -45,7 +45,6 @@ from certrotator.local.jobs import (
     DEFAULT_MAX_IN_FLIGHT,
     DEFAULT_TEMPLATE,
     Execution,
-    JobConfig,
     JobError,
     JobStore,
 )
@@ -270,19 +269,22 @@ class LocalIoTCore:
         if rollout is None:
             return  # the job completed or was canceled meanwhile
         rollout.timer = None
-        job = self.jobs.job(job_id)
-        if job is None or job["status"] != "IN_PROGRESS":
+        # PERF: runs at every terminal execution while targets wait; reads only what it needs (the
+        # job's row as a whole carries every target, parsed at each call: O(N^2) over a job).
+        config = self.jobs.config(job_id)
+        if config is None or self.jobs.status(job_id) != "IN_PROGRESS":
             self._rollouts.pop(job_id, None)  # canceled: nothing more to release
             return
-        config: JobConfig = job["config"]
-        rate = config.rate_per_minute(self.jobs.succeeded_count(job_id))
+        exponential = config.base_rate_per_minute is not None
+        rate = config.rate_per_minute(self.jobs.succeeded_count(job_id) if exponential else 0)
+        pending = self.jobs.pending_count(job_id)
         now_m = time.monotonic()
         if rate is None:
-            count = self.jobs.pending_count(job_id)
+            count = pending
         else:
             # token bucket refilled at the current rate; bursts capped at one second's worth
             rollout.tokens = min(rollout.tokens + rate / 60.0 * (now_m - rollout.last), max(1.0, rate / 60.0))
-            count = int(rollout.tokens)
+            count = min(int(rollout.tokens), pending)
         rollout.last = now_m
         now = time.time()
         room = self._admission_room(now)
@@ -292,7 +294,7 @@ class LocalIoTCore:
             rollout.tokens -= len(released)
         for thing in released:
             self._notify_next_if_head(thing, job_id)
-        rollout.pending = self.jobs.pending_count(job_id) > 0
+        rollout.pending = pending > len(released)
         if rollout.pending:
             delay = 0.0 if rate is None else max((1 - rollout.tokens) / (rate / 60.0), 0.001)
             if admitted < count:  # full: a terminal execution frees a slot sooner, the window later

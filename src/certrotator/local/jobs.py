@@ -204,6 +204,10 @@ class JobStore:
             "completed": r["completed"],
         }
 
+    def status(self, job_id: str) -> str | None:
+        rows = self.db.query("SELECT status FROM jobs WHERE job_id=?", (job_id,))
+        return str(rows[0]["status"]) if rows else None
+
     def config(self, job_id: str) -> JobConfig | None:
         """The job's rollout and timeout configuration (immutable after creation), or None."""
         config = self._configs.get(job_id)
