@@ -565,16 +565,6 @@ def print_totals(results: list[dict[str, Any]]) -> None:
     )
 
 
-def default_work_dir() -> str | None:
-    """/var/tmp (meant for larger temporary data) unless TMPDIR says otherwise. On the development
-    machine, creating a file anywhere under /tmp costs ~220 us of kernel CPU against ~8 us elsewhere on
-    the same ext4 file system (an inode allocator artefact of that directory's block group): the fleet
-    creates ~6 files per rotation, so /tmp alone would add ~1.3 ms per rotation that no device pays."""
-    if os.environ.get("TMPDIR"):
-        return None
-    return "/var/tmp" if os.path.isdir("/var/tmp") and os.access("/var/tmp", os.W_OK) else None
-
-
 def file_creation_cost(directory: Path, samples: int = 300) -> float:
     """CPU seconds to create one (empty) file in `directory`, measured."""
     probe = directory / "create-probe"
@@ -611,9 +601,7 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--floor-samples", type=int, default=300)
     parser.add_argument(
-        "--work-dir",
-        default=default_work_dir(),
-        help="where the fleet's devices and the engine's data go (default: /var/tmp, or TMPDIR if set)",
+        "--work-dir", help="where the fleet's devices and the engine's data go (default: the temp directory)"
     )
     parser.add_argument("--profile", help="directory for py-spy raw profiles of engine and fleet")
     parser.add_argument("--profile-native", action="store_true", help="profile all threads with C frames")
@@ -643,7 +631,8 @@ def main() -> int:
         create_us = file_creation_cost(Path(tmp)) * 1e6
         print(
             f"work directory {tmp}: creating a file costs {create_us:.1f} us of CPU "
-            "(a rotation's durable writes create 6 files per device)"
+            "(a rotation's durable writes create 6 files per device; on the development machine this swings "
+            "between ~8 and ~360 us with what the file system went through just before)"
         )
 
         # The machine's speed drifts (shared host): the floor is measured right before and right after

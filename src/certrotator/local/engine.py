@@ -101,6 +101,7 @@ class _Rollout:
     tokens: float = 1.0
     last: float = field(default_factory=time.monotonic)
     timer: asyncio.Handle | None = None
+    due_now: bool = False  # the timer is a call_soon: it will see every change made before it runs
     pending: bool = True  # targets not yet rolled out
 
 
@@ -262,6 +263,7 @@ class LocalIoTCore:
             return  # started later: start() schedules it
         if rollout.timer is None:
             rollout.timer = self._loop.call_soon(self._release, job_id)
+            rollout.due_now = True
 
     def _release(self, job_id: str) -> None:
         assert self._loop is not None
@@ -300,6 +302,7 @@ class LocalIoTCore:
             if admitted < count:  # full: a terminal execution frees a slot sooner, the window later
                 delay = max(delay, ADMISSION_RECHECK_S)
             rollout.timer = self._loop.call_later(delay, self._release, job_id)
+            rollout.due_now = False
 
     def _admission_room(self, now: float) -> int | None:
         """How many more executions may be released now; None = no limit.
@@ -479,7 +482,7 @@ class LocalIoTCore:
         # job waiting for a slot (admission is engine-wide), this one first.
         # A release already due this turn serves every execution that ends before it runs.
         for job_id, waiting in sorted(self._rollouts.items(), key=lambda item: item[0] != execution.job_id):
-            if waiting.pending and (waiting.timer is None or isinstance(waiting.timer, asyncio.TimerHandle)):
+            if waiting.pending and not (waiting.timer is not None and waiting.due_now):
                 if waiting.timer is not None:
                     waiting.timer.cancel()
                     waiting.timer = None
