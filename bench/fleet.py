@@ -119,9 +119,12 @@ def raise_open_files_limit(needed: int) -> int:
 
 
 @contextmanager
-def py_spy(pid: int, output: Path | None, seconds: int, native: bool = False) -> Iterator[None]:
+def py_spy(
+    pid: int, output: Path | None, seconds: int, native: bool = False, gil: bool = False
+) -> Iterator[None]:
     """Record a raw (collapsed stacks) py-spy profile of `pid` while the block runs: every running
-    (not idle) thread, with `native` also its C frames."""
+    (not idle) thread, with `native` also its C frames, with `gil` only the thread holding the GIL
+    (Python CPU, without the time threads spend blocked in system calls such as fsync)."""
     spy = Path(sys.executable).with_name("py-spy")
     if output is None or not spy.exists():
         yield
@@ -137,6 +140,7 @@ def py_spy(pid: int, output: Path | None, seconds: int, native: bool = False) ->
             "-f",
             "raw",
             *(["--native"] if native else ["--nonblocking"]),  # native frames need the process paused
+            *(["--gil"] if gil else []),
             "-d",
             str(seconds),
             "-o",
@@ -386,10 +390,10 @@ def rotate_fleet(args: argparse.Namespace, devices: int, work: Path) -> Run:
         engine_profile = profile / f"engine-{devices}.raw" if profile else None
         fleet_profile = profile / f"fleet-{devices}.raw" if profile else None
         with (
-            py_spy(engine_pid, engine_profile, seconds, args.profile_native)
+            py_spy(engine_pid, engine_profile, seconds, args.profile_native, args.profile_gil)
             if not args.in_process
             else _nothing(),
-            py_spy(os.getpid(), fleet_profile, seconds, args.profile_native),
+            py_spy(os.getpid(), fleet_profile, seconds, args.profile_native, args.profile_gil),
         ):
             engine_before = process_cpu(engine_pid) if not args.in_process else Cpu(0.0, 0.0)
             fleet_before = self_cpu()
@@ -604,6 +608,9 @@ def parse_args() -> argparse.Namespace:
         "--work-dir", help="where the fleet's devices and the engine's data go (default: the temp directory)"
     )
     parser.add_argument("--profile", help="directory for py-spy raw profiles of engine and fleet")
+    parser.add_argument(
+        "--profile-gil", action="store_true", help="profile only the thread holding the GIL (Python CPU)"
+    )
     parser.add_argument("--profile-native", action="store_true", help="profile all threads with C frames")
     parser.add_argument("--json", action="store_true", help="also print one JSON line per size")
     args = parser.parse_args()
