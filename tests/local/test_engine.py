@@ -259,3 +259,20 @@ def test_admission_limit_must_be_positive(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="max_in_flight must be at least 1"):
         EngineConfig(tmp_path, max_in_flight=0)
     assert EngineConfig(tmp_path, max_in_flight=None).max_in_flight is None
+
+
+def test_admission_is_engine_wide_across_jobs(tmp_path: Path) -> None:
+    with EngineThread(EngineConfig(tmp_path / "data", port=0, max_in_flight=2)) as engine:
+        devices = [provision(engine, tmp_path, f"wide{i}") for i in range(3)]
+        client = connected(engine, devices[0])
+        try:
+            engine.call(lambda e: e.create_job("first", things=["wide0", "wide1"], unlimited_rollout=True))
+            engine.call(lambda e: e.create_job("second", things=["wide2"], unlimited_rollout=True))
+            assert engine.call(lambda e: e.jobs.status_counts("second")) == {"PENDING_ROLLOUT": 1}
+            client.next_message()  # notify-next of "first"
+
+            update = Topics.job_update("wide0", "first")
+            assert ask(client, update, {"status": "SUCCEEDED"}).topic == Topics.accepted(update)
+            assert engine.wait_until(lambda e: e.jobs.status_counts("second") == {"QUEUED": 1}, 10)
+        finally:
+            client.close()
