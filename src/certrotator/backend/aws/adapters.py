@@ -226,9 +226,9 @@ class ShadowStateStore:
 class IotDataPublisher:
     """`ports.Publisher` through the IoT data plane's HTTPS publish.
 
-    QoS 1: the publish call costs the same either way, and a subscriber that asked for QoS 1 (a plain
-    device with a persistent session) then gets the reply redelivered. The device agent subscribes
-    with QoS 0, so for it delivery stays QoS 0 (delivery QoS is the lower of the two).
+    QoS 1: the publish call costs the same either way, and a subscriber that asked for QoS 1 then gets
+    the reply redelivered until it acknowledges it. The device agent subscribes at QoS 1 with a clean
+    session: a reply in flight when its connection drops is lost, and its per-state timeouts cover that.
     """
 
     def __init__(self, clients: Clients) -> None:
