@@ -162,6 +162,14 @@ def demo(
             "process, which uses both cores (faster for big fleets)."
         ),
     ] = True,
+    max_in_flight: Annotated[
+        int | None,
+        typer.Option(
+            help="The local IoT Core's admission limit: rotations at once (0 = no limit; default: as "
+            "`certrotator local up`).",
+            min=0,
+        ),
+    ] = None,
 ) -> None:
     """Rotate a fleet end to end on the embedded local IoT Core and verify every invariant."""
     from certrotator.device.config import ConfigError
@@ -179,6 +187,7 @@ def demo(
             data_dir=data_dir,
             as_json=as_json,
             in_process=in_process,
+            max_in_flight=max_in_flight,
         )
         code = run_demo(options, console)
     except (ConfigError, tables.CryptoError, ValueError) as exc:

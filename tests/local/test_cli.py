@@ -206,11 +206,21 @@ def test_demo_json_reports_a_verified_fleet() -> None:
     assert (summary["devices"], summary["succeeded"], summary["verified"], summary["failed"]) == (3, 3, 3, 0)
 
 
+def test_demo_with_one_rotation_at_a_time_still_rotates_every_device() -> None:
+    # Admission end to end with real agents: each device is notified only once the previous one ended.
+    code, output = cli("demo", "--devices", "3", "--json", "--max-in-flight", "1")
+    assert code == 0, output
+    summary = json.loads(output)
+    assert (summary["succeeded"], summary["verified"]) == (3, 3)
+
+
 def test_demo_rejects_bad_options() -> None:
     code, output = cli("demo", "--key-algorithm", "ECDSA-P256", "--signing-algorithm", "SHA256WITHRSA")
     assert code == 2 and "does not match key algorithm" in output
     code, output = cli("demo", "--devices", "0")
     assert code == 2 and "at least 1" in output
+    code, output = cli("demo", "--max-in-flight", "-1")
+    assert code == 2 and "Invalid value for '--max-in-flight'" in output
 
 
 def test_expiry_report_lists_certificates_by_days_left(data_dir: Path, tmp_path: Path) -> None:
