@@ -58,7 +58,7 @@ from certrotator import crypto
 from certrotator.device.journal import atomic_write, remove
 from certrotator.device.keystores.files import FileKeyStore
 from certrotator.fleet.remote import EngineProcess, RemoteEngine
-from certrotator.fleet.simulator import EngineHandle, JobReport, SimulatedFleet
+from certrotator.fleet.simulator import EngineHandle, JobReport, SimulatedFleet, percentile
 from certrotator.local.ca import LocalCa, ensure_local_ca
 from certrotator.local.engine import EngineConfig, relax_gc
 from certrotator.local.jobs import DEFAULT_MAX_IN_FLIGHT
@@ -530,12 +530,6 @@ def print_run(run: Run, floor: Floor) -> dict[str, Any]:
         "engine_rss_per_device_kb": round(grown / run.devices * 1024, 1),
         "connect_s": round(run.connect_s, 2),
     }
-
-
-def percentile(values: list[float], q: int) -> float:
-    if len(values) < 2:
-        return values[0] if values else 0.0
-    return statistics.quantiles(values, n=100, method="inclusive")[q - 1]
 
 
 def median_floor(floors: list[Floor]) -> Floor:

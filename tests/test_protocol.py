@@ -91,7 +91,12 @@ def test_device_subscriptions_are_the_replies_the_device_needs() -> None:
         Topics.accepted(Topics.create(THING)),
         Topics.rejected(Topics.commit(THING)),
     ]
-    requests = [Topics.next_get(THING), Topics.job_update(THING, "j1"), Topics.create(THING), Topics.commit(THING)]
+    requests = [
+        Topics.next_get(THING),
+        Topics.job_update(THING, "j1"),
+        Topics.create(THING),
+        Topics.commit(THING),
+    ]
     for reply in replies:
         assert any(matches(f, reply) for f in subscriptions), reply
     for request in requests:  # the device must not receive its own requests back

@@ -175,6 +175,7 @@ def demo(
     from certrotator.device.config import ConfigError
     from certrotator.fleet.demo import DemoOptions, run_demo
     from certrotator.local.ca import IssuerName
+    from certrotator.local.jobs import DEFAULT_MAX_IN_FLIGHT
 
     try:
         options = DemoOptions(
@@ -187,7 +188,7 @@ def demo(
             data_dir=data_dir,
             as_json=as_json,
             in_process=in_process,
-            max_in_flight=max_in_flight,
+            max_in_flight=DEFAULT_MAX_IN_FLIGHT if max_in_flight is None else max_in_flight,
         )
         code = run_demo(options, console)
     except (ConfigError, tables.CryptoError, ValueError) as exc:

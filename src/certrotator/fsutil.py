@@ -7,6 +7,7 @@ files changed together can share the directory fsync (`stage` each, then `publis
 
 from __future__ import annotations
 
+import glob
 import os
 import tempfile
 from collections.abc import Iterable, Sequence
@@ -57,7 +58,7 @@ def publish(staged: Path, path: Path) -> None:
 
 def remove_stale_temps(path: Path) -> None:
     """Delete temporary files `stage` left beside `path` when the process died before `publish`."""
-    for stale in path.parent.glob(f".{path.name}.*{TEMP_SUFFIX}"):
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.*{TEMP_SUFFIX}"):
         stale.unlink(missing_ok=True)
 
 
@@ -85,9 +86,7 @@ def second_name(source: Path, target: Path) -> None:
 
 
 def remove(path: Path) -> None:
-    if path.exists():
-        path.unlink()
-        fsync_dir(path.parent)
+    remove_all([path])
 
 
 def remove_all(paths: Sequence[Path]) -> None:

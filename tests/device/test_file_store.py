@@ -168,6 +168,27 @@ def test_without_hard_links_the_backup_is_a_durable_copy(
     assert snapshot(device.directory) == {CERT: device.old_cert, KEY: device.old_key}
 
 
+def test_a_failed_restore_keeps_the_backup_for_the_next_try(
+    device: Device, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = device.store
+    rotate(store, device.ca)
+    real = os.replace
+
+    def disk_full(source: str | Path, target: str | Path) -> None:
+        if str(source).endswith(".bak"):  # only moving a backup back fails; the journal is written
+            raise OSError(28, "No space left on device")
+        real(source, target)
+
+    monkeypatch.setattr(os, "replace", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        store.rollback()
+    assert (store.key_bak.read_bytes(), store.cert_bak.read_bytes()) == (device.old_key, device.old_cert)
+    monkeypatch.setattr(os, "replace", real)
+    store_at(device.root).recover()  # the journal says rollback: recovery finishes it
+    assert snapshot(device.directory) == {CERT: device.old_cert, KEY: device.old_key}
+
+
 def test_a_lone_backup_without_a_journal_does_not_block_the_next_rotation(device: Device) -> None:
     device.store.key_bak.write_bytes(b"left over")
     rotate(device.store, device.ca)

@@ -805,8 +805,6 @@ def test_a_settled_commit_marker_is_forgotten(reply: str) -> None:
 
 
 def test_a_marker_for_another_job_does_not_succeed_this_one() -> None:
-    _, actions = after_started(
-        m.Started(False, committed_job=OTHER_JOB), EVENTS["get accepted IN_PROGRESS"]
-    )
+    _, actions = after_started(m.Started(False, committed_job=OTHER_JOB), EVENTS["get accepted IN_PROGRESS"])
     failed = [a for a in actions if isinstance(a, m.Publish) and a.message.get("status") == "FAILED"]
     assert failed and m.ForgetCommitted() in actions

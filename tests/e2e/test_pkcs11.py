@@ -25,12 +25,16 @@ pytestmark = [
         (crypto.KeyAlgorithm.ECDSA_P256, crypto.SigningAlgorithm.ECDSA_WITH_SHA256),
     ],
 )
-def test_pkcs11_devices_rotate(tmp_path: Path, key: crypto.KeyAlgorithm, signing: crypto.SigningAlgorithm) -> None:
+def test_pkcs11_devices_rotate(
+    tmp_path: Path, key: crypto.KeyAlgorithm, signing: crypto.SigningAlgorithm
+) -> None:
     conf = softhsm_config(tmp_path)
     with running_fleet(tmp_path) as fleet:
         devices = fleet.provision(2, key_algorithm=key, signing_algorithm=signing, state_timeout_s=20)
         fleet.move_keys_into_tokens(conf, devices)
-        assert all(d.config.store == "pkcs11" and not (d.directory / "private.pem.key").exists() for d in devices)
+        assert all(
+            d.config.store == "pkcs11" and not (d.directory / "private.pem.key").exists() for d in devices
+        )
         processes = fleet.start_agent_processes(devices, env={CONF_ENV: str(conf)})
         try:
             report = fleet.run_job("hsm", timeout_s=120, unlimited_rollout=True)

@@ -40,14 +40,14 @@ class DemoOptions:
     data_dir: Path | None = None
     as_json: bool = False
     in_process: bool = True  # engine on a thread of this process (False: its own process, both cores)
-    max_in_flight: int | None = None  # the engine's admission limit (None: its default; 0: no limit)
+    max_in_flight: int = DEFAULT_MAX_IN_FLIGHT  # the engine's admission limit; 0 = no limit
 
 
 def run_demo(options: DemoOptions, console: Console) -> int:
     """Returns the process exit code: 0 only if every device rotated and verified."""
     if options.devices < 1:
         raise ValueError("--devices must be at least 1")
-    if options.max_in_flight is not None and options.max_in_flight < 0:
+    if options.max_in_flight < 0:
         raise ValueError("--max-in-flight must be 0 (no limit) or more")
     if options.keystore not in ("file", "pkcs11"):
         raise ValueError(f"--keystore must be file or pkcs11, not {options.keystore!r}")
@@ -100,12 +100,6 @@ def run_demo(options: DemoOptions, console: Console) -> int:
     return 0 if ok else 1
 
 
-def _admission_limit(options: DemoOptions) -> int | None:
-    if options.max_in_flight is None:
-        return DEFAULT_MAX_IN_FLIGHT
-    return options.max_in_flight or None
-
-
 @contextmanager
 def _engine(
     options: DemoOptions, root: Path, ca_signing: crypto.CaSigningAlgorithm
@@ -121,14 +115,14 @@ def _engine(
             issuer=options.issuer,
             private_ca_signing_algorithm=ca_signing,
             private_ca_validity_days=options.ca_validity_days,
-            max_in_flight=_admission_limit(options),
+            max_in_flight=options.max_in_flight or None,
         )
         with EngineThread(config) as thread:
             yield thread
         return
     args = ["--issuer", options.issuer.value, "--ca-signing-algorithm", ca_signing.value]
     args += ["--ca-validity-days", str(options.ca_validity_days)]
-    args += ["--max-in-flight", str(_admission_limit(options) or 0)]
+    args += ["--max-in-flight", str(options.max_in_flight)]
     with EngineProcess(data_dir, args, log=root / "engine.log"):
         remote = RemoteEngine(data_dir)
         try:

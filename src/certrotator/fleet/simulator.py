@@ -110,6 +110,13 @@ class Problem:
     what: str
 
 
+def percentile(values: Sequence[float], q: float) -> float:
+    """The q-th percentile (1 - 99) of `values`; 0.0 when there are none."""
+    if len(values) < 2:
+        return values[0] if values else 0.0
+    return float(statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1])
+
+
 @dataclass
 class JobReport:
     job_id: str
@@ -128,11 +135,7 @@ class JobReport:
         return sum(1 for thing, s in self.statuses.items() if s == "SUCCEEDED" and thing not in bad)
 
     def percentile(self, q: float) -> float:
-        if not self.latencies_s:
-            return 0.0
-        if len(self.latencies_s) == 1:
-            return self.latencies_s[0]
-        return statistics.quantiles(self.latencies_s, n=100, method="inclusive")[int(q) - 1]
+        return percentile(self.latencies_s, q)
 
     def summary(self) -> dict[str, object]:
         succeeded = self.count(JobExecutionStatus.SUCCEEDED)

@@ -479,8 +479,8 @@ class LocalIoTCore:
         if (rollout is None or not rollout.pending) and self.jobs.complete_if_done(execution.job_id, now):
             self._rollouts.pop(execution.job_id, None)
         # A slot is free, and successes may have raised an exponential rate: release now, for every
-        # job waiting for a slot (admission is engine-wide), this one first.
-        # A release already due this turn serves every execution that ends before it runs.
+        # job waiting for a slot (admission is engine-wide), this one first; a release already due
+        # this turn serves every execution that ends before it runs.
         for job_id, waiting in sorted(self._rollouts.items(), key=lambda item: item[0] != execution.job_id):
             if waiting.pending and not (waiting.timer is not None and waiting.due_now):
                 if waiting.timer is not None:

@@ -23,6 +23,7 @@ than a copy, and the files that change together share one directory fsync. Insta
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -125,7 +126,7 @@ class FileKeyStore:
             # names of one file does nothing at all, so the link must go by itself.)
             backup.unlink()
         else:
-            publish(backup, path)
+            os.replace(backup, path)  # not publish(): a failed rename must keep the backup
 
     # ---------------------------------------------------------------------------------- rotate
 
