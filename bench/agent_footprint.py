@@ -1,7 +1,7 @@
 """Footprint of one standalone agent: time from process start to subscribed, and idle RSS once subscribed.
 
 Starts the local IoT Core (`certrotator local up --port 0`) in a temporary data directory, provisions
-one device, and runs the agent as shipped, `python -m certrotator.device.standalone device.toml`,
+one device, and runs the agent as shipped, `python -m certrotator.device.standalone.runtime device.toml`,
 several times. "Subscribed" is the agent's own log line (`connected and subscribed`), written once the
 mutual-TLS connection is up and all four SUBACKs are in; idle RSS is read from /proc a few seconds
 later, with the agent connected and waiting for work.
@@ -10,7 +10,7 @@ Bytecode: an installed package has its .pyc files compiled at install time; this
 editable install and the environment may set PYTHONDONTWRITEBYTECODE. The agent runs therefore get a
 private PYTHONPYCACHEPREFIX: the first run compiles (reported as "cold"), the others use the cache as
 an installed agent would. Also checks, from `-X importtime`, that neither entry point (`python -m
-certrotator.device.standalone` and `certrotator agent --config`) imports boto3, the CDK, the broker
+certrotator.device.standalone.runtime` and `certrotator agent --config`) imports boto3, the CDK, the broker
 (amqtt) or the rest of the local IoT Core.
 
 Run: .venv/bin/python bench/agent_footprint.py          ends with `agent_rss_mb=X agent_ready_s=Y`
@@ -30,7 +30,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from certrotator.fleet.remote import EngineProcess, RemoteEngine
+from certrotator.local.handles.process import EngineProcess, RemoteEngine
 from certrotator.local.provision import CONFIG_FILE, provision_thing
 
 SUBSCRIBED = "connected and subscribed"
@@ -124,7 +124,7 @@ def main() -> int:
             config = str(device / CONFIG_FILE)
             env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
             env["PYTHONPYCACHEPREFIX"] = str(root / "pycache")
-            standalone = [sys.executable, "-m", "certrotator.device.standalone", config]
+            standalone = [sys.executable, "-m", "certrotator.device.standalone.runtime", config]
             cli = [sys.executable, "-m", "certrotator.cli", "agent", "--config", config]
 
             runs = [run_agent(standalone, env, args.idle, args.timeout) for _ in range(max(args.runs, 2))]
@@ -137,7 +137,7 @@ def main() -> int:
     ready = statistics.median(r.ready_s for r in warm)
     rss_mb = statistics.median(r.rss_mb for r in warm)
     print(
-        f"python -m certrotator.device.standalone ({len(warm)} warm runs, idle {args.idle:g} s after subscribing)"
+        f"python -m certrotator.device.standalone.runtime ({len(warm)} warm runs, idle {args.idle:g} s after subscribing)"
     )
     print(
         f"  process start -> subscribed   cold {cold.ready_s:.3f} s, warm median {ready:.3f} s "

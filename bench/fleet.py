@@ -57,13 +57,13 @@ from cryptography.x509.oid import NameOID
 from certrotator import crypto
 from certrotator.device.journal import atomic_write, remove
 from certrotator.device.keystores.files import FileKeyStore
-from certrotator.fleet.remote import EngineProcess, RemoteEngine
-from certrotator.fleet.simulator import EngineHandle, JobReport, SimulatedFleet, percentile
 from certrotator.local.ca import LocalCa, ensure_local_ca
 from certrotator.local.engine import EngineConfig, relax_gc
+from certrotator.local.handles.process import EngineProcess, RemoteEngine
+from certrotator.local.handles.thread import EngineThread
 from certrotator.local.jobs import DEFAULT_MAX_IN_FLIGHT
-from certrotator.local.runner import EngineThread
 from certrotator.protocol import JobExecutionStatus
+from certrotator.sim.fleet import EngineHandle, JobReport, SimulatedFleet, percentile
 
 GROUP = "bench-fleet"
 TICK = os.sysconf("SC_CLK_TCK")

@@ -22,8 +22,8 @@ from certrotator import algorithms as tables  # not certrotator.crypto: `cryptog
 # devices and must not load the local IoT Core's, Greengrass's or the AWS operator's modules (~0.1 s
 # and several MB of imports on every agent start).
 _LAZY_GROUPS: dict[str, tuple[str, str]] = {
-    "component": ("certrotator.device.component_cli", "component_app"),
-    "aws": ("certrotator.fleet.aws_cli", "aws_app"),
+    "component": ("certrotator.ops.component.cli", "component_app"),
+    "aws": ("certrotator.ops.aws.cli", "aws_app"),
     "local": ("certrotator.local.cli", "local_app"),
     "jobs": ("certrotator.local.cli", "jobs_app"),
 }
@@ -172,10 +172,10 @@ def demo(
     ] = None,
 ) -> None:
     """Rotate a fleet end to end on the embedded local IoT Core and verify every invariant."""
-    from certrotator.device.config import ConfigError
-    from certrotator.fleet.demo import DemoOptions, run_demo
+    from certrotator.device.settings import ConfigError
     from certrotator.local.ca import IssuerName
     from certrotator.local.jobs import DEFAULT_MAX_IN_FLIGHT
+    from certrotator.sim.demo import DemoOptions, run_demo
 
     try:
         options = DemoOptions(

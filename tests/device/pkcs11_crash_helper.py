@@ -14,8 +14,8 @@ import sys
 from pathlib import Path
 
 from certrotator.crypto import KeyAlgorithm, SigningAlgorithm
-from certrotator.device.keystores.pkcs11 import Pkcs11KeyStore
-from certrotator.device.keystores.pkcs11_config import Pkcs11Config
+from certrotator.device.keystores.pkcs11.location import Pkcs11Config
+from certrotator.device.keystores.pkcs11.store import Pkcs11KeyStore
 
 
 def main(spec_path: str) -> int:

@@ -33,7 +33,7 @@ from pkcs11.util.rsa import decode_rsa_private_key, decode_rsa_public_key
 
 from certrotator import crypto
 from certrotator.crypto import KeyAlgorithm
-from certrotator.device.keystores.pkcs11_config import Pkcs11Config
+from certrotator.device.keystores.pkcs11.location import Pkcs11Config
 
 SOFTHSM_MODULE = Path("/usr/lib/softhsm/libsofthsm2.so")
 SOFTHSM_UTIL = shutil.which("softhsm2-util")

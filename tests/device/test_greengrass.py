@@ -22,21 +22,25 @@ from cryptography.x509.oid import NameOID
 from typer.testing import CliRunner
 
 from certrotator import crypto
-from certrotator.device import greengrass as gg
 from certrotator.device import machine as m
 from certrotator.device.agent_cli import agent as agent_command
-from certrotator.device.config import ConfigError
-from certrotator.device.greengrass_config import NucleusCredentials, read_tlog, resolve_nucleus_credentials
-from certrotator.device.greengrass_settings import (
+from certrotator.device.greengrass import runtime as gg
+from certrotator.device.greengrass import transport as transport_module
+from certrotator.device.greengrass.component_settings import (
     ComponentSettings,
     ConfigurationWatcher,
     parse_component_configuration,
 )
+from certrotator.device.greengrass.nucleus_config import (
+    NucleusCredentials,
+    read_tlog,
+    resolve_nucleus_credentials,
+)
+from certrotator.device.greengrass.transport import GreengrassTransport
 from certrotator.device.keystores.files import FileKeyStore
-from certrotator.device.keystores.pkcs11_config import PKCS11_PROVIDER
+from certrotator.device.keystores.pkcs11.location import PKCS11_PROVIDER
 from certrotator.device.reactor import Reactor
-from certrotator.device.transports import greengrass as transport_module
-from certrotator.device.transports.greengrass import GreengrassTransport
+from certrotator.device.settings import ConfigError
 from certrotator.protocol import Topics
 
 from ..e2e.harness import running_fleet
@@ -422,7 +426,7 @@ def test_pkcs11_credentials_and_provider_configuration(tmp_path: Path) -> None:
 
 
 def test_key_store_selection(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import certrotator.device.keystores.pkcs11 as pkcs11_module
+    import certrotator.device.keystores.pkcs11.store as pkcs11_module
 
     calls: list[tuple[Any, ...]] = []
     sentinel = object()

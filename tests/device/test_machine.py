@@ -19,7 +19,7 @@ from certrotator.device import machine as m
 from certrotator.device.agent import Agent, AgentSettings
 from certrotator.device.machine import Phase
 from certrotator.device.reactor import Reactor
-from certrotator.device.transports.base import OnMessage, OnReady
+from certrotator.device.transport import OnMessage, OnReady
 from certrotator.protocol import (
     FAILURE_REASON_KEY,
     JOB_DOCUMENT,

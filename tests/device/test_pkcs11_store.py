@@ -28,21 +28,21 @@ from pkcs11.exceptions import DeviceError
 from certrotator import crypto
 from certrotator.crypto import KeyAlgorithm, SigningAlgorithm
 from certrotator.device import journal
-from certrotator.device.keystores import pkcs11 as store_module
 from certrotator.device.keystores.base import KeyStoreError
-from certrotator.device.keystores.pkcs11 import (
-    CRASH_POINTS,
-    Pkcs11KeyStore,
-    store_from_greengrass,
-    store_from_settings,
-)
-from certrotator.device.keystores.pkcs11_config import (
+from certrotator.device.keystores.pkcs11 import store as store_module
+from certrotator.device.keystores.pkcs11.location import (
     P521_REFUSAL,
     Pkcs11Config,
     Pkcs11ConfigError,
     parse_pkcs11_uri,
 )
-from certrotator.device.keystores.pkcs11_signing import token_signer
+from certrotator.device.keystores.pkcs11.signing import token_signer
+from certrotator.device.keystores.pkcs11.store import (
+    CRASH_POINTS,
+    Pkcs11KeyStore,
+    store_from_greengrass,
+    store_from_settings,
+)
 
 from .softhsm import (
     CERT_LABEL,

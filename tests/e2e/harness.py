@@ -6,9 +6,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from certrotator.fleet.simulator import SimulatedFleet
 from certrotator.local.engine import EngineConfig
-from certrotator.local.runner import EngineThread
+from certrotator.local.handles.thread import EngineThread
+from certrotator.sim.fleet import SimulatedFleet
 
 
 @contextmanager

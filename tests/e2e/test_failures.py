@@ -11,11 +11,12 @@ from pathlib import Path
 import pytest
 
 from certrotator.backend.ports import CertificateStatus, IssuedCertificate
-from certrotator.device.config import ConfigError, load_device_config
 from certrotator.device.journal import CRASH_ENV
-from certrotator.fleet.simulator import SimulatedDevice, SimulatedFleet
+from certrotator.device.settings import ConfigError
+from certrotator.device.standalone.config import load_device_config
 from certrotator.local.adapters import IssuerPort
 from certrotator.local.engine import LocalIoTCore
+from certrotator.sim.fleet import SimulatedDevice, SimulatedFleet
 
 from .harness import running_fleet
 
@@ -152,7 +153,7 @@ def run_agent_until_crash(
     """Run the shipped standalone agent as a process that dies (SIGKILL-like, exit 86) at
     `crash_point`, and create the job that drives it there."""
     agent = subprocess.Popen(
-        [sys.executable, "-m", "certrotator.device.standalone", str(device.directory / "device.toml")],
+        [sys.executable, "-m", "certrotator.device.standalone.runtime", str(device.directory / "device.toml")],
         env={**os.environ, CRASH_ENV: crash_point},
     )
     try:

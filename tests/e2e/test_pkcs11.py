@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from certrotator import crypto
-from certrotator.fleet.softhsm import CONF_ENV, softhsm_available, softhsm_config
+from certrotator.sim.softhsm import CONF_ENV, softhsm_available, softhsm_config
 
 from .harness import running_fleet
 

@@ -14,7 +14,7 @@ from certrotator import crypto
 from certrotator.backend.ports import CertificateStatus
 from certrotator.cli import app
 from certrotator.local.engine import EngineConfig
-from certrotator.local.runner import EngineThread
+from certrotator.local.handles.thread import EngineThread
 
 runner = CliRunner()
 

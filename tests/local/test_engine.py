@@ -12,8 +12,8 @@ import pytest
 from certrotator import crypto
 from certrotator.backend.ports import CertificateStatus
 from certrotator.local.engine import EngineConfig, LocalIoTCore
+from certrotator.local.handles.thread import EngineThread
 from certrotator.local.provision import CERT_FILE, KEY_FILE, ROOT_CA_FILE, provision_thing
-from certrotator.local.runner import EngineThread
 from certrotator.protocol import JOB_DOCUMENT, JobExecutionStatus, Topics
 
 from .mqtt_clients import Device, PahoClient, Received

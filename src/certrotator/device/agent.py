@@ -18,7 +18,7 @@ from certrotator.device import machine as m
 from certrotator.device.journal import atomic_write, remove
 from certrotator.device.keystores.base import KeyStore, KeyStoreError
 from certrotator.device.reactor import Reactor, TimerHandle
-from certrotator.device.transports.base import Transport
+from certrotator.device.transport import Transport
 from certrotator.protocol import CreateCertificateRequest, Topics, encode
 
 log = logging.getLogger("certrotator.device")

@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 
 from certrotator.algorithms import CryptoError
-from certrotator.device.config import ConfigError
+from certrotator.device.settings import ConfigError
 
 err_console = Console(stderr=True)
 
@@ -45,12 +45,12 @@ def agent(
     code = 0
     try:
         if config is not None:
-            from certrotator.device import standalone
+            from certrotator.device.standalone import runtime as standalone
 
             standalone.run(config)
         else:
             assert root is not None
-            from certrotator.device import greengrass as greengrass_mode
+            from certrotator.device.greengrass import runtime as greengrass_mode
 
             code = greengrass_mode.run(root, work)
     except (ConfigError, CryptoError) as exc:

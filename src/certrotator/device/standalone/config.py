@@ -1,0 +1,114 @@
+"""`device.toml`: the configuration of a standalone (non-Greengrass) device. Every error names the
+setting and what would be valid."""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from certrotator import algorithms  # not certrotator.crypto: the agent loads `cryptography` lazily
+from certrotator.device.settings import ConfigError, validate_algorithms
+
+
+@dataclass(frozen=True, slots=True)
+class Pkcs11Settings:
+    library: Path
+    user_pin: str
+    key_label: str
+    token_label: str | None
+    slot_id: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceConfig:
+    thing_name: str
+    endpoint: str
+    port: int
+    root_ca: Path
+    store: str  # "file" | "pkcs11"
+    certificate: Path
+    private_key: Path | None
+    pkcs11: Pkcs11Settings | None
+    key_algorithm: algorithms.KeyAlgorithm
+    signing_algorithm: algorithms.SigningAlgorithm
+    state_timeout_s: float
+    journal: Path
+
+
+def _get(table: dict[str, Any], key: str, kind: type, where: str, default: Any = ...) -> Any:
+    if key not in table:
+        if default is ...:
+            raise ConfigError(f"{where}: '{key}' is required")
+        return default
+    value = table[key]
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+        raise ConfigError(f"{where}: '{key}' must be {kind.__name__}, got {value!r}")
+    return value
+
+
+def load_device_config(path: Path) -> DeviceConfig:
+    try:
+        data = tomllib.loads(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path} is not valid TOML: {exc}") from None
+    base = path.parent
+
+    def rel(value: str) -> Path:
+        p = Path(value)
+        return p if p.is_absolute() else base / p
+
+    where = str(path)
+    credentials = _get(data, "credentials", dict, where, {})
+    rotation = _get(data, "rotation", dict, where, {})
+    store = _get(credentials, "store", str, f"{where} [credentials]", "file")
+    if store not in ("file", "pkcs11"):
+        raise ConfigError(f"{where} [credentials]: store must be 'file' or 'pkcs11', got {store!r}")
+    key, signing = validate_algorithms(
+        _get(rotation, "key_algorithm", str, f"{where} [rotation]", "RSA-2048"),
+        _get(rotation, "signing_algorithm", str, f"{where} [rotation]", "SHA256WITHRSA"),
+        store,
+    )
+    timeout = _get(rotation, "state_timeout_s", float, f"{where} [rotation]", 30.0)
+    if timeout <= 0:
+        raise ConfigError(f"{where} [rotation]: state_timeout_s must be positive")
+    port = _get(data, "port", int, where, 8883)
+    if not 0 < port < 65536:
+        raise ConfigError(f"{where}: port {port} is out of range")
+    pkcs11 = None
+    private_key = None
+    if store == "pkcs11":
+        section = f"{where} [credentials]"
+        slot = _get(credentials, "slot_id", int, section, None)
+        token = _get(credentials, "token_label", str, section, None)
+        if slot is None and token is None:
+            raise ConfigError(f"{section}: give token_label (preferred: slot numbers change) or slot_id")
+        pkcs11 = Pkcs11Settings(
+            library=rel(_get(credentials, "library", str, section)),
+            user_pin=_get(credentials, "user_pin", str, section),
+            key_label=_get(credentials, "key_label", str, section),
+            token_label=token,
+            slot_id=slot,
+        )
+    else:
+        private_key = rel(_get(credentials, "private_key", str, f"{where} [credentials]"))
+    certificate = rel(_get(credentials, "certificate", str, f"{where} [credentials]"))
+    return DeviceConfig(
+        thing_name=_get(data, "thing_name", str, where),
+        endpoint=_get(data, "endpoint", str, where),
+        port=port,
+        root_ca=rel(_get(data, "root_ca", str, where)),
+        store=store,
+        certificate=certificate,
+        private_key=private_key,
+        pkcs11=pkcs11,
+        key_algorithm=key,
+        signing_algorithm=signing,
+        state_timeout_s=timeout,
+        journal=rel(_get(credentials, "journal", str, f"{where} [credentials]", ".certrotator-journal.json")),
+    )

@@ -1,0 +1,409 @@
+"""The operator's side of a fleet on AWS: rotation jobs from the job template, as plain functions over
+boto3 clients (the `certrotator aws` commands are thin wrappers over these).
+
+Every function takes an `AwsClients`, so tests hand in moto-backed or Stubber-wrapped clients. What AWS
+would reject (ranges, options that only make sense together) is checked here first, so a typo costs no
+API call and the message names the option. A missing resource is reported by name, not as the
+service's anonymous "The specified resource does not exist".
+
+boto3 plumbing is in `aws_clients`, the Greengrass commands in `aws_greengrass`, the readiness checks
+in `aws_checks`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
+from typing import Any, Final, cast
+
+from botocore.exceptions import ClientError
+
+from certrotator.ops.aws.clients import (
+    AwsClients,
+    OperationError,
+    error_code,
+    is_not_found,
+    named,
+    thing_arn,
+    thing_group_arn,
+)
+from certrotator.protocol import FAILURE_REASON_KEY, JOB_DOCUMENT, ProtocolError, validate_job_id
+
+DEFAULT_TEMPLATE: Final = "AWSLabsCertificateRotator"
+
+# AWS IoT Jobs' limits (CreateJob API reference), checked before calling it.
+MAX_PER_MINUTE: Final = 1000
+INCREMENT_FACTOR_RANGE: Final = (Decimal("1.1"), Decimal("5"))
+MAX_IN_PROGRESS_TIMEOUT_MINUTES: Final = 10080
+MAX_RETRIES: Final = 10
+MAX_COMMENT_LENGTH: Final = 2028
+
+# Execution status -> describe_job's jobProcessDetails counter.
+EXECUTION_COUNTERS: Final[dict[str, str]] = {
+    "QUEUED": "numberOfQueuedThings",
+    "IN_PROGRESS": "numberOfInProgressThings",
+    "SUCCEEDED": "numberOfSucceededThings",
+    "FAILED": "numberOfFailedThings",
+    "TIMED_OUT": "numberOfTimedOutThings",
+    "REJECTED": "numberOfRejectedThings",
+    "CANCELED": "numberOfCanceledThings",
+    "REMOVED": "numberOfRemovedThings",
+}
+PENDING_STATUSES: Final = frozenset({"QUEUED", "IN_PROGRESS"})
+FAILURE_STATUSES: Final = ("FAILED", "TIMED_OUT", "REJECTED", "CANCELED")
+# Job statuses after which nothing changes any more (IN_PROGRESS and SCHEDULED still move).
+FINISHED_JOB_STATUSES: Final = frozenset({"COMPLETED", "CANCELED", "DELETION_IN_PROGRESS"})
+
+
+def document_of(template: dict[str, Any]) -> Any:
+    try:
+        return json.loads(template.get("document") or "null")
+    except ValueError:
+        return None
+
+
+def rotation_template_arn(clients: AwsClients, template: str) -> str:
+    """The template's ARN, refusing one whose document is not the rotation document (devices would
+    reject its jobs)."""
+    with named(f"job template {template!r}", clients.region):
+        described = clients.iot.describe_job_template(jobTemplateId=template)
+    if document_of(cast(dict[str, Any], described)) != JOB_DOCUMENT:
+        raise OperationError(
+            f"job template {template!r} does not carry the rotation document {json.dumps(JOB_DOCUMENT)}"
+        )
+    return described["jobTemplateArn"]
+
+
+# ---------------------------------------------------------------------------------------- create job
+
+
+def _decimal_places(value: float) -> int:
+    try:
+        exponent = Decimal(str(value)).normalize().as_tuple().exponent
+    except InvalidOperation:
+        return 99
+    return -exponent if isinstance(exponent, int) and exponent < 0 else 0
+
+
+def _check_range(option: str, value: float, low: float, high: float) -> None:
+    if not low <= value <= high:
+        raise OperationError(f"{option} must be {low:g}-{high:g}, not {value:g}")
+
+
+@dataclass(frozen=True, slots=True)
+class JobOverrides:
+    """What a job may override of its template, in CLI terms; `to_api()` validates and converts."""
+
+    max_per_minute: int | None = None
+    base_rate: int | None = None
+    increment_factor: float | None = None
+    succeeded_per_increase: int | None = None
+    in_progress_timeout_minutes: int | None = None
+    retry_failed: int | None = None
+    retry_timed_out: int | None = None
+    abort_failure_percent: float | None = None
+    abort_min_executed: int | None = None
+
+    def to_api(self) -> dict[str, Any]:
+        """create_job keyword arguments in AWS's JSON shapes; OperationError before any AWS call."""
+        api: dict[str, Any] = {}
+        if rollout := self._rollout():
+            api["jobExecutionsRolloutConfig"] = rollout
+        if self.in_progress_timeout_minutes is not None:
+            _check_range(
+                "--in-progress-timeout-minutes",
+                self.in_progress_timeout_minutes,
+                1,
+                MAX_IN_PROGRESS_TIMEOUT_MINUTES,
+            )
+            api["timeoutConfig"] = {"inProgressTimeoutInMinutes": self.in_progress_timeout_minutes}
+        retries = []
+        for option, failure_type, count in (
+            ("--retry-failed", "FAILED", self.retry_failed),
+            ("--retry-timed-out", "TIMED_OUT", self.retry_timed_out),
+        ):
+            if count is not None:
+                _check_range(option, count, 0, MAX_RETRIES)
+                retries.append({"failureType": failure_type, "numberOfRetries": count})
+        if retries:
+            api["jobExecutionsRetryConfig"] = {"criteriaList": retries}
+        if abort := self._abort():
+            api["abortConfig"] = abort
+        return api
+
+    def _rollout(self) -> dict[str, Any]:
+        rollout: dict[str, Any] = {}
+        if self.max_per_minute is not None:
+            _check_range("--max-per-minute", self.max_per_minute, 1, MAX_PER_MINUTE)
+            rollout["maximumPerMinute"] = self.max_per_minute
+        exponential = (self.base_rate, self.increment_factor, self.succeeded_per_increase)
+        if all(v is None for v in exponential):
+            return rollout
+        if self.base_rate is None or self.increment_factor is None or self.succeeded_per_increase is None:
+            raise OperationError(
+                "an exponential rollout needs all of --base-rate, --increment-factor and --succeeded-per-increase"
+            )
+        _check_range("--base-rate", self.base_rate, 1, MAX_PER_MINUTE)
+        low, high = INCREMENT_FACTOR_RANGE
+        _check_range("--increment-factor", self.increment_factor, float(low), float(high))
+        if _decimal_places(self.increment_factor) > 1:
+            raise OperationError(
+                f"--increment-factor takes one digit after the decimal point (e.g. 1.5), not {self.increment_factor}"
+            )
+        if self.succeeded_per_increase < 1:
+            raise OperationError(
+                f"--succeeded-per-increase must be at least 1, not {self.succeeded_per_increase}"
+            )
+        if self.max_per_minute is not None and self.base_rate > self.max_per_minute:
+            raise OperationError(
+                f"--base-rate ({self.base_rate}) cannot exceed --max-per-minute ({self.max_per_minute})"
+            )
+        rollout["exponentialRate"] = {
+            "baseRatePerMinute": self.base_rate,
+            "incrementFactor": self.increment_factor,
+            "rateIncreaseCriteria": {"numberOfSucceededThings": self.succeeded_per_increase},
+        }
+        return rollout
+
+    def _abort(self) -> dict[str, Any]:
+        percent, minimum = self.abort_failure_percent, self.abort_min_executed
+        if percent is None and minimum is None:
+            return {}
+        if percent is None or minimum is None:
+            raise OperationError("aborting needs both --abort-failure-percent and --abort-min-executed")
+        if not 0 < percent <= 100:
+            raise OperationError(f"--abort-failure-percent must be above 0 and at most 100, not {percent:g}")
+        if _decimal_places(percent) > 2:
+            raise OperationError(
+                f"--abort-failure-percent takes at most two digits after the decimal point, not {percent}"
+            )
+        if minimum < 1:
+            raise OperationError(f"--abort-min-executed must be at least 1, not {minimum}")
+        # ALL: a rotation that timed out or was rejected failed just as much as one reported FAILED.
+        criteria = {
+            "failureType": "ALL",
+            "action": "CANCEL",
+            "thresholdPercentage": percent,
+            "minNumberOfExecutedThings": minimum,
+        }
+        return {"criteriaList": [criteria]}
+
+
+@dataclass(frozen=True, slots=True)
+class CreatedJob:
+    job_id: str
+    job_arn: str
+    template_arn: str
+    targets: list[str]
+
+
+def default_job_id(now: float | None = None) -> str:
+    return f"rotate-{int(time.time() if now is None else now)}"
+
+
+def create_job(
+    clients: AwsClients,
+    *,
+    things: Sequence[str] = (),
+    groups: Sequence[str] = (),
+    job_id: str | None = None,
+    template: str = DEFAULT_TEMPLATE,
+    overrides: JobOverrides | None = None,
+) -> CreatedJob:
+    """A rotation job from the template for things and thing groups (a SNAPSHOT: things added to a
+    group later are not rotated by this job)."""
+    if not things and not groups:
+        raise OperationError("give at least one --thing or --group")
+    api = (overrides or JobOverrides()).to_api()
+    job_id = job_id or default_job_id()
+    try:
+        validate_job_id(job_id)
+    except ProtocolError as exc:
+        raise OperationError(str(exc)) from None
+    targets = [thing_arn(clients, t) for t in dict.fromkeys(things)]
+    targets += [thing_group_arn(clients, g) for g in dict.fromkeys(groups)]
+    template_arn = rotation_template_arn(clients, template)
+    try:
+        created = clients.iot.create_job(
+            jobId=job_id,
+            targets=targets,
+            targetSelection="SNAPSHOT",
+            jobTemplateArn=template_arn,
+            **api,
+        )
+    except ClientError as exc:
+        if error_code(exc) == "ResourceAlreadyExistsException":
+            raise OperationError(f"job {job_id!r} already exists: pick another --job-id") from None
+        raise
+    return CreatedJob(created["jobId"], created["jobArn"], template_arn, targets)
+
+
+# -------------------------------------------------------------------------------------- describe job
+
+
+@dataclass(frozen=True, slots=True)
+class ExecutionFailure:
+    thing: str
+    status: str
+    reason: str
+
+    def to_json(self) -> dict[str, str]:
+        return {"thing": self.thing, "status": self.status, "reason": self.reason}
+
+
+@dataclass(frozen=True, slots=True)
+class JobReport:
+    job_id: str
+    status: str
+    counts: dict[str, int]
+    targets: list[str] = field(default_factory=list)
+    template_arn: str | None = None
+    comment: str | None = None
+    failures: list[ExecutionFailure] = field(default_factory=list)
+    failures_truncated: bool = False
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    @property
+    def done(self) -> int:
+        return sum(n for status, n in self.counts.items() if status not in PENDING_STATUSES)
+
+    @property
+    def finished(self) -> bool:
+        return self.status in FINISHED_JOB_STATUSES
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "jobId": self.job_id,
+            "status": self.status,
+            "targets": self.targets,
+            "jobTemplateArn": self.template_arn,
+            "comment": self.comment,
+            "executions": self.counts,
+            "failures": [f.to_json() for f in self.failures],
+            "failuresTruncated": self.failures_truncated,
+        }
+
+
+def job_status(clients: AwsClients, job_id: str) -> JobReport:
+    """Status and execution counts: one describe_job call, cheap enough to poll."""
+    with named(f"job {job_id!r}", clients.region):
+        job = clients.iot.describe_job(jobId=job_id)["job"]
+    details = cast(dict[str, Any], job.get("jobProcessDetails", {}))
+    counts = {status: int(details.get(counter, 0)) for status, counter in EXECUTION_COUNTERS.items()}
+    return JobReport(
+        job_id=job_id,
+        status=str(job.get("status", "UNKNOWN")),
+        counts=counts,
+        targets=list(job.get("targets", [])),
+        template_arn=job.get("jobTemplateArn"),
+        comment=job.get("comment"),
+    )
+
+
+def execution_failures(
+    clients: AwsClients, report: JobReport, limit: int = 50
+) -> tuple[list[ExecutionFailure], bool]:
+    """Up to `limit` failed, timed-out, rejected or canceled executions with the device's reason
+    (statusDetails' DeviceFailureReason); True when there were more. Only statuses the counts show
+    are listed, so a clean job costs no extra call."""
+    iot = clients.iot
+    failures: list[ExecutionFailure] = []
+    for status in FAILURE_STATUSES:
+        if report.counts.get(status, 0) == 0:
+            continue
+        token: str | None = None
+        while True:
+            if len(failures) >= limit:
+                return failures, True
+            kwargs: dict[str, Any] = {"jobId": report.job_id, "status": status, "maxResults": 100}
+            if token:
+                kwargs["nextToken"] = token
+            page = iot.list_job_executions_for_job(**kwargs)
+            for summary in page.get("executionSummaries", []):
+                if len(failures) >= limit:
+                    return failures, True
+                thing = summary.get("thingArn", "").rsplit("/", 1)[-1]
+                failures.append(
+                    ExecutionFailure(thing, status, _failure_reason(clients, report.job_id, thing))
+                )
+            token = page.get("nextToken")
+            if not token:
+                break
+    return failures, False
+
+
+def _failure_reason(clients: AwsClients, job_id: str, thing: str) -> str:
+    try:
+        execution = clients.iot.describe_job_execution(jobId=job_id, thingName=thing)["execution"]
+    except ClientError as exc:
+        if is_not_found(exc):  # deleted since it was listed
+            return ""
+        raise
+    details = execution.get("statusDetails", {}).get("detailsMap", {})
+    return str(details.get(FAILURE_REASON_KEY, ""))
+
+
+def describe_job(clients: AwsClients, job_id: str, max_failures: int = 50) -> JobReport:
+    report = job_status(clients, job_id)
+    failures, truncated = execution_failures(clients, report, max_failures)
+    return JobReport(
+        report.job_id,
+        report.status,
+        report.counts,
+        report.targets,
+        report.template_arn,
+        report.comment,
+        failures,
+        truncated,
+    )
+
+
+def watch_job(
+    clients: AwsClients,
+    job_id: str,
+    *,
+    interval: float,
+    timeout: float,
+    sleep: Callable[[float], None] = time.sleep,
+    clock: Callable[[], float] = time.monotonic,
+) -> Iterator[JobReport]:
+    """Poll the job's counts every `interval` seconds, yielding each snapshot, until it finishes or
+    `timeout` seconds pass (the last snapshot then has `finished` False)."""
+    deadline = clock() + timeout
+    while True:
+        report = job_status(clients, job_id)
+        yield report
+        if report.finished or clock() >= deadline:
+            return
+        sleep(max(0.0, min(interval, deadline - clock())))
+
+
+# ---------------------------------------------------------------------------------------- cancel job
+
+
+def cancel_job(
+    clients: AwsClients, job_id: str, *, force: bool = False, comment: str | None = None
+) -> JobReport:
+    """Cancel a job: QUEUED executions are canceled; IN_PROGRESS ones too with `force` (a device in
+    the middle of a rotation then rolls back on its own)."""
+    if comment is not None and not 0 < len(comment) <= MAX_COMMENT_LENGTH:
+        raise OperationError(f"--comment must be 1-{MAX_COMMENT_LENGTH} characters")
+    before = job_status(clients, job_id)
+    if before.finished:
+        raise OperationError(f"job {job_id!r} is already {before.status}: nothing to cancel")
+    kwargs: dict[str, Any] = {"jobId": job_id, "force": force}
+    if comment:
+        kwargs["comment"] = comment
+    try:
+        clients.iot.cancel_job(**kwargs)
+    except ClientError as exc:
+        if error_code(exc) == "InvalidStateTransitionException":
+            raise OperationError(f"job {job_id!r} cannot be canceled now: {exc}") from None
+        raise
+    return job_status(clients, job_id)

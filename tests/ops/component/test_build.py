@@ -1,0 +1,310 @@
+"""The Greengrass component: recipe content and the `certrotator component build` output."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import json
+import os
+import subprocess
+import sys
+import tomllib
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from certrotator.device.greengrass.component_settings import parse_component_configuration
+from certrotator.device.greengrass.runtime import RESTART_EXIT_CODE
+from certrotator.ops.component import build as c
+from certrotator.ops.component.cli import component_app
+from certrotator.protocol import Topics
+
+PROJECT = Path(__file__).resolve().parents[3]
+NAME = "aws.greengrass.labs.CertificateRotator"
+THING = "{iot:thingName}"  # the recipe's topics are the protocol's, with the recipe variable as thing
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> c.BuildResult:
+    out = tmp_path_factory.mktemp("build") / "greengrass-build"
+    return c.build_component(
+        PROJECT, out, name=NAME, version="1.4.2", bucket="my-artifacts", region="eu-west-1"
+    )
+
+
+@pytest.fixture(scope="module")
+def recipe(built: c.BuildResult) -> dict[str, Any]:
+    data: dict[str, Any] = yaml.safe_load(built.recipe.read_text())
+    return data
+
+
+def manifest(recipe: dict[str, Any], os_name: str) -> dict[str, Any]:
+    found: list[dict[str, Any]] = [m for m in recipe["Manifests"] if m["Platform"]["os"] == os_name]
+    assert len(found) == 1
+    return found[0]
+
+
+# ---------------------------------------------------------------------------------------- recipe
+
+
+def test_access_control_grants_exactly_the_protocol_topics(recipe: dict[str, Any]) -> None:
+    policies = recipe["ComponentConfiguration"]["DefaultConfiguration"]["accessControl"]
+    assert list(policies) == ["aws.greengrass.ipc.mqttproxy"]
+    by_operation: dict[str, list[str]] = {}
+    for policy_id, policy in policies["aws.greengrass.ipc.mqttproxy"].items():
+        assert policy_id.startswith(f"{NAME}:mqttproxy:")
+        (operation,) = policy["operations"]
+        by_operation.setdefault(operation, []).extend(policy["resources"])
+    assert by_operation["aws.greengrass#PublishToIoTCore"] == [
+        Topics.job_update(THING, "+"),
+        Topics.next_get(THING),
+        Topics.create(THING),
+        Topics.commit(THING),
+    ]
+    assert by_operation["aws.greengrass#SubscribeToIoTCore"] == Topics.device_subscriptions(THING)
+    assert set(by_operation) == {"aws.greengrass#PublishToIoTCore", "aws.greengrass#SubscribeToIoTCore"}
+
+
+def test_defaults_identity_and_nucleus_dependency(recipe: dict[str, Any], built: c.BuildResult) -> None:
+    defaults = recipe["ComponentConfiguration"]["DefaultConfiguration"]
+    assert (defaults["keyAlgorithm"], defaults["signingAlgorithm"]) == ("RSA-2048", "SHA256WITHRSA")
+    parse_component_configuration(defaults, "file")  # the defaults pass the component's own validation
+    assert recipe["RecipeFormatVersion"] == "2020-01-25"
+    assert (recipe["ComponentName"], recipe["ComponentVersion"]) == (NAME, "1.4.2")
+    assert recipe["ComponentDependencies"] == {
+        "aws.greengrass.Nucleus": {"VersionRequirement": ">=2.6.0", "DependencyType": "SOFT"}
+    }
+    assert {m["Platform"]["os"] for m in recipe["Manifests"]} == {"linux", "windows"}
+    for os_name in ("linux", "windows"):
+        (artifact,) = manifest(recipe, os_name)["Artifacts"]
+        assert artifact["Uri"] == f"s3://my-artifacts/{NAME}/1.4.2/certrotator.zip"
+        assert artifact["Unarchive"] == "ZIP"
+
+
+def test_linux_manifest_installs_a_venv_runs_the_agent_and_restarts_greengrass(
+    recipe: dict[str, Any], built: c.BuildResult
+) -> None:
+    lifecycle = manifest(recipe, "linux")["Lifecycle"]
+    install, run = lifecycle["Install"], lifecycle["Run"]
+    assert install["RequiresPrivilege"] is True and run["RequiresPrivilege"] is True
+    assert install["Timeout"] >= 600  # awscrt and cryptography wheels take a while on a small device
+    assert 'python3 -m venv "{work:path}/venv"' in install["Script"]
+    wheel = f"{{artifacts:decompressedPath}}/certrotator/{built.wheel}"
+    assert f'-m pip install --disable-pip-version-check "{wheel}[device]"' in install["Script"]
+    # A new component version with an unchanged package version must still replace the code.
+    assert f'--force-reinstall --no-deps "{wheel}"' in install["Script"]
+    script = run["Script"]
+    assert '"{work:path}/venv/bin/certrotator" agent --greengrass --root "{kernel:rootPath}"' in script
+    assert f'if [ "$code" -eq {RESTART_EXIT_CODE} ]; then' in script
+    assert "systemctl --no-block restart greengrass.service" in script
+    assert script.rstrip().endswith('exit "$code"')  # any other exit status reaches the nucleus
+    assert lifecycle["Setenv"] == {"PYTHONUNBUFFERED": "1"}
+
+
+def test_windows_manifest_installs_a_venv_runs_the_agent_and_restarts_greengrass(
+    recipe: dict[str, Any], built: c.BuildResult
+) -> None:
+    lifecycle = manifest(recipe, "windows")["Lifecycle"]
+    install, run = lifecycle["Install"], lifecycle["Run"]
+    assert install["RequiresPrivilege"] is True and run["RequiresPrivilege"] is True
+    assert 'python -m venv "{work:path}\\venv"' in install["Script"]
+    wheel = f"{{artifacts:decompressedPath}}\\certrotator\\{built.wheel}"
+    assert f'-m pip install --disable-pip-version-check "{wheel}[device]" &&' in install["Script"]
+    assert f'--force-reinstall --no-deps "{wheel}"' in install["Script"]
+    script = run["Script"]
+    assert "\n" not in script  # cmd.exe gets one line: the folded scalar joined it
+    assert script.startswith(
+        '"{work:path}\\venv\\Scripts\\certrotator.exe" agent --greengrass --root "{kernel:rootPath}"'
+    )
+    # Exactly the restart code (errorlevel N means >= N), tested when it runs, not when parsed.
+    assert f"& if errorlevel {RESTART_EXIT_CODE} if not errorlevel {RESTART_EXIT_CODE + 1} (" in script
+    assert "Restart-Service -Name greengrass -Force" in script
+    assert "schtasks /Run /TN CertificateRotatorRestartGreengrass" in script
+
+
+def test_gdk_config_uses_the_custom_build() -> None:
+    gdk = json.loads((PROJECT / "component" / "gdk-config.json").read_text())
+    (name, settings), *_ = gdk["component"].items()
+    assert name == NAME
+    assert settings["build"] == {
+        "build_system": "custom",
+        "custom_build_command": ["certrotator", "component", "build"],
+    }
+    assert c.read_gdk_config(PROJECT / "component" / "gdk-config.json") == c.GdkSettings(
+        NAME,
+        settings["version"],
+        settings["author"],
+        settings["publish"]["bucket"],
+        settings["publish"]["region"],
+    )
+
+
+# ----------------------------------------------------------------------------------------- build
+
+
+def test_build_layout_and_placeholders(built: c.BuildResult) -> None:
+    out = built.recipe.parents[1]
+    assert built.recipe == out / "recipes" / "recipe.yaml"
+    assert built.artifact == out / "artifacts" / NAME / "1.4.2" / "certrotator.zip"
+    text = built.recipe.read_text()
+    assert "{COMPONENT_" not in text and "{BUCKET_NAME}" not in text and "{WHEEL_FILE}" not in text
+    assert "{RESTART_EXIT_CODE" not in text
+    assert "{kernel:rootPath}" in text and "{iot:thingName}" in text  # recipe variables stay for the device
+    assert any("--region eu-west-1" in command for command in built.publish_commands())
+    assert any(
+        f"s3://my-artifacts/{NAME}/1.4.2/certrotator.zip" in command for command in built.publish_commands()
+    )
+
+
+def test_artifact_holds_an_installable_wheel_of_the_package(built: c.BuildResult, tmp_path: Path) -> None:
+    with zipfile.ZipFile(built.artifact) as artifact:
+        assert artifact.namelist() == [built.wheel]
+        wheel_bytes = artifact.read(built.wheel)
+    project = tomllib.loads((PROJECT / "pyproject.toml").read_text())["project"]
+    assert built.wheel == f"certrotator-{project['version']}-py3-none-any.whl"
+    with zipfile.ZipFile(io.BytesIO(wheel_bytes)) as wheel:
+        names = set(wheel.namelist())
+        sources = {
+            p.relative_to(PROJECT / "src").as_posix()
+            for p in (PROJECT / "src" / "certrotator").rglob("*.py")
+            if "__pycache__" not in p.parts
+        }
+        assert sources <= names
+        assert {"certrotator/device/greengrass/runtime.py", "certrotator/device/greengrass/transport.py"} <= names
+        assert not any("__pycache__" in n or n.endswith(".pyc") for n in names)
+        dist_info = f"certrotator-{project['version']}.dist-info"
+        metadata = wheel.read(f"{dist_info}/METADATA").decode()
+        for requirement in project["dependencies"]:
+            assert f"Requires-Dist: {requirement}\n" in metadata
+        for requirement in project["optional-dependencies"]["device"]:
+            assert f'Requires-Dist: {requirement}; extra == "device"\n' in metadata
+        assert "Provides-Extra: device\n" in metadata
+        assert wheel.read(f"{dist_info}/entry_points.txt").decode() == (
+            "[console_scripts]\ncertrotator = certrotator.cli:app\n"
+        )
+        # Every RECORD hash and size is right (pip refuses a wheel whose RECORD does not match).
+        for line in wheel.read(f"{dist_info}/RECORD").decode().splitlines():
+            path, digest, size = line.split(",")
+            if path.endswith("RECORD"):
+                assert digest == size == ""
+                continue
+            data = wheel.read(path)
+            expected = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+            assert (digest, int(size)) == (f"sha256={expected}", len(data))
+
+    # pip accepts it, and what it installs imports (no network: --no-deps, from the file).
+    target = tmp_path / "site"
+    wheel_file = tmp_path / built.wheel
+    wheel_file.write_bytes(wheel_bytes)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--no-deps",
+            "--no-index",
+            "--target",
+            str(target),
+            str(wheel_file),
+        ],
+        check=True,
+        timeout=120,
+    )
+    probe = subprocess.run(
+        [sys.executable, "-c", "import certrotator.ops.component.build as m; print(m.__file__)"],
+        env={**os.environ, "PYTHONPATH": str(target)},
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    assert probe.stdout.strip().startswith(str(target))
+
+
+def test_build_is_reproducible(tmp_path: Path) -> None:
+    first = c.build_component(PROJECT, tmp_path / "a", version="1.0.0")
+    second = c.build_component(PROJECT, tmp_path / "b", version="1.0.0")
+    assert first.artifact.read_bytes() == second.artifact.read_bytes()
+    assert first.recipe.read_text() == second.recipe.read_text()
+
+
+def test_without_a_bucket_the_placeholder_is_left_for_gdk_publish(tmp_path: Path) -> None:
+    result = c.build_component(PROJECT, tmp_path / "out", version="2.0.0")
+    recipe = yaml.safe_load(result.recipe.read_text())
+    assert {m["Artifacts"][0]["Uri"] for m in recipe["Manifests"]} == {
+        f"s3://{{BUCKET_NAME}}/{c.DEFAULT_COMPONENT_NAME}/2.0.0/certrotator.zip"
+    }
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"version": "1.0"}, "not a semantic version"),
+        ({"version": "v1.0.0"}, "not a semantic version"),
+        ({"bucket": "My_Bucket"}, "not a valid S3 bucket"),
+        ({"region": "europe"}, "not an AWS region"),
+        ({"name": "bad name"}, "component name"),
+    ],
+)
+def test_invalid_build_options(tmp_path: Path, options: dict[str, str], message: str) -> None:
+    with pytest.raises(c.BuildError, match=message):
+        c.build_component(
+            PROJECT,
+            tmp_path / "out",
+            name=options.get("name", NAME),
+            version=options.get("version", "1.0.0"),
+            bucket=options.get("bucket"),
+            region=options.get("region"),
+        )
+
+
+def test_unfilled_template_placeholders_are_an_error() -> None:
+    with pytest.raises(c.BuildError, match=r"\{NEW_THING\}"):
+        c.render_recipe("a: {COMPONENT_NAME}\nb: {NEW_THING}\n", {"COMPONENT_NAME": "x"})
+
+
+def test_cli_build_as_gdk_runs_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """GDK runs the custom build command in the folder of gdk-config.json; name, version and region
+    come from there, the output lands in ./greengrass-build."""
+    folder = tmp_path / "component"
+    folder.mkdir()
+    (folder / "gdk-config.json").write_text(
+        json.dumps(
+            {
+                "component": {
+                    "com.example.Rotator": {
+                        "author": "Example Corp",
+                        "version": "3.2.1",
+                        "build": {
+                            "build_system": "custom",
+                            "custom_build_command": ["certrotator", "component", "build"],
+                        },
+                        "publish": {"bucket": "example", "region": "ap-southeast-2"},
+                    }
+                },
+                "gdk_version": "1.1.0",
+            }
+        )
+    )
+    monkeypatch.chdir(folder)
+    result = CliRunner().invoke(component_app, ["build", "--project", str(PROJECT)])
+    assert result.exit_code == 0, result.output
+    recipe = yaml.safe_load((folder / "greengrass-build" / "recipes" / "recipe.yaml").read_text())
+    assert (recipe["ComponentName"], recipe["ComponentVersion"], recipe["ComponentPublisher"]) == (
+        "com.example.Rotator",
+        "3.2.1",
+        "Example Corp",
+    )
+    assert (
+        folder / "greengrass-build" / "artifacts" / "com.example.Rotator" / "3.2.1" / "certrotator.zip"
+    ).is_file()
+
+    bad = CliRunner().invoke(component_app, ["build", "--project", str(PROJECT), "--version", "latest"])
+    assert bad.exit_code == 2 and "not a semantic version" in bad.output
