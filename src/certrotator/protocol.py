@@ -45,7 +45,35 @@ class JobExecutionStatus(StrEnum):
 
     @property
     def is_terminal(self) -> bool:
-        return self not in (JobExecutionStatus.QUEUED, JobExecutionStatus.IN_PROGRESS)
+        return self not in ACTIVE_EXECUTION_STATUSES
+
+
+# The status sets, spelled here only. An execution is active until it ends; it ends in exactly one of
+# the terminal statuses, and every terminal status but SUCCEEDED is a failure to rotate.
+ACTIVE_EXECUTION_STATUSES: Final = frozenset({JobExecutionStatus.QUEUED, JobExecutionStatus.IN_PROGRESS})
+# Tuples, in the enum's order, so that listings by status come out in one stable order.
+TERMINAL_EXECUTION_STATUSES: Final = tuple(s for s in JobExecutionStatus if s not in ACTIVE_EXECUTION_STATUSES)
+UNSUCCESSFUL_EXECUTION_STATUSES: Final = tuple(
+    s for s in TERMINAL_EXECUTION_STATUSES if s is not JobExecutionStatus.SUCCEEDED
+)
+# The local IoT Core's name for a job's targets not yet released by its rollout (AWS counts them in
+# no status: they have no execution yet).
+PENDING_ROLLOUT: Final = "PENDING_ROLLOUT"
+
+
+class JobStatus(StrEnum):
+    """A job's own status (DescribeJob), as opposed to its executions'."""
+
+    SCHEDULED = "SCHEDULED"
+    IN_PROGRESS = "IN_PROGRESS"
+    CANCELED = "CANCELED"
+    COMPLETED = "COMPLETED"
+    DELETION_IN_PROGRESS = "DELETION_IN_PROGRESS"
+
+
+FINISHED_JOB_STATUSES: Final = frozenset(
+    {JobStatus.COMPLETED, JobStatus.CANCELED, JobStatus.DELETION_IN_PROGRESS}
+)
 
 
 class RotationProgress(StrEnum):
@@ -57,6 +85,17 @@ class RotationProgress(StrEnum):
 
 def is_rotation_document(document: object) -> bool:
     return document == JOB_DOCUMENT
+
+
+def client_id_is_for_thing(client_id: str, thing: str) -> bool:
+    """AWS IoT's rule for the client ids a thing may connect with: the thing name itself, or the thing
+    name followed by `#` and anything (Greengrass's extra connections, e.g. `core#component`)."""
+    return client_id == thing or client_id.startswith(f"{thing}#")
+
+
+def thing_of_client_id(client_id: str) -> str:
+    """The thing a client id names under `client_id_is_for_thing`."""
+    return client_id.split("#", 1)[0]
 
 
 def validate_thing_name(thing: str) -> str:

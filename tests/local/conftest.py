@@ -19,9 +19,10 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 
 from certrotator.crypto import KeyAlgorithm, certificate_id, certificate_pem, generate_private_key
-from certrotator.local.broker import Connection, LocalBroker, TopicAction, client_id_matches_thing
+from certrotator.local.broker import Connection, LocalBroker, TopicAction
 from certrotator.local.ca import IssuerName, LocalCa, ensure_local_ca
 from certrotator.local.policy import default_topic_policy
+from certrotator.protocol import client_id_is_for_thing
 
 from .mqtt_clients import WAIT, Device
 
@@ -36,7 +37,7 @@ class MemoryAuthorizer:
 
     def authorize_connect(self, client_id: str, principal: str) -> str | None:
         thing = self.active.get(principal)
-        return thing if thing is not None and client_id_matches_thing(client_id, thing) else None
+        return thing if thing is not None and client_id_is_for_thing(client_id, thing) else None
 
     def authorize_topic(self, thing: str, topic: str, action: TopicAction) -> bool:
         return default_topic_policy(thing, topic, action)

@@ -6,9 +6,9 @@ from dataclasses import dataclass
 
 import pytest
 
-from certrotator.local.policy import client_id_matches_thing, default_topic_policy
+from certrotator.local.policy import default_topic_policy
 from certrotator.local.topic_tree import SubscriptionIndex, valid_topic_filter, valid_topic_name
-from certrotator.protocol import Topics
+from certrotator.protocol import Topics, client_id_is_for_thing
 
 
 @pytest.mark.parametrize(
@@ -59,8 +59,8 @@ def test_default_topic_policy_refuses_an_invalid_thing_name() -> None:
         ("", False),
     ],
 )
-def test_client_id_matches_thing(client_id: str, matches: bool) -> None:
-    assert client_id_matches_thing(client_id, "t1") is matches
+def test_client_id_is_for_thing(client_id: str, matches: bool) -> None:
+    assert client_id_is_for_thing(client_id, "t1") is matches
 
 
 @pytest.mark.parametrize(

@@ -14,14 +14,20 @@ from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKey
 
 from certrotator import crypto
 from certrotator.backend.ports import CertificateRecord, CertificateStatus, JobExecution, RotationState
-from certrotator.protocol import BrokerContext, JobExecutionStatus, RotationProgress, is_rotation_document
+from certrotator.protocol import (
+    BrokerContext,
+    JobExecutionStatus,
+    RotationProgress,
+    client_id_is_for_thing,
+    is_rotation_document,
+)
 
 
 def client_id_violation(context: BrokerContext) -> str | None:
     # Greengrass opens extra connections as "{thing}#n"; anything else must be the thing name itself,
     # so "dev10" can never pass for "dev1".
     cid, thing = context.client_id, context.thing
-    if cid == thing or cid.startswith(f"{thing}#"):
+    if client_id_is_for_thing(cid, thing):
         return None
     return f"client id {cid!r} does not match thing name {thing!r}"
 

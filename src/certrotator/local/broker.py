@@ -20,7 +20,6 @@ from certrotator.local.policy import (
     Connection,
     ConnectionAuthorizer,
     TopicAction,
-    client_id_matches_thing,
     default_topic_policy,
 )
 
@@ -30,7 +29,6 @@ __all__ = [
     "LocalBroker",
     "MessageHandler",
     "TopicAction",
-    "client_id_matches_thing",
     "default_topic_policy",
 ]
 

@@ -29,6 +29,13 @@ from certrotator.local.db import Database
 from certrotator.local.jobs import DEFAULT_MAX_IN_FLIGHT, DEFAULT_TEMPLATE, JobError, JobStore
 from certrotator.local.provision import provision_thing
 from certrotator.local.registry import RULES, LocalRegistry, RegistryError
+from certrotator.protocol import (
+    ACTIVE_EXECUTION_STATUSES,
+    FAILURE_REASON_KEY,
+    PENDING_ROLLOUT,
+    UNSUCCESSFUL_EXECUTION_STATUSES,
+    JobStatus,
+)
 
 local_app = typer.Typer(help="Run and administer the embedded local IoT Core.", no_args_is_help=True)
 certificate_app = typer.Typer(help="Certificates in the local registry.", no_args_is_help=True)
@@ -381,10 +388,10 @@ def _describe(store: JobStore, job_id: str) -> dict[str, Any]:
         {
             "thing": e.thing,
             "status": e.status.value,
-            "reason": e.status_details.get("DeviceFailureReason", ""),
+            "reason": e.status_details.get(FAILURE_REASON_KEY, ""),
         }
         for e in executions
-        if e.status.value in ("FAILED", "TIMED_OUT", "REJECTED", "CANCELED")
+        if e.status in UNSUCCESSFUL_EXECUTION_STATUSES
     ]
     return {
         "jobId": job_id,
@@ -426,9 +433,9 @@ def jobs_describe(
             info = _describe(store, job_id)
             counts: dict[str, int] = info["executions"]
             total = sum(counts.values())
-            done = sum(n for s, n in counts.items() if s not in ("QUEUED", "IN_PROGRESS", "PENDING_ROLLOUT"))
+            done = sum(n for s, n in counts.items() if s not in {*ACTIVE_EXECUTION_STATUSES, PENDING_ROLLOUT})
             progress.update(task, total=max(total, 1), completed=done, counts=json.dumps(counts))
-            if info["status"] != "IN_PROGRESS":
+            if info["status"] != JobStatus.IN_PROGRESS:
                 break
             time.sleep(0.5)  # a human watching; refresh twice a second
     if info["failures"]:

@@ -31,16 +31,12 @@ class ConnectionAuthorizer(Protocol):
 
     def authorize_connect(self, client_id: str, principal: str) -> str | None:
         """The thing name if the certificate is registered ACTIVE, attached to a thing, and the client id
-        is that thing's (see `client_id_matches_thing`); else None (CONNACK refused)."""
+        is that thing's (see `protocol.client_id_is_for_thing`); else None (CONNACK refused)."""
         ...
 
     def authorize_topic(self, thing: str, topic: str, action: TopicAction) -> bool:
         """May `thing` publish to / subscribe to (a filter) / receive from `topic`?"""
         ...
-
-
-def client_id_matches_thing(client_id: str, thing: str) -> bool:
-    return client_id == thing or client_id.startswith(f"{thing}#")
 
 
 @lru_cache(maxsize=8192)

@@ -22,10 +22,9 @@ from certrotator.local.engine import EngineConfig
 from certrotator.local.handles.process import EngineProcess, RemoteEngine
 from certrotator.local.handles.thread import EngineThread
 from certrotator.local.jobs import DEFAULT_MAX_IN_FLIGHT
+from certrotator.protocol import TERMINAL_EXECUTION_STATUSES, JobExecutionStatus
 from certrotator.sim.fleet import EngineHandle, JobReport, SimulatedFleet
 from certrotator.sim.softhsm import CONF_ENV, softhsm_available, softhsm_config
-
-TERMINAL = ("SUCCEEDED", "FAILED", "TIMED_OUT", "REJECTED", "CANCELED", "REMOVED")
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,8 +144,8 @@ def _rotate(fleet: SimulatedFleet, options: DemoOptions, console: Console) -> Jo
         task = bar.add_task("rotating", total=options.devices, detail="")
 
         def show(counts: dict[str, int], elapsed: float) -> None:
-            done = sum(counts.get(s, 0) for s in TERMINAL)
-            rate = counts.get("SUCCEEDED", 0) / elapsed if elapsed > 0 else 0.0
+            done = sum(counts.get(s, 0) for s in TERMINAL_EXECUTION_STATUSES)
+            rate = counts.get(JobExecutionStatus.SUCCEEDED, 0) / elapsed if elapsed > 0 else 0.0
             detail = " ".join(f"{s}={n}" for s, n in sorted(counts.items())) + f"  {rate:.1f} rotations/s"
             bar.update(task, completed=done, detail=detail)
 

@@ -27,10 +27,15 @@ from certrotator.local.jobs import DEFAULT_TEMPLATE, JobStore
 from certrotator.local.policy import Connection
 from certrotator.local.provision import CONFIG_FILE, provision_thing
 from certrotator.local.registry import LocalRegistry
-from certrotator.protocol import FAILURE_REASON_KEY, JobExecutionStatus
+from certrotator.protocol import (
+    ACTIVE_EXECUTION_STATUSES,
+    FAILURE_REASON_KEY,
+    PENDING_ROLLOUT,
+    JobExecutionStatus,
+)
 from certrotator.sim.softhsm import move_key_into_token
 
-OPEN = ("QUEUED", "IN_PROGRESS", "PENDING_ROLLOUT")
+OPEN = (*ACTIVE_EXECUTION_STATUSES, PENDING_ROLLOUT)
 # Where OpenSSL-style libraries (aws-lc in the AWS CRT) find the default trust store.
 _DEFAULT_TRUST_ENV = ("SSL_CERT_FILE", "SSL_CERT_DIR")
 T = TypeVar("T")
@@ -132,7 +137,7 @@ class JobReport:
     @property
     def verified(self) -> int:
         bad = {p.thing for p in self.problems}
-        return sum(1 for thing, s in self.statuses.items() if s == "SUCCEEDED" and thing not in bad)
+        return sum(1 for thing, s in self.statuses.items() if s == JobExecutionStatus.SUCCEEDED and thing not in bad)
 
     def percentile(self, q: float) -> float:
         return percentile(self.latencies_s, q)
@@ -338,7 +343,7 @@ class SimulatedFleet:
             devices=len(executions),
             statuses={e.thing: e.status.value for e in executions},
             latencies_s=sorted(
-                e.updated_at - e.queued_at for e in executions if e.status.value == "SUCCEEDED"
+                e.updated_at - e.queued_at for e in executions if e.status is JobExecutionStatus.SUCCEEDED
             ),
             duration_s=duration,
         )
@@ -375,7 +380,7 @@ class SimulatedFleet:
             if n.get("jobId") == report.job_id
         }
         for thing, status in report.statuses.items():
-            if status != "SUCCEEDED" or thing not in by_thing:
+            if status != JobExecutionStatus.SUCCEEDED or thing not in by_thing:
                 continue
             device = by_thing[thing]
             principals, old_gone, live = seen[thing]

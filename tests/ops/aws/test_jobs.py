@@ -14,8 +14,8 @@ import pytest
 from botocore.exceptions import ClientError, NoCredentialsError, NoRegionError, ProfileNotFound
 from botocore.stub import Stubber
 
-from certrotator.ops.aws import greengrass as aws_greengrass
 from certrotator.ops.aws import checks as aws_checks
+from certrotator.ops.aws import greengrass as aws_greengrass
 from certrotator.ops.aws.checks import Status, run_checks
 from certrotator.ops.aws.clients import AwsClients, OperationError, error_message
 from certrotator.ops.aws.jobs import (

@@ -19,7 +19,7 @@ from awscrt import io, mqtt
 from awsiot import _iot_metrics, mqtt_connection_builder
 
 from certrotator.device.transport import OnMessage, OnReady
-from certrotator.protocol import Topics
+from certrotator.protocol import Topics, thing_of_client_id
 
 log = logging.getLogger("certrotator.device")
 
@@ -80,7 +80,7 @@ class MqttTransport:
     ) -> None:
         self.endpoint, self.port, self.client_id = endpoint, port, client_id
         self.root_ca, self.credentials, self.keep_alive_s = root_ca, credentials, keep_alive_s
-        self.subscriptions = subscriptions or Topics.device_subscriptions(client_id.split("#", 1)[0])
+        self.subscriptions = subscriptions or Topics.device_subscriptions(thing_of_client_id(client_id))
         self._connection: mqtt.Connection | None = None
         self._stopped = False
 

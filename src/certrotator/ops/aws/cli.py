@@ -21,6 +21,8 @@ from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from certrotator.protocol import JobExecutionStatus
+
 if TYPE_CHECKING:
     from certrotator.ops.aws.clients import AwsClients
     from certrotator.ops.aws.jobs import JobReport
@@ -249,7 +251,7 @@ def cancel_job(
     with _aws_errors():
         report = cancel(connect(region, profile), job_id, force=force, comment=comment)
     console.print(f"job [bold]{job_id}[/bold] is {report.status}")
-    in_progress = report.counts.get("IN_PROGRESS", 0)
+    in_progress = report.counts.get(JobExecutionStatus.IN_PROGRESS, 0)
     if in_progress and not force:
         console.print(
             f"  {in_progress} execution(s) still IN_PROGRESS finish on their own (--force cancels them)"

@@ -30,7 +30,16 @@ from certrotator.ops.aws.clients import (
     thing_arn,
     thing_group_arn,
 )
-from certrotator.protocol import FAILURE_REASON_KEY, JOB_DOCUMENT, ProtocolError, validate_job_id
+from certrotator.protocol import (
+    ACTIVE_EXECUTION_STATUSES,
+    FAILURE_REASON_KEY,
+    FINISHED_JOB_STATUSES,
+    JOB_DOCUMENT,
+    UNSUCCESSFUL_EXECUTION_STATUSES,
+    ProtocolError,
+    validate_job_id,
+)
+from certrotator.protocol import JobExecutionStatus as S
 
 DEFAULT_TEMPLATE: Final = "AWSLabsCertificateRotator"
 
@@ -43,19 +52,15 @@ MAX_COMMENT_LENGTH: Final = 2028
 
 # Execution status -> describe_job's jobProcessDetails counter.
 EXECUTION_COUNTERS: Final[dict[str, str]] = {
-    "QUEUED": "numberOfQueuedThings",
-    "IN_PROGRESS": "numberOfInProgressThings",
-    "SUCCEEDED": "numberOfSucceededThings",
-    "FAILED": "numberOfFailedThings",
-    "TIMED_OUT": "numberOfTimedOutThings",
-    "REJECTED": "numberOfRejectedThings",
-    "CANCELED": "numberOfCanceledThings",
-    "REMOVED": "numberOfRemovedThings",
+    S.QUEUED: "numberOfQueuedThings",
+    S.IN_PROGRESS: "numberOfInProgressThings",
+    S.SUCCEEDED: "numberOfSucceededThings",
+    S.FAILED: "numberOfFailedThings",
+    S.TIMED_OUT: "numberOfTimedOutThings",
+    S.REJECTED: "numberOfRejectedThings",
+    S.CANCELED: "numberOfCanceledThings",
+    S.REMOVED: "numberOfRemovedThings",
 }
-PENDING_STATUSES: Final = frozenset({"QUEUED", "IN_PROGRESS"})
-FAILURE_STATUSES: Final = ("FAILED", "TIMED_OUT", "REJECTED", "CANCELED")
-# Job statuses after which nothing changes any more (IN_PROGRESS and SCHEDULED still move).
-FINISHED_JOB_STATUSES: Final = frozenset({"COMPLETED", "CANCELED", "DELETION_IN_PROGRESS"})
 
 
 def document_of(template: dict[str, Any]) -> Any:
@@ -122,8 +127,8 @@ class JobOverrides:
             api["timeoutConfig"] = {"inProgressTimeoutInMinutes": self.in_progress_timeout_minutes}
         retries = []
         for option, failure_type, count in (
-            ("--retry-failed", "FAILED", self.retry_failed),
-            ("--retry-timed-out", "TIMED_OUT", self.retry_timed_out),
+            ("--retry-failed", S.FAILED.value, self.retry_failed),
+            ("--retry-timed-out", S.TIMED_OUT.value, self.retry_timed_out),
         ):
             if count is not None:
                 _check_range(option, count, 0, MAX_RETRIES)
@@ -271,7 +276,7 @@ class JobReport:
 
     @property
     def done(self) -> int:
-        return sum(n for status, n in self.counts.items() if status not in PENDING_STATUSES)
+        return sum(n for status, n in self.counts.items() if status not in ACTIVE_EXECUTION_STATUSES)
 
     @property
     def finished(self) -> bool:
@@ -314,7 +319,7 @@ def execution_failures(
     are listed, so a clean job costs no extra call."""
     iot = clients.iot
     failures: list[ExecutionFailure] = []
-    for status in FAILURE_STATUSES:
+    for status in UNSUCCESSFUL_EXECUTION_STATUSES:
         if report.counts.get(status, 0) == 0:
             continue
         token: str | None = None
