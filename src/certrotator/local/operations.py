@@ -3,10 +3,50 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import asdict, dataclass, replace
+from typing import Any
 
 from certrotator.local.jobs import DEFAULT_TEMPLATE, JobConfig, JobError, JobStore
 from certrotator.local.registry import LocalRegistry, RegistryError
+
+
+@dataclass(frozen=True, slots=True)
+class JobRequest:
+    """Everything that creates a rotation job on the local IoT Core: the one record the engine, its admin
+    endpoint, the CLI and the engine handles pass around (its JSON form crosses the admin endpoint)."""
+
+    job_id: str
+    things: tuple[str, ...] = ()
+    groups: tuple[str, ...] = ()
+    template: str = DEFAULT_TEMPLATE
+    max_per_minute: int | None = None
+    in_progress_timeout_minutes: float | None = None
+    unlimited_rollout: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return {**asdict(self), "things": list(self.things), "groups": list(self.groups)}
+
+    @classmethod
+    def from_json(cls, body: dict[str, Any]) -> JobRequest:
+        """Parse the admin endpoint's form; a wrong type is a JobError naming the field."""
+
+        def names(key: str) -> tuple[str, ...]:
+            value = body.get(key, [])
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise JobError("InvalidRequest", f"create_job: {key!r} must be a list of names")
+            return tuple(value)
+
+        job_id, template = body.get("job_id"), body.get("template", DEFAULT_TEMPLATE)
+        rate, timeout = body.get("max_per_minute"), body.get("in_progress_timeout_minutes")
+        if not isinstance(job_id, str) or not isinstance(template, str):
+            raise JobError("InvalidRequest", "create_job: 'job_id' and 'template' must be strings")
+        if rate is not None and (isinstance(rate, bool) or not isinstance(rate, int)):
+            raise JobError("InvalidRequest", "create_job: 'max_per_minute' must be an integer")
+        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, int | float)):
+            raise JobError("InvalidRequest", "create_job: 'in_progress_timeout_minutes' must be a number")
+        return cls(
+            job_id, names("things"), names("groups"), template, rate, timeout, bool(body.get("unlimited_rollout"))
+        )
 
 
 def resolve_targets(registry: LocalRegistry, things: Sequence[str], groups: Sequence[str]) -> list[str]:
