@@ -23,12 +23,12 @@ from certrotator.backend.aws.lambdas import BackendConfig, ConfigError, Function
 from certrotator.backend.ports import CertificateStatus, RotationState
 from certrotator.protocol import (
     STATUS_DETAILS_KEY,
-    JobExecutionEvent,
     JobExecutionStatus,
     RotationProgress,
     Topics,
 )
 
+from ..backend.fakes import World
 from .support import ACCOUNT, REGION, Device, TestCa, execution_response, provision, sign_csrs_for_real
 
 TOPIC_ARN = f"arn:aws:sns:{REGION}:{ACCOUNT}:AWSLabsCertificateRotatorNotification"
@@ -243,8 +243,21 @@ def commit_event(device: Device, job_id: str, principal: str) -> dict[str, Any]:
 
 
 def terminal_event(device: Device, job_id: str, status: JobExecutionStatus) -> dict[str, Any]:
-    event = JobExecutionEvent(device.thing, job_id, status, {STATUS_DETAILS_KEY: status.value})
-    return event.to_event(thing_arn_prefix=f"arn:aws:iot:{REGION}:{ACCOUNT}:thing/")
+    return execution_event(device.thing, job_id, status)
+
+
+def execution_event(thing: str, job_id: str, status: JobExecutionStatus) -> dict[str, Any]:
+    """A job execution event as AWS IoT publishes it and the terminal rule forwards it."""
+    return {
+        "eventType": "JOB_EXECUTION",
+        "eventId": "e-1",
+        "timestamp": 1700000000,
+        "operation": status.value.lower(),
+        "jobId": job_id,
+        "thingArn": f"arn:aws:iot:{REGION}:{ACCOUNT}:thing/{thing}",
+        "status": status.value,
+        "statusDetails": {STATUS_DETAILS_KEY: status.value},
+    }
 
 
 def calls(client: Any, event: str) -> list[dict[str, Any]]:
@@ -545,3 +558,89 @@ def test_a_missing_secret_stops_the_first_invocation(
 
 def test_the_container_store_is_the_authenticated_shadow_store(clients: Clients, backend: Stubber) -> None:
     assert isinstance(lambdas.container_ports(CONTEXT).state, ShadowStateStore)
+
+
+# ------------------------------------------------------------------------ event dicts -> typed requests
+# The handlers take typed requests; these functions are the only place an event dict is parsed. They
+# run here over the in-memory ports of tests/backend, which is all they touch.
+
+CREATE = Topics.create(World.thing)
+COMMIT = Topics.commit(World.thing)
+
+
+def _without(event: dict[str, Any], key: str) -> dict[str, Any]:
+    return {k: v for k, v in event.items() if k != key}
+
+
+MALFORMED_CREATES: list[tuple[str, Any, str]] = [
+    ("no jobId", lambda e: _without(e, "jobId"), "invalid jobId"),
+    ("bad jobId", lambda e: e | {"jobId": "a/b"}, "invalid jobId"),
+    ("no csr", lambda e: _without(e, "csr"), "'csr' must be a non-empty PEM string"),
+    ("oversize csr", lambda e: e | {"csr": "A" * 17000}, "CSR exceeds 16384 bytes"),
+    ("non-ASCII csr", lambda e: e | {"csr": "é"}, "'csr' must be ASCII"),
+    ("no principal", lambda e: _without(e, "principal"), "lacks broker context: principal"),
+    ("no clientId", lambda e: _without(e, "clientId"), "lacks broker context: clientId"),
+]
+
+
+@pytest.mark.parametrize(
+    ("case", "change", "reason"), MALFORMED_CREATES, ids=[c[0] for c in MALFORMED_CREATES]
+)
+def test_a_create_event_that_does_not_parse_is_rejected_with_the_reason(
+    case: str, change: Any, reason: str
+) -> None:
+    world = World()
+    event = change(world.create_event(world.new_csr()[1]))
+    result = lambdas.create_certificate_event(event, world.ports)
+    assert (result.outcome, result.thing, result.job_id) == ("rejected", "dev1", None)
+    assert reason in result.reason
+    assert world.publisher.messages == [(f"{CREATE}/rejected", {"errorMsg": result.reason})]
+    assert world.issuer.issued == [] and world.state.states == {}
+
+
+def test_a_create_event_without_a_usable_thing_name_publishes_nothing() -> None:
+    world = World()
+    event = world.create_event(world.new_csr()[1]) | {"thingName": "bad/thing"}
+    result = lambdas.create_certificate_event(event, world.ports)
+    assert result.outcome == "rejected" and "invalid thing name" in result.reason
+    assert world.publisher.messages == [] and world.issuer.issued == []
+
+
+def test_a_create_event_that_parses_reaches_the_handler() -> None:
+    world = World()
+    result = lambdas.create_certificate_event(world.create_event(world.new_csr()[1]), world.ports)
+    assert result.outcome == "accepted", result.reason
+    assert world.publisher.messages[-1][0] == f"{CREATE}/accepted"
+
+
+def test_a_commit_event_that_does_not_parse_is_rejected_with_the_reason() -> None:
+    world = World()
+    event = _without(world.commit_event(world.cert_id), "jobId")
+    result = lambdas.commit_certificate_event(event, world.ports)
+    assert result.outcome == "rejected" and "invalid jobId None" in result.reason
+    assert world.publisher.messages == [(f"{COMMIT}/rejected", {"errorMsg": result.reason})]
+
+
+def test_a_commit_event_that_parses_reaches_the_handler() -> None:
+    world = World()
+    # Over the old certificate: the handler (not the parser) refuses it.
+    result = lambdas.commit_certificate_event(world.commit_event(world.cert_id), world.ports)
+    assert result.outcome == "rejected" and "exactly two certificates" in result.reason
+    assert world.publisher.messages == [(f"{COMMIT}/rejected", {"errorMsg": result.reason})]
+
+
+@pytest.mark.parametrize("event", [{"thingArn": "nope", "jobId": "j", "status": "FAILED"}, {}])
+def test_a_job_execution_event_that_does_not_parse_is_ignored(event: dict[str, Any]) -> None:
+    world = World()
+    result = lambdas.job_execution_terminal_event(event, world.ports)
+    assert result.outcome == "ignored"
+    assert world.notifier.notifications == [] and world.publisher.messages == []
+
+
+def test_a_job_execution_event_that_parses_reaches_the_handler() -> None:
+    world = World()
+    result = lambdas.job_execution_terminal_event(
+        execution_event(world.thing, world.job_id, JobExecutionStatus.FAILED), world.ports
+    )
+    assert result.outcome == "failed"
+    assert [n.status for n in world.notifier.notifications] == ["FAILED"]

@@ -21,7 +21,16 @@ from certrotator.backend.ports import (
     RotationState,
     ThingNotFound,
 )
-from certrotator.protocol import JOB_DOCUMENT, JobExecutionStatus
+from certrotator.protocol import (
+    JOB_DOCUMENT,
+    STATUS_DETAILS_KEY,
+    BrokerContext,
+    CommitCertificateRequest,
+    CreateCertificateRequest,
+    JobExecutionEvent,
+    JobExecutionStatus,
+    Topics,
+)
 
 
 class TestCa:
@@ -177,39 +186,33 @@ class World:
         key = crypto.generate_private_key(key_algorithm)
         return key, crypto.build_csr(key, signing, self.subject)
 
-    def create_event(
+    def create_request(
         self, csr: str, principal: str | None = None, client_id: str | None = None, job_id: str | None = None
-    ) -> dict[str, Any]:
-        return {
-            "jobId": job_id or self.job_id,
-            "csr": csr,
-            "thingName": self.thing,
-            "clientId": client_id or self.thing,
-            "principal": principal or self.cert_id,
-            "topic": f"awslabs/things/{self.thing}/certificate/create",
-        }
+    ) -> tuple[BrokerContext, CreateCertificateRequest]:
+        """A create request as the broker hands it over: its context and the parsed payload."""
+        context = BrokerContext(
+            self.thing, client_id or self.thing, principal or self.cert_id, Topics.create(self.thing)
+        )
+        return context, CreateCertificateRequest(job_id or self.job_id, csr)
 
-    def commit_event(self, principal: str, job_id: str | None = None) -> dict[str, Any]:
-        return {
-            "jobId": job_id or self.job_id,
-            "thingName": self.thing,
-            "clientId": self.thing,
-            "principal": principal,
-            "topic": f"awslabs/things/{self.thing}/certificate/commit",
-        }
+    def commit_request(
+        self, principal: str, job_id: str | None = None, client_id: str | None = None
+    ) -> tuple[BrokerContext, CommitCertificateRequest]:
+        context = BrokerContext(self.thing, client_id or self.thing, principal, Topics.commit(self.thing))
+        return context, CommitCertificateRequest(job_id or self.job_id)
 
-    def terminal_event(self, status: JobExecutionStatus, rotation: bool = True) -> dict[str, Any]:
-        details = {"CertificateRotator": status.value} if rotation else {"other": "x"}
-        return {
-            "eventType": "JOB_EXECUTION",
-            "eventId": "e-1",
-            "timestamp": 1700000000,
-            "operation": status.value.lower(),
-            "jobId": self.job_id,
-            "thingArn": f"arn:aws:iot:us-east-1:123456789012:thing/{self.thing}",
-            "status": status.value,
-            "statusDetails": details,
-        }
+    def terminal_event(self, status: JobExecutionStatus, rotation: bool = True) -> JobExecutionEvent:
+        details = {STATUS_DETAILS_KEY: status.value} if rotation else {"other": "x"}
+        return JobExecutionEvent(self.thing, self.job_id, status, details)
+
+    def create_event(self, csr: str) -> dict[str, Any]:
+        """The same create request as the AWS IoT rule delivers it to the Lambda function."""
+        context, request = self.create_request(csr)
+        return {**request.to_payload(), **context.to_event_fields()}
+
+    def commit_event(self, principal: str) -> dict[str, Any]:
+        context, request = self.commit_request(principal)
+        return {**request.to_payload(), **context.to_event_fields()}
 
     def last_message(self) -> tuple[str, dict[str, Any]]:
         return self.publisher.messages[-1]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from dataclasses import replace
 
 import pytest
 from cryptography import x509
@@ -17,7 +17,14 @@ from certrotator.backend.handlers import (
     handle_job_execution_terminal,
 )
 from certrotator.backend.ports import CertificateRecord, CertificateStatus, RotationState
-from certrotator.protocol import JobExecutionStatus, RotationProgress
+from certrotator.protocol import (
+    FAILURE_REASON_KEY,
+    BrokerContext,
+    CommitCertificateRequest,
+    CreateCertificateRequest,
+    JobExecutionStatus,
+    RotationProgress,
+)
 
 from .fakes import World
 
@@ -33,7 +40,7 @@ def world() -> World:
 def created(world: World) -> tuple[crypto.PrivateKey, str]:
     """Run a successful create; return the new key and the new certificate id."""
     key, csr = world.new_csr()
-    result = handle_create_certificate(world.create_event(csr), world.ports)
+    result = handle_create_certificate(*world.create_request(csr), world.ports)
     assert result.outcome == "accepted", result.reason
     return key, world.issuer.issued[-1]
 
@@ -43,7 +50,7 @@ def created(world: World) -> tuple[crypto.PrivateKey, str]:
 
 def test_create_issues_attaches_records_and_replies(world: World) -> None:
     key, csr = world.new_csr()
-    result = handle_create_certificate(world.create_event(csr), world.ports)
+    result = handle_create_certificate(*world.create_request(csr), world.ports)
 
     assert result.outcome == "accepted"
     topic, message = world.last_message()
@@ -63,7 +70,7 @@ def test_create_issues_attaches_records_and_replies(world: World) -> None:
 
 def test_create_accepts_greengrass_extra_connection_client_id(world: World) -> None:
     _, csr = world.new_csr()
-    result = handle_create_certificate(world.create_event(csr, client_id="dev1#2"), world.ports)
+    result = handle_create_certificate(*world.create_request(csr, client_id="dev1#2"), world.ports)
     assert result.outcome == "accepted"
 
 
@@ -95,28 +102,27 @@ def _tampered_csr(world: World) -> str:
     return f"-----BEGIN CERTIFICATE REQUEST-----\n{body}-----END CERTIFICATE REQUEST-----\n"
 
 
-Setup = Callable[[World], dict[str, Any]]
+Request = tuple[BrokerContext, CreateCertificateRequest]
+Setup = Callable[[World], Request]
 
 
-def _event(**overrides: Any) -> Setup:
-    def build(world: World) -> dict[str, Any]:
-        _, csr = world.new_csr()
-        event = world.create_event(csr)
-        for key, value in overrides.items():
-            if value is None:
-                event.pop(key)
-            else:
-                event[key] = value
-        return event
+def _request(
+    principal: str | None = None,
+    client_id: str | None = None,
+    job_id: str | None = None,
+    csr: str | None = None,
+) -> Setup:
+    def build(world: World) -> Request:
+        return world.create_request(csr or world.new_csr()[1], principal, client_id, job_id)
 
     return build
 
 
 def _with(mutate: Callable[[World], None], csr: Callable[[World], str] | None = None) -> Setup:
-    def build(world: World) -> dict[str, Any]:
+    def build(world: World) -> Request:
         mutate(world)
         pem = csr(world) if csr else world.new_csr()[1]
-        return world.create_event(pem)
+        return world.create_request(pem)
 
     return build
 
@@ -132,15 +138,10 @@ def _inactive(world: World) -> None:
     )
 
 
+# Requests that do not parse never reach the handler: tests/aws/test_lambdas.py checks their replies.
 CREATE_REJECTIONS: list[tuple[str, Setup, str]] = [
-    ("no jobId", _event(jobId=None), "invalid jobId"),
-    ("bad jobId", _event(jobId="a/b"), "invalid jobId"),
-    ("no csr", _event(csr=None), "'csr' must be a non-empty PEM string"),
-    ("oversize csr", _event(csr="A" * 17000), "CSR exceeds 16384 bytes"),
-    ("no principal", _event(principal=None), "lacks broker context: principal"),
-    ("no clientId", _event(clientId=None), "lacks broker context: clientId"),
-    ("client id of another thing", _event(clientId="dev10"), "does not match thing name"),
-    ("unknown job", _event(jobId="other-job"), "has no execution of job 'other-job'"),
+    ("client id of another thing", _request(client_id="dev10"), "does not match thing name"),
+    ("unknown job", _request(job_id="other-job"), "has no execution of job 'other-job'"),
     (
         "execution queued",
         _with(lambda w: w.set_execution(JobExecutionStatus.QUEUED)),
@@ -159,9 +160,9 @@ CREATE_REJECTIONS: list[tuple[str, Setup, str]] = [
         "exactly one certificate attached, found 0",
     ),
     ("two certificates", _with(_second_cert), "exactly one certificate attached, found 2"),
-    ("another principal", _event(principal="e" * 64), "not authenticated by the thing's certificate"),
+    ("another principal", _request(principal="e" * 64), "not authenticated by the thing's certificate"),
     ("certificate inactive", _with(_inactive), "INACTIVE, not ACTIVE"),
-    ("garbage csr", _event(csr="-----BEGIN CERTIFICATE REQUEST-----\nnope\n"), "not a well-formed PEM"),
+    ("garbage csr", _request(csr="-----BEGIN CERTIFICATE REQUEST-----\nnope\n"), "not a well-formed PEM"),
     ("tampered csr", _with(lambda w: None, _tampered_csr), "CSR signature does not verify"),
     ("weak rsa", _with(lambda w: None, _weak_rsa_csr), "RSA key of 1024 bits is too small"),
     ("same key", _with(lambda w: None, _same_key_csr), "reuses the current certificate's key"),
@@ -181,9 +182,9 @@ CREATE_REJECTIONS: list[tuple[str, Setup, str]] = [
 def test_create_rejections_tell_the_device_why_and_issue_nothing(
     world: World, case: str, setup: Setup, reason: str
 ) -> None:
-    event = setup(world)
+    context, request = setup(world)
     principals_before = list(world.registry.things.get("dev1", []))
-    result = handle_create_certificate(event, world.ports)
+    result = handle_create_certificate(context, request, world.ports)
 
     assert result.outcome == "rejected"
     assert reason in result.reason
@@ -193,16 +194,6 @@ def test_create_rejections_tell_the_device_why_and_issue_nothing(
     assert world.issuer.issued == []
     assert world.state.states == {}
     assert world.registry.things.get("dev1", []) == principals_before
-
-
-def test_create_without_a_thing_name_publishes_nothing(world: World) -> None:
-    _, csr = world.new_csr()
-    event = world.create_event(csr)
-    event["thingName"] = "bad/thing"
-    result = handle_create_certificate(event, world.ports)
-    assert result.outcome == "rejected"
-    assert "invalid thing name" in result.reason
-    assert world.publisher.messages == []
 
 
 @pytest.mark.parametrize(
@@ -217,15 +208,15 @@ def test_create_accepts_each_allowed_key_family(
     world: World, key_algorithm: crypto.KeyAlgorithm, signing: crypto.SigningAlgorithm
 ) -> None:
     _, csr = world.new_csr(key_algorithm, signing)
-    assert handle_create_certificate(world.create_event(csr), world.ports).outcome == "accepted"
+    assert handle_create_certificate(*world.create_request(csr), world.ports).outcome == "accepted"
 
 
 def test_repeated_create_with_the_same_csr_resends_without_issuing_again(world: World) -> None:
     _, csr = world.new_csr()
-    handle_create_certificate(world.create_event(csr), world.ports)
+    handle_create_certificate(*world.create_request(csr), world.ports)
     first_pem = world.last_message()[1]["certificatePem"]
 
-    result = handle_create_certificate(world.create_event(csr), world.ports)
+    result = handle_create_certificate(*world.create_request(csr), world.ports)
 
     assert result.outcome == "accepted"
     assert "re-sent" in result.reason
@@ -237,7 +228,7 @@ def test_repeated_create_with_the_same_csr_resends_without_issuing_again(world: 
 def test_repeated_create_with_another_csr_is_rejected(world: World) -> None:
     created(world)
     _, other = world.new_csr()
-    result = handle_create_certificate(world.create_event(other), world.ports)
+    result = handle_create_certificate(*world.create_request(other), world.ports)
     assert result.outcome == "rejected"
     assert "already issued" in result.reason
     assert len(world.issuer.issued) == 1
@@ -247,7 +238,7 @@ def test_create_for_another_job_while_a_rotation_is_open_is_rejected(world: Worl
     created(world)
     world.jobs.executions[("dev1", "rotate-2")] = world.jobs.executions[("dev1", world.job_id)]
     _, csr = world.new_csr()
-    result = handle_create_certificate(world.create_event(csr, job_id="rotate-2"), world.ports)
+    result = handle_create_certificate(*world.create_request(csr, job_id="rotate-2"), world.ports)
     assert result.outcome == "rejected"
     assert "found 2" in result.reason
     assert len(world.issuer.issued) == 1
@@ -256,7 +247,7 @@ def test_create_for_another_job_while_a_rotation_is_open_is_rejected(world: Worl
 def test_create_removes_the_certificate_when_setting_it_up_fails(world: World) -> None:
     world.registry.fail_attach = True
     _, csr = world.new_csr()
-    result = handle_create_certificate(world.create_event(csr), world.ports)
+    result = handle_create_certificate(*world.create_request(csr), world.ports)
 
     assert result.outcome == "rejected"
     assert "could not set up the new certificate" in result.reason
@@ -270,7 +261,7 @@ def test_create_removes_the_certificate_when_setting_it_up_fails(world: World) -
 
 def test_commit_over_the_new_certificate_commits(world: World) -> None:
     _, new_id = created(world)
-    result = handle_commit_certificate(world.commit_event(new_id), world.ports)
+    result = handle_commit_certificate(*world.commit_request(new_id), world.ports)
 
     assert result.outcome == "accepted"
     assert world.last_message() == (f"{COMMIT}/accepted", {})
@@ -279,59 +270,62 @@ def test_commit_over_the_new_certificate_commits(world: World) -> None:
 
 def test_repeated_commit_is_accepted_again_without_change(world: World) -> None:
     _, new_id = created(world)
-    handle_commit_certificate(world.commit_event(new_id), world.ports)
+    handle_commit_certificate(*world.commit_request(new_id), world.ports)
     state = world.state.states["dev1"]
-    result = handle_commit_certificate(world.commit_event(new_id), world.ports)
+    result = handle_commit_certificate(*world.commit_request(new_id), world.ports)
     assert (result.outcome, result.reason) == ("accepted", "already-committed")
     assert world.state.states["dev1"] == state
 
 
-def _commit_case(mutate: Callable[[World, str], dict[str, Any]]) -> Callable[[World], dict[str, Any]]:
-    def build(world: World) -> dict[str, Any]:
+CommitRequest = tuple[BrokerContext, CommitCertificateRequest]
+
+
+def _commit_case(mutate: Callable[[World, str], CommitRequest]) -> Callable[[World], CommitRequest]:
+    def build(world: World) -> CommitRequest:
         _, new_id = created(world)
         return mutate(world, new_id)
 
     return build
 
 
-def _drop_new(world: World, new_id: str) -> dict[str, Any]:
+def _drop_new(world: World, new_id: str) -> CommitRequest:
     world.registry.things["dev1"].remove(new_id)
-    return world.commit_event(new_id)
+    return world.commit_request(new_id)
 
 
-def _third(world: World, new_id: str) -> dict[str, Any]:
+def _third(world: World, new_id: str) -> CommitRequest:
     world.registry.things["dev1"].append("c" * 64)
-    return world.commit_event(new_id)
+    return world.commit_request(new_id)
 
 
-def _no_state(world: World, new_id: str) -> dict[str, Any]:
+def _no_state(world: World, new_id: str) -> CommitRequest:
     world.state.states.clear()
-    return world.commit_event(new_id)
+    return world.commit_request(new_id)
 
 
-def _other_job(world: World, new_id: str) -> dict[str, Any]:
+def _other_job(world: World, new_id: str) -> CommitRequest:
     world.jobs.executions[("dev1", "rotate-9")] = world.jobs.executions[("dev1", world.job_id)]
-    return world.commit_event(new_id, job_id="rotate-9")
+    return world.commit_request(new_id, job_id="rotate-9")
 
 
-def _ended(world: World, new_id: str) -> dict[str, Any]:
+def _ended(world: World, new_id: str) -> CommitRequest:
     world.set_execution(JobExecutionStatus.TIMED_OUT)
-    return world.commit_event(new_id)
+    return world.commit_request(new_id)
 
 
-def _client(world: World, new_id: str) -> dict[str, Any]:
-    return {**world.commit_event(new_id), "clientId": "intruder"}
+def _client(world: World, new_id: str) -> CommitRequest:
+    return world.commit_request(new_id, client_id="intruder")
 
 
-COMMIT_REJECTIONS: list[tuple[str, Callable[[World], dict[str, Any]], str]] = [
+COMMIT_REJECTIONS: list[tuple[str, Callable[[World], CommitRequest], str]] = [
     (
         "over the old certificate",
-        _commit_case(lambda w, n: w.commit_event(w.cert_id)),
+        _commit_case(lambda w, n: w.commit_request(w.cert_id)),
         "not authenticated by the new",
     ),
     (
         "foreign principal",
-        _commit_case(lambda w, n: w.commit_event("d" * 64)),
+        _commit_case(lambda w, n: w.commit_request("d" * 64)),
         "not authenticated by a certificate",
     ),
     ("one certificate", _commit_case(_drop_new), "exactly two certificates attached during commit, found 1"),
@@ -340,11 +334,6 @@ COMMIT_REJECTIONS: list[tuple[str, Callable[[World], dict[str, Any]], str]] = [
     ("other job", _commit_case(_other_job), "no certificate was created for job 'rotate-9'"),
     ("execution ended", _commit_case(_ended), "TIMED_OUT, not IN_PROGRESS"),
     ("client id", _commit_case(_client), "does not match thing name"),
-    (
-        "malformed",
-        lambda w: {"thingName": "dev1", "clientId": "dev1", "principal": "x", "topic": COMMIT},
-        "invalid jobId None",
-    ),
 ]
 
 
@@ -352,11 +341,11 @@ COMMIT_REJECTIONS: list[tuple[str, Callable[[World], dict[str, Any]], str]] = [
     ("case", "setup", "reason"), COMMIT_REJECTIONS, ids=[c[0] for c in COMMIT_REJECTIONS]
 )
 def test_commit_rejections(
-    world: World, case: str, setup: Callable[[World], dict[str, Any]], reason: str
+    world: World, case: str, setup: Callable[[World], CommitRequest], reason: str
 ) -> None:
-    event = setup(world)
+    context, request = setup(world)
     state_before = world.state.states.get("dev1")
-    result = handle_commit_certificate(event, world.ports)
+    result = handle_commit_certificate(context, request, world.ports)
 
     assert result.outcome == "rejected"
     assert reason in result.reason
@@ -402,7 +391,7 @@ def test_terminal_outcome_table(
     if progress is not None:
         _, new_id = created(world)
         if progress is P.COMMITTED:
-            assert handle_commit_certificate(world.commit_event(new_id), world.ports).outcome == "accepted"
+            assert handle_commit_certificate(*world.commit_request(new_id), world.ports).outcome == "accepted"
     world.set_execution(status)
 
     result = handle_job_execution_terminal(world.terminal_event(status), world.ports)
@@ -424,7 +413,7 @@ def test_terminal_outcome_table(
 
 def test_timed_out_after_commit_keeps_both_and_names_them(world: World) -> None:
     _, new_id = created(world)
-    handle_commit_certificate(world.commit_event(new_id), world.ports)
+    handle_commit_certificate(*world.commit_request(new_id), world.ports)
     handle_job_execution_terminal(world.terminal_event(S.TIMED_OUT), world.ports)
     note = world.notifier.notifications[0]
     assert "both certificates kept" in note.outcome
@@ -440,12 +429,6 @@ def test_terminal_ignores_executions_of_other_jobs(world: World) -> None:
     assert "dev1" in world.state.states
 
 
-@pytest.mark.parametrize("event", [{"thingArn": "nope", "jobId": "j", "status": "FAILED"}, {}])
-def test_terminal_ignores_malformed_events(world: World, event: dict[str, Any]) -> None:
-    assert handle_job_execution_terminal(event, world.ports).outcome == "ignored"
-    assert world.notifier.notifications == []
-
-
 def test_terminal_ignores_non_terminal_status(world: World) -> None:
     created(world)
     result = handle_job_execution_terminal(world.terminal_event(S.IN_PROGRESS), world.ports)
@@ -455,7 +438,7 @@ def test_terminal_ignores_non_terminal_status(world: World) -> None:
 
 def test_terminal_leaves_the_state_of_another_rotation_alone(world: World) -> None:
     _, new_id = created(world)
-    event = {**world.terminal_event(S.FAILED), "jobId": "older-job"}
+    event = replace(world.terminal_event(S.FAILED), job_id="older-job")
     handle_job_execution_terminal(event, world.ports)
     assert world.registry.deleted == []
     assert world.state.states["dev1"].new_certificate_id == new_id
@@ -478,6 +461,6 @@ def test_terminal_reports_a_failed_cleanup(world: World) -> None:
 def test_device_failure_reason_reaches_the_operator(world: World) -> None:
     created(world)
     event = world.terminal_event(S.FAILED)
-    event["statusDetails"]["DeviceFailureReason"] = "commit rejected: not the new certificate"
+    event.status_details[FAILURE_REASON_KEY] = "commit rejected: not the new certificate"
     handle_job_execution_terminal(event, world.ports)
-    assert world.notifier.notifications[0].details["DeviceFailureReason"].startswith("commit rejected")
+    assert world.notifier.notifications[0].details[FAILURE_REASON_KEY].startswith("commit rejected")

@@ -1,8 +1,11 @@
 """The three backend handlers: create-certificate, commit-certificate, job-execution-terminal.
 
-Each one gathers facts through the ports (lazily: a fact is fetched only when a decision needs it,
-because every port call is an AWS API call on Lambda), asks `decisions` what to do, then acts.
-The same code runs on AWS Lambda and inside the local IoT Core; only the ports differ.
+Each one takes a typed request (with the broker's context for create and commit), gathers facts
+through the ports (lazily: a fact is fetched only when a decision needs it, because every port call is
+an AWS API call on Lambda), asks `decisions` what to do, then acts. The same code runs on AWS Lambda
+and inside the local IoT Core; only the ports differ, and only the callers parse: the Lambda adapter
+from AWS's event dicts, the local engine from its broker connection. A request that does not parse
+still gets its `/rejected` reply, through `reject_malformed_request`.
 """
 
 from __future__ import annotations
@@ -22,14 +25,18 @@ from certrotator.protocol import (
     JobExecutionEvent,
     ProtocolError,
     RotationProgress,
+    TopicKind,
     Topics,
     certificate_accepted,
     commit_accepted,
     rejected,
-    validate_thing_name,
 )
 
 log = logging.getLogger("certrotator.backend")
+
+CREATE = "create-certificate"
+COMMIT = "commit-certificate"
+TERMINAL = "job-execution-terminal"
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,13 +60,6 @@ def _record(result: HandlerResult) -> HandlerResult:
     level = logging.INFO if result.outcome in ("accepted", "succeeded") else logging.WARNING
     log.log(level, "%s %s: %s", result.handler, result.outcome, result.reason or "ok", extra=result.to_dict())
     return result
-
-
-def _reply_thing(event: dict[str, Any]) -> str | None:
-    try:
-        return validate_thing_name(str(event.get("thingName", "")))
-    except ProtocolError:
-        return None
 
 
 def _reject(
@@ -89,22 +89,27 @@ def _common_preconditions(ports: Ports, context: BrokerContext, job_id: str) -> 
 # ------------------------------------------------------------------------------------------- create
 
 
-def handle_create_certificate(event: dict[str, Any], ports: Ports) -> HandlerResult:
-    name = "create-certificate"
-    thing = _reply_thing(event)
-    base_topic = Topics.create(thing) if thing else None
-    job_id: str | None = None
+def handle_create_certificate(
+    context: BrokerContext, request: CreateCertificateRequest, ports: Ports
+) -> HandlerResult:
     try:
-        context = BrokerContext.from_event(event)
-        request = CreateCertificateRequest.parse(event)
-        job_id = request.job_id
         return _create(ports, context, request)
     except (ProtocolError, Rejection) as exc:
-        return _reject(ports, name, base_topic, thing, job_id, str(exc))
+        return _reject(ports, CREATE, Topics.create(context.thing), context.thing, request.job_id, str(exc))
+
+
+def reject_malformed_request(kind: TopicKind, thing: str | None, reason: str, ports: Ports) -> HandlerResult:
+    """A create or commit request that did not parse (its payload, or the broker context around it):
+    the device is told why on the request's `/rejected` topic, if its thing name is known."""
+    if kind is TopicKind.CREATE:
+        return _reject(ports, CREATE, Topics.create(thing) if thing else None, thing, None, reason)
+    if kind is TopicKind.COMMIT:
+        return _reject(ports, COMMIT, Topics.commit(thing) if thing else None, thing, None, reason)
+    raise ValueError(f"{kind.value} is not a backend request")
 
 
 def _create(ports: Ports, context: BrokerContext, request: CreateCertificateRequest) -> HandlerResult:
-    name, thing, job_id = "create-certificate", context.thing, request.job_id
+    thing, job_id = context.thing, request.job_id
     principals = _common_preconditions(ports, context, job_id)
     if len(principals) == 2:
         resent = _resend_issued(ports, context, request, principals)
@@ -135,7 +140,7 @@ def _create(ports: Ports, context: BrokerContext, request: CreateCertificateRequ
         _undo_issue(ports, thing, issued.certificate_id)
         raise Rejection(f"the backend could not set up the new certificate: {_safe_reason(exc)}") from None
     ports.publisher.publish(Topics.accepted(Topics.create(thing)), certificate_accepted(issued.pem))
-    return _record(HandlerResult(name, thing, job_id, "accepted", f"issued {issued.certificate_id}"))
+    return _record(HandlerResult(CREATE, thing, job_id, "accepted", f"issued {issued.certificate_id}"))
 
 
 def _safe_reason(exc: Exception) -> str:
@@ -177,7 +182,7 @@ def _resend_issued(
     ports.publisher.publish(Topics.accepted(Topics.create(context.thing)), certificate_accepted(issued.pem))
     return _record(
         HandlerResult(
-            "create-certificate",
+            CREATE,
             context.thing,
             request.job_id,
             "accepted",
@@ -189,14 +194,11 @@ def _resend_issued(
 # ------------------------------------------------------------------------------------------- commit
 
 
-def handle_commit_certificate(event: dict[str, Any], ports: Ports) -> HandlerResult:
-    name = "commit-certificate"
-    thing = _reply_thing(event)
-    base_topic = Topics.commit(thing) if thing else None
-    job_id: str | None = None
+def handle_commit_certificate(
+    context: BrokerContext, request: CommitCertificateRequest, ports: Ports
+) -> HandlerResult:
+    job_id = request.job_id
     try:
-        context = BrokerContext.from_event(event)
-        job_id = CommitCertificateRequest.parse(event).job_id
         principals = _common_preconditions(ports, context, job_id)
         state = ports.state.load(context.thing)
         decision = decisions.commit_decision(state, principals, context.principal, job_id)
@@ -214,25 +216,27 @@ def handle_commit_certificate(event: dict[str, Any], ports: Ports) -> HandlerRes
                 ),
             )
         ports.publisher.publish(Topics.accepted(Topics.commit(context.thing)), commit_accepted())
-        return _record(HandlerResult(name, context.thing, job_id, "accepted", decision.value))
+        return _record(HandlerResult(COMMIT, context.thing, job_id, "accepted", decision.value))
     except (ProtocolError, Rejection) as exc:
-        return _reject(ports, name, base_topic, thing, job_id, str(exc))
+        return _reject(ports, COMMIT, Topics.commit(context.thing), context.thing, job_id, str(exc))
 
 
 # ----------------------------------------------------------------------------------------- terminal
 
 
-def handle_job_execution_terminal(event: dict[str, Any], ports: Ports) -> HandlerResult:
-    name = "job-execution-terminal"
-    try:
-        execution = JobExecutionEvent.parse(event)
-    except ProtocolError as exc:
-        return _record(HandlerResult(name, None, None, "ignored", str(exc)))
+def ignore_malformed_event(reason: str) -> HandlerResult:
+    """A job execution event that did not parse: nothing to act on, but it is on the record."""
+    return _record(HandlerResult(TERMINAL, None, None, "ignored", reason))
+
+
+def handle_job_execution_terminal(execution: JobExecutionEvent, ports: Ports) -> HandlerResult:
     thing, job_id, status = execution.thing, execution.job_id, execution.status
     if STATUS_DETAILS_KEY not in execution.status_details:
-        return _record(HandlerResult(name, thing, job_id, "ignored", "not a certificate rotation execution"))
+        return _record(
+            HandlerResult(TERMINAL, thing, job_id, "ignored", "not a certificate rotation execution")
+        )
     if not status.is_terminal:
-        return _record(HandlerResult(name, thing, job_id, "ignored", f"{status.value} is not terminal"))
+        return _record(HandlerResult(TERMINAL, thing, job_id, "ignored", f"{status.value} is not terminal"))
 
     state = ports.state.load(thing)
     ours = state if state is not None and state.job_id == job_id else None
@@ -262,4 +266,4 @@ def handle_job_execution_terminal(event: dict[str, Any], ports: Ports) -> Handle
                 "progress": ours.progress.value,
             }
         ports.notifier.notify(Notification(thing, job_id, status.value, outcome, action, details))
-    return _record(HandlerResult(name, thing, job_id, status.value.lower(), outcome))
+    return _record(HandlerResult(TERMINAL, thing, job_id, status.value.lower(), outcome))

@@ -25,6 +25,7 @@ from certrotator.backend.handlers import (
     handle_commit_certificate,
     handle_create_certificate,
     handle_job_execution_terminal,
+    reject_malformed_request,
 )
 from certrotator.backend.ports import CertificateStatus, Ports
 from certrotator.crypto import CaSigningAlgorithm
@@ -53,16 +54,17 @@ from certrotator.local.policy_documents import policy_allows
 from certrotator.local.registry import LocalRegistry
 from certrotator.protocol import (
     STATUS_DETAILS_KEY,
+    BrokerContext,
+    CommitCertificateRequest,
+    CreateCertificateRequest,
     JobExecutionEvent,
     JobExecutionStatus,
     ParsedTopic,
     ProtocolError,
     TopicKind,
     Topics,
-    decode_json_object,
     encode,
     parse_topic,
-    rejected,
 )
 
 log = logging.getLogger("certrotator.local")
@@ -383,7 +385,7 @@ class LocalIoTCore:
         if parsed.kind in (TopicKind.GET, TopicKind.UPDATE):
             work = partial(self._jobs_request, topic, parsed, payload)
         elif parsed.kind in (TopicKind.CREATE, TopicKind.COMMIT):
-            work = partial(self._run_rule, parsed.kind, topic, payload, connection)
+            work = partial(self._run_rule, parsed, topic, payload, connection)
         else:
             return
         # PERF: device messages are handled in arrival order, but at most WORK_SLICE_S of them per
@@ -433,25 +435,25 @@ class LocalIoTCore:
         if outcome.changed is not None:
             self._execution_changed(outcome.changed)
 
-    def _run_rule(self, kind: TopicKind, topic: str, payload: bytes, connection: Connection) -> None:
+    def _run_rule(self, parsed: ParsedTopic, topic: str, payload: bytes, connection: Connection) -> None:
+        kind = parsed.kind
         if not self.rule_enabled(kind.value):
             log.info("rule %s disabled: dropped %s", kind.value, topic)
             return
+        assert parsed.thing is not None
+        # What the rule's SELECT adds in AWS (topic(3), topic(), clientid(), principal()), here straight
+        # from the authenticated connection.
+        context = BrokerContext(parsed.thing, connection.client_id, connection.principal, topic)
         try:
-            body = decode_json_object(payload, f"{kind.value}-certificate request")
-        except ProtocolError as exc:
-            self._send(Topics.rejected(topic), rejected(str(exc)))
-            return
-        # The rule's SELECT *, topic(3) AS thingName, topic() AS topic, clientid(), principal()
-        event = {
-            **body,
-            "thingName": topic.split("/")[2],
-            "topic": topic,
-            "clientId": connection.client_id,
-            "principal": connection.principal,
-        }
-        handler = handle_create_certificate if kind is TopicKind.CREATE else handle_commit_certificate
-        self._record(handler(event, self.ports))
+            if kind is TopicKind.CREATE:
+                create = CreateCertificateRequest.parse(payload)
+                result = handle_create_certificate(context, create, self.ports)
+            else:
+                commit = CommitCertificateRequest.parse(payload)
+                result = handle_commit_certificate(context, commit, self.ports)
+        except ProtocolError as exc:  # only the parse raises: the handlers answer every other problem
+            result = reject_malformed_request(kind, parsed.thing, str(exc), self.ports)
+        self._record(result)
 
     def _record(self, result: HandlerResult) -> None:
         self.results.append(result)
@@ -473,7 +475,7 @@ class LocalIoTCore:
         if STATUS_DETAILS_KEY in execution.status_details and self.rule_enabled("terminal"):
             event = JobExecutionEvent(
                 execution.thing, execution.job_id, execution.status, dict(execution.status_details)
-            ).to_event()
+            )
             self._record(handle_job_execution_terminal(event, self.ports))
         rollout = self._rollouts.get(execution.job_id)
         if (rollout is None or not rollout.pending) and self.jobs.complete_if_done(execution.job_id, now):

@@ -1,4 +1,8 @@
-"""AWS Lambda entry points for the three handlers.
+"""AWS Lambda entry points for the three handlers, and the one place that parses AWS's event dicts.
+
+The IoT rules hand each function a dict (the request's fields plus the broker context the rule's
+SELECT adds, or a job execution event); the functions here turn it into the handlers' typed requests.
+A request that does not parse is still answered on its `/rejected` topic when its thing is known.
 
 The ports are built on the first invocation and kept for the container's life (clients, endpoint
 look-ups, configuration), so a warm invocation makes only the API calls its handler needs.
@@ -47,6 +51,15 @@ from certrotator.backend.aws.adapters import (
 )
 from certrotator.backend.aws.clients import Clients, get_clients
 from certrotator.backend.ports import Issuer, Ports
+from certrotator.protocol import (
+    BrokerContext,
+    CommitCertificateRequest,
+    CreateCertificateRequest,
+    JobExecutionEvent,
+    ProtocolError,
+    TopicKind,
+    validate_thing_name,
+)
 
 logger = Logger(service=os.environ.get("POWERTOOLS_SERVICE_NAME") or "certificate-rotator")
 metrics = Metrics(namespace=os.environ.get("POWERTOOLS_METRICS_NAMESPACE") or "CertificateRotator")
@@ -229,6 +242,43 @@ _TERMINAL_METRICS: Final = {
 }
 
 
+# ------------------------------------------------------------------------------- event dicts -> typed
+
+
+def _reply_thing(event: dict[str, Any]) -> str | None:
+    """The thing a malformed request came from, if the rule's thingName is usable for a reply."""
+    try:
+        return validate_thing_name(str(event.get("thingName", "")))
+    except ProtocolError:
+        return None
+
+
+def create_certificate_event(event: dict[str, Any], ports: Ports) -> handlers.HandlerResult:
+    try:
+        context = BrokerContext.from_event(event)
+        request = CreateCertificateRequest.parse(event)
+    except ProtocolError as exc:
+        return handlers.reject_malformed_request(TopicKind.CREATE, _reply_thing(event), str(exc), ports)
+    return handlers.handle_create_certificate(context, request, ports)
+
+
+def commit_certificate_event(event: dict[str, Any], ports: Ports) -> handlers.HandlerResult:
+    try:
+        context = BrokerContext.from_event(event)
+        request = CommitCertificateRequest.parse(event)
+    except ProtocolError as exc:
+        return handlers.reject_malformed_request(TopicKind.COMMIT, _reply_thing(event), str(exc), ports)
+    return handlers.handle_commit_certificate(context, request, ports)
+
+
+def job_execution_terminal_event(event: dict[str, Any], ports: Ports) -> handlers.HandlerResult:
+    try:
+        execution = JobExecutionEvent.parse(event)
+    except ProtocolError as exc:
+        return handlers.ignore_malformed_event(str(exc))
+    return handlers.handle_job_execution_terminal(execution, ports)
+
+
 def _run(
     handler: Callable[[dict[str, Any], Ports], handlers.HandlerResult],
     outcome_metrics: Mapping[str, str],
@@ -245,16 +295,16 @@ def _run(
 @metrics.log_metrics
 @logger.inject_lambda_context
 def create_certificate(event: dict[str, Any], context: Any) -> dict[str, Any]:
-    return _run(handlers.handle_create_certificate, _CREATE_METRICS, event, context)
+    return _run(create_certificate_event, _CREATE_METRICS, event, context)
 
 
 @metrics.log_metrics
 @logger.inject_lambda_context
 def commit_certificate(event: dict[str, Any], context: Any) -> dict[str, Any]:
-    return _run(handlers.handle_commit_certificate, _COMMIT_METRICS, event, context)
+    return _run(commit_certificate_event, _COMMIT_METRICS, event, context)
 
 
 @metrics.log_metrics
 @logger.inject_lambda_context
 def job_execution_terminal(event: dict[str, Any], context: Any) -> dict[str, Any]:
-    return _run(handlers.handle_job_execution_terminal, _TERMINAL_METRICS, event, context)
+    return _run(job_execution_terminal_event, _TERMINAL_METRICS, event, context)
