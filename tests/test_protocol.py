@@ -387,6 +387,47 @@ def test_requests_reject_oversize_payloads(parse: Any, what: str, kind: str) -> 
         parse(payload)
 
 
+@pytest.mark.parametrize(("parse", "what"), _PARSERS)
+@pytest.mark.parametrize("kind", ["bytes", "str"])
+@pytest.mark.parametrize("sign", ["", "-"])
+def test_requests_reject_integers_too_long_for_int_conversion(
+    parse: Any, what: str, kind: str, sign: str
+) -> None:
+    """Python's json raises a bare ValueError ("Exceeds the limit (4300 digits) for integer string
+    conversion"); a device must get a ProtocolError (and so a rejected reply), on every Python."""
+    payload = f'{{"jobId": "{JOB}", "csr": "x", "n": {sign}{"9" * 5000}}}'
+    with raises(f"{what}: payload has an unacceptable number: an integer of 5000 digits (at most 4300)"):
+        parse(payload if kind == "str" else payload.encode())
+
+
+def test_integers_up_to_the_limit_are_accepted() -> None:
+    body = protocol.decode_json_object(f'{{"n": -{"9" * 4300}, "m": 7}}', "x")
+    assert body == {"n": -int("9" * 4300), "m": 7}
+
+
+@pytest.mark.parametrize(
+    ("number", "message"),
+    [
+        ("NaN", "NaN is not a JSON value"),
+        ("Infinity", "Infinity is not a JSON value"),
+        ("-Infinity", "-Infinity is not a JSON value"),
+        ("1e999", "the number 1e999 is out of range"),
+        ("-" + "9" * 400 + ".5", f"the number -{'9' * 19}... is out of range"),
+    ],
+)
+def test_non_finite_numbers_are_rejected(number: str, message: str) -> None:
+    """Python's json accepts NaN/Infinity (not JSON) and turns 1e999 into inf, which it would echo
+    back as the non-JSON `Infinity`."""
+    with raises(f"{COMMIT_WHAT}: payload has an unacceptable number: {message}"):
+        CommitCertificateRequest.parse(f'{{"jobId": "{JOB}", "x": {number}}}')
+
+
+@pytest.mark.parametrize("encoding", ["utf-8", "utf-8-sig", "utf-16", "utf-32"])
+def test_payload_bytes_in_any_json_encoding_decode_as_json_loads_does(encoding: str) -> None:
+    payload = json.dumps({"jobId": JOB, "note": "é€"}, ensure_ascii=False).encode(encoding)
+    assert protocol.decode_json_object(payload, "x") == {"jobId": JOB, "note": "é€"}
+
+
 def test_payload_limit_counts_utf8_bytes_of_a_str() -> None:
     # 50,000 three-byte characters: fewer characters than the limit, more bytes
     payload = json.dumps({"jobId": JOB, "pad": "€" * 50_000}, ensure_ascii=False)
@@ -593,6 +634,8 @@ def test_status_update_without_reason_has_no_failure_key() -> None:
         ("", "unspecified"),
         ("\n\r", "unspecified"),
         ("zero\u200bwidth", "zero width"),  # Cf is in \p{C} too
+        ("\U0001f600" * 600, "\U0001f600" * 512),  # AWS counts UTF-16 units: each emoji is two
+        ("x" * 1023 + "\U0001f600", "x" * 1023),  # one unit left: the emoji does not fit
     ],
 )
 def test_status_update_values_satisfy_the_jobs_api(reason: str, expected: str) -> None:
@@ -601,8 +644,10 @@ def test_status_update_values_satisfy_the_jobs_api(reason: str, expected: str) -
     assert details[FAILURE_REASON_KEY] == expected
     assert details[STATUS_DETAILS_KEY] == (expected if expected != "unspecified" else "FAILED")
     for value in details.values():
-        assert 1 <= len(value) <= 1024
+        assert 1 <= len(value.encode("utf-16-le")) // 2 <= 1024
         assert "\n" not in value and "\x00" not in value
+    # what the device sends is what the local Jobs API (and AWS) stores, unchanged
+    assert protocol.coerce_status_details(details) == details
 
 
 # --------------------------------------------------------------------------------- job execution events
@@ -755,3 +800,86 @@ def test_job_document_is_exactly_the_rotation_operation() -> None:
 )
 def test_is_rotation_document(document: object, expected: bool) -> None:
     assert protocol.is_rotation_document(document) is expected
+
+
+# ------------------------------------------------------------------------- statusDetails from a device
+
+
+@pytest.mark.parametrize(
+    ("details", "stored"),
+    [
+        ({}, {}),
+        ({STATUS_DETAILS_KEY: "created"}, {STATUS_DETAILS_KEY: "created"}),
+        # the seed's component: {"CertificateRotator": true}
+        (
+            {STATUS_DETAILS_KEY: True, FAILURE_REASON_KEY: "no CSR"},
+            {STATUS_DETAILS_KEY: "true", FAILURE_REASON_KEY: "no CSR"},
+        ),
+        ({"ok": False}, {"ok": "false"}),
+        ({"attempt": 3, "neg": -12, "big": 10**30}, {"attempt": "3", "neg": "-12", "big": "1" + "0" * 30}),
+        ({"ratio": 0.25, "exp": 1e-7}, {"ratio": "0.25", "exp": "1e-07"}),
+        ({"k:a_b-C9": "v", "x" * 128: "y" * 1024}, {"k:a_b-C9": "v", "x" * 128: "y" * 1024}),
+        ({"emoji": "\U0001f600" * 512}, {"emoji": "\U0001f600" * 512}),  # 1,024 UTF-16 units
+    ],
+)
+def test_coerce_status_details_keeps_what_aws_accepts_as_strings(
+    details: dict[str, Any], stored: dict[str, str]
+) -> None:
+    coerced = protocol.coerce_status_details(details)
+    assert coerced == stored
+    assert all(type(v) is str for v in coerced.values())
+
+
+def test_coerce_status_details_from_a_decoded_payload() -> None:
+    """The whole way a device's update takes: bytes on the wire -> decode -> coerce."""
+    payload = b'{"status":"FAILED","statusDetails":{"CertificateRotator":true,"code":42,"f":1.5}}'
+    body = protocol.decode_json_object(payload, "jobs request")
+    assert protocol.coerce_status_details(body["statusDetails"]) == {
+        STATUS_DETAILS_KEY: "true",
+        "code": "42",
+        "f": "1.5",
+    }
+
+
+@pytest.mark.parametrize(
+    ("details", "message"),
+    [
+        (None, "statusDetails must be a JSON object of names to values, got null"),
+        ([["k", "v"]], "statusDetails must be a JSON object of names to values, got an array"),
+        ("k=v", "statusDetails must be a JSON object of names to values, got a string"),
+        (True, "statusDetails must be a JSON object of names to values, got a boolean"),
+        (
+            {"k": {"nested": "v"}},
+            "statusDetails value of 'k' must be a string, number or boolean, got an object",
+        ),
+        ({"k": ["v"]}, "statusDetails value of 'k' must be a string, number or boolean, got an array"),
+        ({"k": None}, "statusDetails value of 'k' must be a string, number or boolean, got null"),
+        ({"k": ""}, "statusDetails value of 'k' is empty; AWS requires 1-1024 characters"),
+        ({"k": "v" * 1025}, "statusDetails value of 'k' has 1025 characters; at most 1024"),
+        ({"k": "\U0001f600" * 513}, "statusDetails value of 'k' has 1026 characters; at most 1024"),
+        (
+            {"k": "two\nlines"},
+            "statusDetails value of 'k' contains the control or unassigned character '\\n'",
+        ),
+        (
+            {"k": "zero\u200bwidth"},
+            "statusDetails value of 'k' contains the control or unassigned character '\\u200b'",
+        ),
+        (
+            {"k": "\ud800"},
+            "statusDetails value of 'k' contains the control or unassigned character '\\ud800'",
+        ),
+        ({"": "v"}, "statusDetails key '' must be 1-128 of [a-zA-Z0-9:_-]"),
+        ({"a b": "v"}, "statusDetails key 'a b' must be 1-128 of [a-zA-Z0-9:_-]"),
+        ({"é": "v"}, "statusDetails key 'é' must be 1-128 of [a-zA-Z0-9:_-]"),
+        ({"k\n": "v"}, "statusDetails key 'k\\n' must be 1-128 of [a-zA-Z0-9:_-]"),
+        (
+            {"x" * 129: "v"},
+            f"statusDetails key {'x' * 40!r}... (129 characters) must be 1-128 of [a-zA-Z0-9:_-]",
+        ),
+        ({1: "v"}, "statusDetails key 1 must be 1-128 of [a-zA-Z0-9:_-]"),
+    ],
+)
+def test_coerce_status_details_refuses_what_aws_refuses(details: object, message: str) -> None:
+    with raises(message):
+        protocol.coerce_status_details(details)
