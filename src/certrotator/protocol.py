@@ -145,6 +145,13 @@ class Topics:
         return f"{_CERT.format(thing=thing)}/commit"
 
     @staticmethod
+    def announce(thing: str) -> str:
+        """Device -> cloud, payload `{}`, no reply: "these credentials are settled" (connected with no
+        backup, or just committed). A rule records the connection's principal() and the time as the
+        evidence `certrotator reconcile` uses to tell which certificate the device really uses."""
+        return f"{_CERT.format(thing=thing)}/announce"
+
+    @staticmethod
     def accepted(topic: str) -> str:
         return f"{topic}/accepted"
 
@@ -177,6 +184,7 @@ class TopicKind(StrEnum):
     UPDATE = "update"
     CREATE = "create"
     COMMIT = "commit"
+    ANNOUNCE = "announce"
     JOB_EXECUTION_EVENT = "job-execution-event"
 
 
@@ -220,6 +228,8 @@ def parse_topic(topic: str) -> ParsedTopic:
     cert = len(parts) == 5 and parts[:2] == ["awslabs", "things"] and parts[3] == "certificate"
     if cert and parts[4] in ("create", "commit"):
         return ParsedTopic(TopicKind(parts[4]), validate_thing_name(parts[2]), None, reply)
+    if cert and parts[4] == "announce" and reply is None:  # nothing replies to an announcement
+        return ParsedTopic(TopicKind.ANNOUNCE, validate_thing_name(parts[2]))
     raise ProtocolError(f"topic {topic!r} is not part of the rotation protocol")
 
 
