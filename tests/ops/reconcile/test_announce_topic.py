@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from certrotator.local.policy import default_topic_policy
-from certrotator.protocol import ParsedTopic, ProtocolError, Topics, TopicKind, parse_topic
+from certrotator.protocol import ParsedTopic, ProtocolError, TopicKind, Topics, parse_topic
 
 THING = "core-1"
 
