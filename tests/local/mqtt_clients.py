@@ -82,10 +82,12 @@ class PahoClient:
             )
         self.connacks: queue.Queue[ReasonCode] = queue.Queue()
         self.subacks: queue.Queue[list[ReasonCode]] = queue.Queue()
+        self.unsubacks: queue.Queue[int] = queue.Queue()
         self.messages: queue.Queue[Received] = queue.Queue()
         self.disconnected = threading.Event()
         self.client.on_connect = self._on_connect
         self.client.on_subscribe = self._on_subscribe
+        self.client.on_unsubscribe = self._on_unsubscribe
         self.client.on_message = self._on_message
         self.client.on_disconnect = self._on_disconnect
         self._started = False
@@ -95,6 +97,9 @@ class PahoClient:
 
     def _on_subscribe(self, _c: Any, _u: Any, _mid: int, reasons: list[ReasonCode], _p: Any) -> None:
         self.subacks.put(reasons)
+
+    def _on_unsubscribe(self, _c: Any, _u: Any, mid: int, _reasons: Any, _p: Any) -> None:
+        self.unsubacks.put(mid)
 
     def _on_message(self, _c: Any, _u: Any, msg: paho.MQTTMessage) -> None:
         self.messages.put(Received(msg.topic, bytes(msg.payload), msg.qos, bool(msg.retain)))
@@ -116,6 +121,12 @@ class PahoClient:
         result, _mid = self.client.subscribe([(f, qos) for f in filters])
         assert result == paho.MQTT_ERR_SUCCESS
         return self.subacks.get(timeout=WAIT)
+
+    def unsubscribe(self, *filters: str) -> None:
+        """UNSUBSCRIBE and wait for the UNSUBACK (MQTT 3.1.1's carries no per-filter result)."""
+        result, mid = self.client.unsubscribe(list(filters))
+        assert result == paho.MQTT_ERR_SUCCESS
+        assert self.unsubacks.get(timeout=WAIT) == mid
 
     def publish(self, topic: str, payload: bytes, qos: int = 1) -> paho.MQTTMessageInfo:
         return self.client.publish(topic, payload, qos=qos)

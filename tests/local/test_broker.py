@@ -416,6 +416,67 @@ def test_subscriptions_outside_the_things_topics_fail_and_the_connection_stays(
     assert not client.disconnected.is_set()
 
 
+def _own_filters(thing: str, first: int, count: int) -> list[str]:
+    """`count` distinct filters the thing may subscribe to (under its certificate topics)."""
+    return [f"awslabs/things/{thing}/certificate/n{i}" for i in range(first, first + count)]
+
+
+def test_at_most_50_subscriptions_per_connection(
+    broker: BrokerHarness, make_device: MakeDevice, clients: Clients
+) -> None:
+    """AWS IoT's quota: a new filter beyond 50 gets failure (0x80) in the SUBACK; the others of the same
+    SUBSCRIBE still succeed; denied filters and re-subscriptions take no room; unsubscribing frees it."""
+    alpha = make_device("alpha")
+    client = clients.paho(broker.port, alpha)
+    client.connect()
+    first = [*_own_filters("alpha", 0, 10), Topics.notify_next("beta"), "#"]  # the last two are denied
+    assert [r.value for r in client.subscribe(*first)] == [1] * 10 + [SUBACK_FAILURE] * 2
+    # 40 more fit; in one packet, the 41st and 42nd new filters fail and the filters between them don't,
+    # and repeating filters (held already, or earlier in the packet) costs nothing
+    second = [
+        *_own_filters("alpha", 10, 39),
+        _own_filters("alpha", 0, 1)[0],  # held since the first SUBSCRIBE
+        _own_filters("alpha", 10, 1)[0],  # earlier in this packet
+        *_own_filters("alpha", 49, 2),  # the 50th new filter, then the 51st
+        _own_filters("alpha", 5, 1)[0],  # held: a re-subscription still succeeds at the limit
+        *_own_filters("alpha", 51, 1),
+    ]
+    codes = [r.value for r in client.subscribe(*second)]
+    assert codes == [1] * 39 + [1, 1] + [1, SUBACK_FAILURE] + [1] + [SUBACK_FAILURE]
+    held = broker.on_loop(lambda: broker.broker.subscriptions_of("alpha"))
+    assert held == frozenset(_own_filters("alpha", 0, 50))
+    # a refused filter gets nothing; the connection stays
+    broker.publish(_own_filters("alpha", 50, 1)[0], b"refused filter")
+    broker.publish(_own_filters("alpha", 49, 1)[0], b"50th filter")
+    assert_next_payload(client, b"50th filter")
+    # unsubscribing makes room for exactly one more
+    client.unsubscribe(_own_filters("alpha", 3, 1)[0])
+    assert [r.value for r in client.subscribe(*_own_filters("alpha", 60, 2))] == [1, SUBACK_FAILURE]
+    assert not client.disconnected.is_set()
+
+
+def test_subscription_limit_counts_a_resumed_sessions_filters_and_not_another_clients(
+    broker: BrokerHarness, make_device: MakeDevice, clients: Clients
+) -> None:
+    alpha = make_device("alpha")
+    client = clients.paho(broker.port, alpha, clean_session=False)
+    client.connect()
+    assert [r.value for r in client.subscribe(*_own_filters("alpha", 0, 50))] == [1] * 50
+    client.close()
+    assert broker.call(broker.broker.wait_closed(alpha.principal))
+    resumed = clients.paho(broker.port, alpha, clean_session=False)
+    resumed.connect()
+    # the session kept its 50 filters (as AWS IoT restores a persistent session's subscriptions)
+    assert [r.value for r in resumed.subscribe(*_own_filters("alpha", 50, 1))] == [SUBACK_FAILURE]
+    # a Greengrass-style second connection of the thing is another client with its own 50
+    component = clients.paho(broker.port, alpha, client_id="alpha#component")
+    component.connect()
+    assert [r.value for r in component.subscribe(*_own_filters("alpha", 0, 50))] == [1] * 50
+    fresh = clients.paho(broker.port, alpha, clean_session=True)  # takes over; a clean session has none
+    fresh.connect()
+    assert [r.value for r in fresh.subscribe(*_own_filters("alpha", 50, 1))] == [1]
+
+
 def test_message_handler_failures_are_contained(
     broker: BrokerHarness, make_device: MakeDevice, clients: Clients
 ) -> None:

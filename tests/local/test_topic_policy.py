@@ -137,3 +137,17 @@ def test_index_removal_prunes_and_remove_all_touches_only_the_clients_filters() 
     index.remove_all("b")
     assert by_filter == {}
     assert index.match("p/1") == {}
+
+
+def test_index_counts_each_clients_distinct_filters() -> None:
+    """What the broker's per-connection subscription limit counts."""
+    index: SubscriptionIndex[FakeSession] = SubscriptionIndex({})
+    a, b = FakeSession("a"), FakeSession("b")
+    index.add("p/1", a, 0)
+    index.add("p/1", a, 1)  # the same filter again: still one
+    index.add("p/+", a, 1)
+    index.add("p/1", b, 1)
+    assert (index.count_of("a"), index.count_of("b"), index.count_of("nobody")) == (2, 1, 0)
+    assert index.holds("a", "p/+") and not index.holds("b", "p/+") and not index.holds("a", "p/2")
+    index.remove("p/+", "a")
+    assert index.count_of("a") == 1 and not index.holds("a", "p/+")

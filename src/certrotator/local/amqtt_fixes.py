@@ -44,6 +44,9 @@ log = logging.getLogger("certrotator.local.broker")
 # AWS IoT speaks QoS 0 and 1 only: subscriptions are granted at most 1, a QoS 2 PUBLISH disconnects.
 MAX_QOS: Final = 1
 SUBACK_FAILURE: Final = 0x80
+# AWS IoT's quota of subscriptions per connection: a SUBSCRIBE beyond it gets failure (0x80) per filter.
+# Counted per client id, over the filters its session holds (a resumed session keeps its filters).
+MAX_SUBSCRIPTIONS_PER_CONNECTION: Final = 50
 # A TLS client that never sends CONNECT is dropped after this (amqtt waits forever).
 CONNECT_TIMEOUT: Final = 10.0
 # How long a takeover waits for the previous connection of the client id to finish closing.
@@ -422,10 +425,16 @@ class GuardedBroker(Broker):  # type: ignore[misc]
     ) -> None:
         """Policy per filter, SUBACK failure (0x80) for a denied one; granted QoS at most 1.
 
+        A new filter beyond the client's MAX_SUBSCRIPTIONS_PER_CONNECTION fails too, in packet order
+        (the filters before it in the same SUBSCRIBE still succeed); subscribing again to a filter the
+        client holds only updates its QoS (MQTT-3.8.4-3) and takes no room.
+
         Replaces amqtt's version, which also scanned every retained message per filter (we keep none).
         """
         subscription = subscribe_waiter.result()
         connection = handler.connection if isinstance(handler, GuardedHandler) else None
+        client_id = client_session.client_id or ""
+        held = self.index.count_of(client_id)
         codes: list[int] = []
         for topic_filter, qos in subscription.topics:
             if (
@@ -433,9 +442,20 @@ class GuardedBroker(Broker):  # type: ignore[misc]
                 or not valid_topic_filter(topic_filter)
                 or not self._may(connection.thing, topic_filter, "subscribe")
             ):
-                log.info("%s: subscription to %r denied", client_session.client_id, topic_filter)
+                log.info("%s: subscription to %r denied", client_id, topic_filter)
                 codes.append(SUBACK_FAILURE)
                 continue
+            if not self.index.holds(client_id, topic_filter):
+                if held >= MAX_SUBSCRIPTIONS_PER_CONNECTION:
+                    log.info(
+                        "%s: subscription to %r refused: already %d subscriptions (AWS IoT's limit)",
+                        client_id,
+                        topic_filter,
+                        held,
+                    )
+                    codes.append(SUBACK_FAILURE)
+                    continue
+                held += 1
             granted = min(qos, MAX_QOS)
             self.index.add(topic_filter, client_session, granted)
             codes.append(granted)

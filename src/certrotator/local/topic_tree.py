@@ -98,6 +98,14 @@ class SubscriptionIndex(Generic[S]):
     def filters_of(self, client_id: str) -> frozenset[str]:
         return frozenset(self._filters_of.get(client_id, ()))
 
+    def count_of(self, client_id: str) -> int:
+        """How many filters `client_id` is subscribed to."""
+        return len(self._filters_of.get(client_id, ()))
+
+    def holds(self, client_id: str, topic_filter: str) -> bool:
+        """Has `client_id` subscribed to exactly `topic_filter`? O(1)."""
+        return topic_filter in self._filters_of.get(client_id, ())
+
     def match(self, topic: str) -> dict[str, tuple[S, int]]:
         """Every subscriber whose filter matches `topic`, once each, with its highest granted QoS."""
         found: dict[str, tuple[S, int]] = {}
