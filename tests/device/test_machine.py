@@ -94,6 +94,9 @@ REJECTED_THROTTLED = {"code": "ThrottlingException", "message": "Rate exceeded"}
 EVENTS: dict[str, m.Event] = {
     "Started(no backup)": m.Started(has_backup=False),
     "Started(backup)": m.Started(has_backup=True),
+    "ConnectionResumed": m.ConnectionResumed(),
+    "ConnectionResumed(committed)": m.ConnectionResumed(committed_job=JOB),
+    "ResyncDue": m.ResyncDue(),
     "ConnectFailed": m.ConnectFailed("no connection within 30 s"),
     "Timeout(current)": m.Timeout(EPOCH),
     "Timeout(stale)": m.Timeout(EPOCH - 1),
@@ -217,6 +220,8 @@ TAKE = Exp(Phase.UPDATING_JOB, (m.Publish, m.ArmTimer))  # publish IN_PROGRESS
 REQUEST = Exp(Phase.CREATING_CERTIFICATE, (m.RequestCertificate, m.ArmTimer))
 INSTALL = Exp(Phase.CREATING_CERTIFICATE, (m.InstallCertificate, m.Restart))
 COMMIT_ = Exp(Phase.COMMITTING_CERTIFICATE, (m.Publish, m.ArmTimer))  # publish commit
+RETAKE = TAKE  # publish IN_PROGRESS again, fresh timer
+RECOMMIT = COMMIT_  # publish commit again, fresh timer
 DONE = Exp(Phase.IDLE, (m.DeleteBackup, m.Publish))  # delete backup, publish SUCCEEDED
 
 COLUMNS = ("idle", "getting", "getting+backup", "updating", "creating", "installed", "committing")
@@ -226,6 +231,10 @@ MATRIX: dict[str, tuple[Exp, ...]] = {
     #                                idle      getting   get+bak    updating  creating      installed     committing
     "Started(no backup)":           (ASK,      ASK,      ASK,       ASK,      ASK,          ASK,          ASK),
     "Started(backup)":              (ASK,      ASK,      ASK,       ASK,      ASK,          ASK,          ASK),
+    # The connection came back by itself: ask again what is idempotent, leave the rest to the timers.
+    "ConnectionResumed":            (ASK,      ASK,      ASK,       RETAKE,   _,            _,            RECOMMIT),
+    "ConnectionResumed(committed)": (ASK,      ASK,      ASK,       RETAKE,   _,            _,            RECOMMIT),
+    "ResyncDue":                    (ASK,      _,        _,         _,        _,            _,            _),
     "ConnectFailed":                (RETRY,    RETRY,    ROLL_BACK, RETRY,    RETRY,        ROLL_BACK,    ROLL_BACK),
     "Timeout(current)":             (_,        GIVE_UP,  ROLL_BACK, GIVE_UP,  FAIL_DISCARD, _,            FAIL_ROLL_BACK),
     "Timeout(stale)":               (_,        _,        _,         _,        _,            _,            _),
@@ -268,7 +277,9 @@ def test_the_matrix_covers_every_phase_event_kind_and_device_topic() -> None:
             received.add((topic.kind, topic.reply))
     device_facing = {(TopicKind.NOTIFY_NEXT, None)} | {
         (kind, reply)
-        for kind in set(TopicKind) - {TopicKind.NOTIFY_NEXT, TopicKind.JOB_EXECUTION_EVENT}
+        # announce: device -> cloud with no reply; job execution events: cloud -> backend only
+        for kind in set(TopicKind)
+        - {TopicKind.NOTIFY_NEXT, TopicKind.JOB_EXECUTION_EVENT, TopicKind.ANNOUNCE}
         for reply in Reply
     }
     assert device_facing <= received
@@ -298,6 +309,12 @@ def check_invariants(state: m.State, event: m.Event, new: m.State, actions: list
         assert new.has_backup and kinds[-1] is m.Restart
     if isinstance(event, m.Started):
         assert new.has_backup is event.has_backup
+    if isinstance(event, m.ConnectionResumed | m.ResyncDue):
+        # Same connection, same credentials: re-synchronising never touches them.
+        assert new.has_backup is state.has_backup
+        assert not {m.RollBack, m.Restart, m.DeleteBackup, m.InstallCertificate} & set(kinds)
+        if new.phase is Phase.GETTING_JOB:
+            assert new.committed_job == event.committed_job
     if isinstance(event, m.ConfigChanged):
         assert new == replace(
             state,
@@ -626,7 +643,7 @@ FAILURES: list[Any] = [
         "getting",
         EVENTS["get accepted IN_PROGRESS"],
         "GettingJob",
-        ["restarted mid-rotation", "rolled back"],
+        ["not rotating for this job", "rolled back"],
         id="restarted-without-new-credentials",
     ),
 ]
@@ -678,6 +695,123 @@ def test_no_rotation_job_for_credentials_on_trial_rolls_back() -> None:
     actions = run(EVENTS["get accepted none"])
     assert [type(a) for a in actions] == [m.RollBack, m.Restart]
     assert m.DeleteBackup not in [type(a) for a in actions]
+
+
+# ----------------------------------------------------------------------------- re-synchronisation
+
+IN_PROGRESS_UPDATE = m.Publish(
+    UPDATE, {"status": "IN_PROGRESS", "statusDetails": {STATUS_DETAILS_KEY: "UpdatingJob"}}
+)
+
+
+def test_a_job_queued_while_the_connection_was_down_is_taken_after_it_resumes() -> None:
+    """notify-next is not replayed to a clean session: after the drop only asking finds the job."""
+    run = Run()
+    run(m.Started(has_backup=False))
+    run(EVENTS["get accepted none"])
+    assert run.state.phase is Phase.IDLE
+    # (connection drops; the job is created; its notify-next is lost; the CRT reconnects)
+    assert run(m.ConnectionResumed()) == [m.Publish(NEXT_GET, {}), m.ArmTimer(TIMEOUT_S, run.state.epoch)]
+    assert run(EVENTS["get accepted QUEUED"]) == [IN_PROGRESS_UPDATE, m.ArmTimer(TIMEOUT_S, run.state.epoch)]
+    assert (run.state.phase, run.state.job_id) == (Phase.UPDATING_JOB, JOB)
+
+
+def test_a_periodic_resync_asks_only_when_idle() -> None:
+    run = Run()
+    run(m.Started(has_backup=False))
+    run(EVENTS["get accepted none"])
+    assert run(m.ResyncDue()) == [m.Publish(NEXT_GET, {}), m.ArmTimer(TIMEOUT_S, run.state.epoch)]
+    run(EVENTS["get accepted QUEUED"])
+    updating = run.state
+    assert run(m.ResyncDue()) == []
+    assert run.state == updating
+
+
+def test_a_resumed_connection_while_taking_the_job_takes_it_again() -> None:
+    """The IN_PROGRESS update or its reply may be lost: publishing it again is idempotent, while a get
+    would find the job IN_PROGRESS and fail it as abandoned."""
+    run = Run()
+    run(m.Started(has_backup=False))
+    first_timer = run(EVENTS["get accepted QUEUED"])[-1]
+    assert run(m.ConnectionResumed()) == [IN_PROGRESS_UPDATE, m.ArmTimer(TIMEOUT_S, run.state.epoch)]
+    assert isinstance(first_timer, m.ArmTimer)
+    assert m.transition(run.state, m.Timeout(first_timer.epoch)) == (run.state, [])  # the old timer is spent
+    assert [type(a) for a in run(EVENTS["update accepted"])] == [m.RequestCertificate, m.ArmTimer]
+    # The reply to the first update, if it arrives after all, changes nothing.
+    creating = run.state
+    assert run(EVENTS["update accepted"]) == []
+    assert run.state == creating
+
+
+def test_a_resumed_connection_while_committing_commits_again() -> None:
+    run = Run(m.initial(THING, KeyAlgorithm.ECDSA_P256, SigningAlgorithm.ECDSA_WITH_SHA256, TIMEOUT_S, True))
+    run(m.Started(has_backup=True))
+    run(EVENTS["get accepted IN_PROGRESS"])
+    assert run(m.ConnectionResumed()) == [
+        m.Publish(COMMIT, {"jobId": JOB}),
+        m.ArmTimer(TIMEOUT_S, run.state.epoch),
+    ]
+    assert run.state.has_backup
+    assert [type(a) for a in run(EVENTS["commit accepted"])] == [m.DeleteBackup, m.Publish]
+    assert run(EVENTS["commit accepted"]) == []  # the second reply
+
+
+def test_a_resumed_connection_while_creating_leaves_the_decision_to_the_timer() -> None:
+    """A second create would need a second key (the backend refuses it anyway once the first issued):
+    the state's timer still fails the job and discards the prepared key if no reply comes."""
+    run = Run()
+    run(m.Started(has_backup=False))
+    run(EVENTS["get accepted QUEUED"])
+    timer = run(EVENTS["update accepted"])[-1]
+    assert isinstance(timer, m.ArmTimer)
+    creating = run.state
+    assert run(m.ConnectionResumed()) == []
+    assert run.state == creating
+    assert [type(a) for a in run(m.Timeout(timer.epoch))] == [m.Publish, m.DiscardPreparedKey]
+
+
+def test_a_resumed_connection_on_trial_asks_again_and_does_not_roll_back() -> None:
+    """New credentials on trial: the connection they made came back, which is no failure of theirs.
+    The get is asked again with a fresh timer; its reply still decides commit or rollback."""
+    run = Run(m.initial(THING, KeyAlgorithm.ECDSA_P256, SigningAlgorithm.ECDSA_WITH_SHA256, TIMEOUT_S, True))
+    first = run(m.Started(has_backup=True))[-1]
+    assert isinstance(first, m.ArmTimer)
+    assert run(m.ConnectionResumed()) == [m.Publish(NEXT_GET, {}), m.ArmTimer(TIMEOUT_S, run.state.epoch)]
+    assert run.state.has_backup
+    assert m.transition(run.state, m.Timeout(first.epoch)) == (run.state, [])
+    assert [type(a) for a in run(EVENTS["get accepted IN_PROGRESS"])] == [m.Publish, m.ArmTimer]
+    assert run.state.phase is Phase.COMMITTING_CERTIFICATE
+
+
+def test_a_succeeded_lost_with_the_connection_is_sent_again_after_it_resumes() -> None:
+    """Committed, SUCCEEDED published, connection dropped: the commit marker (re-read at the resume)
+    proves the new pair, so a job still IN_PROGRESS is finished, not failed."""
+    run = Run(m.initial(THING, KeyAlgorithm.ECDSA_P256, SigningAlgorithm.ECDSA_WITH_SHA256, TIMEOUT_S, True))
+    run(m.Started(has_backup=True))
+    run(EVENTS["get accepted IN_PROGRESS"])
+    run(EVENTS["commit accepted"])
+    assert run.state.phase is Phase.IDLE
+    run(m.ConnectionResumed(committed_job=JOB))
+    assert run(EVENTS["get accepted IN_PROGRESS"]) == [
+        m.Publish(UPDATE, {"status": "SUCCEEDED", "statusDetails": {STATUS_DETAILS_KEY: "Committed"}}),
+        m.ForgetCommitted(),
+    ]
+
+
+def test_an_abandoned_in_progress_job_found_by_a_resync_is_failed_with_the_reason() -> None:
+    """E.g. the IN_PROGRESS update went through but its reply was lost and the state timed out: the
+    device is idle, so the job would stay IN_PROGRESS until the cloud's timeout. Fail it now."""
+    run = Run()
+    run(m.Started(has_backup=False))
+    timer = run(EVENTS["get accepted QUEUED"])[-1]
+    assert isinstance(timer, m.ArmTimer)
+    run(m.Timeout(timer.epoch))
+    assert run.state.phase is Phase.IDLE
+    run(m.ConnectionResumed())
+    (failed,) = run(EVENTS["get accepted IN_PROGRESS"])
+    assert isinstance(failed, m.Publish)
+    assert failed.message["status"] == "FAILED"
+    assert "not rotating for this job" in failed.message["statusDetails"][FAILURE_REASON_KEY]
 
 
 # ------------------------------------------------------------------------------- seed #21, in the agent

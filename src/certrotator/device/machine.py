@@ -5,16 +5,44 @@ what happens as events. Message sequence: DESIGN.md §2; rules: §3. Lessons fro
 a `get/rejected` (throttling) after a restart with a backup rolls back (#68); a subscription that
 hangs is a failure once the state times out (#21); every failure reason reaches the job's
 statusDetails (#62).
+
+Re-synchronisation (docs/reliability.md): the device asks `$next/get` on every connection it gets, the
+first one (Started) and every one the transport resumes by itself (ConnectionResumed): a notify-next sent
+while it was away is not replayed to a clean session, so asking is the only reliable way to learn of a
+job. A transport that cannot see its connection (Greengrass IPC) asks periodically instead (ResyncDue).
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, replace
-from enum import StrEnum
+from dataclasses import replace
 from typing import Any
 
 from certrotator.algorithms import KeyAlgorithm, SigningAlgorithm
+from certrotator.device.vocabulary import (
+    Action,
+    ArmTimer,
+    ConfigChanged,
+    ConnectFailed,
+    ConnectionResumed,
+    DeleteBackup,
+    DiscardPreparedKey,
+    Event,
+    ForgetCommitted,
+    InstallCertificate,
+    Message,
+    Phase,
+    Publish,
+    RequestCertificate,
+    Restart,
+    Result,
+    ResyncDue,
+    RollBack,
+    Started,
+    State,
+    StoreFailed,
+    Timeout,
+)
 from certrotator.protocol import (
     CommitCertificateRequest,
     JobExecutionStatus,
@@ -31,151 +59,34 @@ from certrotator.protocol import (
     status_update,
 )
 
+__all__ = [
+    "Action",
+    "ArmTimer",
+    "ConfigChanged",
+    "ConnectFailed",
+    "ConnectionResumed",
+    "DeleteBackup",
+    "DiscardPreparedKey",
+    "Event",
+    "ForgetCommitted",
+    "InstallCertificate",
+    "Message",
+    "Phase",
+    "Publish",
+    "RequestCertificate",
+    "Restart",
+    "Result",
+    "ResyncDue",
+    "RollBack",
+    "Started",
+    "State",
+    "StoreFailed",
+    "Timeout",
+    "initial",
+    "transition",
+]
+
 log = logging.getLogger("certrotator.device")
-
-
-class Phase(StrEnum):
-    IDLE = "Idle"
-    GETTING_JOB = "GettingJob"
-    UPDATING_JOB = "UpdatingJob"
-    CREATING_CERTIFICATE = "CreatingCertificate"
-    COMMITTING_CERTIFICATE = "CommittingCertificate"
-
-
-@dataclass(frozen=True, slots=True)
-class State:
-    thing: str
-    key_algorithm: KeyAlgorithm
-    signing_algorithm: SigningAlgorithm
-    timeout_s: float = 30.0
-    phase: Phase = Phase.IDLE
-    job_id: str | None = None
-    has_backup: bool = False
-    committed_job: str | None = None
-    epoch: int = 0  # bumped on every transition into a waiting phase; stale timeouts carry an old one
-
-
-# ------------------------------------------------------------------------------------------- events
-
-
-@dataclass(frozen=True, slots=True)
-class Started:
-    """Connected and subscribed (with whatever credentials are in place)."""
-
-    has_backup: bool
-    # The job whose new credentials this device committed (backup deleted) and whose SUCCEEDED may
-    # not have reached the cloud: a crash or a lost publish right after the commit.
-    committed_job: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class ConnectFailed:
-    reason: str
-
-
-@dataclass(frozen=True, slots=True)
-class Message:
-    topic: str
-    payload: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class Timeout:
-    epoch: int
-
-
-@dataclass(frozen=True, slots=True)
-class ConfigChanged:
-    key_algorithm: KeyAlgorithm
-    signing_algorithm: SigningAlgorithm
-    timeout_s: float
-
-
-@dataclass(frozen=True, slots=True)
-class StoreFailed:
-    """A key-store step (prepare or install) failed; nothing was changed."""
-
-    reason: str
-
-
-Event = Started | ConnectFailed | Message | Timeout | ConfigChanged | StoreFailed
-
-
-# ------------------------------------------------------------------------------------------ actions
-
-
-@dataclass(frozen=True, slots=True)
-class Publish:
-    topic: str
-    message: dict[str, Any]
-
-
-@dataclass(frozen=True, slots=True)
-class RequestCertificate:
-    """Generate a new key, build a CSR and publish the create request."""
-
-    job_id: str
-    key_algorithm: KeyAlgorithm
-    signing_algorithm: SigningAlgorithm
-
-
-@dataclass(frozen=True, slots=True)
-class InstallCertificate:
-    """Back up the current pair and install the prepared key with this certificate (then Restart)."""
-
-    job_id: str
-    certificate_pem: str
-
-
-@dataclass(frozen=True, slots=True)
-class DiscardPreparedKey:
-    pass
-
-
-@dataclass(frozen=True, slots=True)
-class RollBack:
-    pass
-
-
-@dataclass(frozen=True, slots=True)
-class DeleteBackup:
-    """Keep the new pair: record `job_id` as committed (if given), then delete the backup."""
-
-    job_id: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class ForgetCommitted:
-    """The committed job is settled in the cloud: drop its record."""
-
-
-@dataclass(frozen=True, slots=True)
-class Restart:
-    """Reconnect with the credentials now in place (Greengrass: restart the nucleus)."""
-
-    reason: str
-    backoff: bool = False  # after a plain connection failure: wait before retrying
-
-
-@dataclass(frozen=True, slots=True)
-class ArmTimer:
-    seconds: float
-    epoch: int
-
-
-Action = (
-    Publish
-    | RequestCertificate
-    | InstallCertificate
-    | DiscardPreparedKey
-    | RollBack
-    | DeleteBackup
-    | ForgetCommitted
-    | Restart
-    | ArmTimer
-)
-
-Result = tuple[State, list[Action]]
 
 
 def _wait(state: State, phase: Phase, job_id: str | None, *actions: Action) -> Result:
@@ -233,8 +144,13 @@ def transition(state: State, event: Event) -> Result:
             timeout_s=event.timeout_s,
         ), []
     if isinstance(event, Started):
-        started = replace(state, has_backup=event.has_backup, committed_job=event.committed_job)
-        return _wait(started, Phase.GETTING_JOB, None, Publish(Topics.next_get(state.thing), {}))
+        return _ask(replace(state, has_backup=event.has_backup, committed_job=event.committed_job))
+    if isinstance(event, ConnectionResumed):
+        return _resumed(state, event)
+    if isinstance(event, ResyncDue):
+        if state.phase is Phase.IDLE:
+            return _ask(replace(state, committed_job=event.committed_job))
+        return state, []  # mid-rotation: the state's own timer bounds the wait
     if isinstance(event, ConnectFailed):
         if state.has_backup:
             return _roll_back(state, f"cannot connect with the new credentials: {event.reason}", None)
@@ -260,6 +176,46 @@ def transition(state: State, event: Event) -> Result:
             DiscardPreparedKey(),
         )
     return _on_message(state, event)
+
+
+def _ask(state: State) -> Result:
+    """Ask for the thing's next job: the reply says what the cloud believes (see _got)."""
+    return _wait(state, Phase.GETTING_JOB, None, Publish(Topics.next_get(state.thing), {}))
+
+
+def _resumed(state: State, event: ConnectionResumed) -> Result:
+    """The connection came back by itself. A request in flight may have been lost with it, and so may a
+    notify-next: ask again what is idempotent, with a fresh timer, and leave the rest to the timers."""
+    phase, job = state.phase, state.job_id
+    if phase in (Phase.IDLE, Phase.GETTING_JOB):
+        # A get is a read: asking twice is harmless (a second reply finds the machine elsewhere and is
+        # ignored). With a backup this is the new pair's trial, still decided by the get's reply.
+        return _ask(replace(state, committed_job=event.committed_job))
+    if phase is Phase.UPDATING_JOB:
+        # Asking $next/get here would find our own job IN_PROGRESS if the update went through and make
+        # it look abandoned. Taking it again is idempotent (IN_PROGRESS -> IN_PROGRESS is accepted).
+        assert job is not None
+        return _wait(
+            state,
+            Phase.UPDATING_JOB,
+            job,
+            _update(state, job, JobExecutionStatus.IN_PROGRESS, Phase.UPDATING_JOB.value),
+        )
+    if phase is Phase.COMMITTING_CERTIFICATE:
+        # The backend answers a repeated commit as accepted (a commit whose reply was lost), and the
+        # resumed connection still uses the new pair, which is what commit checks.
+        assert job is not None
+        return _wait(
+            state,
+            Phase.COMMITTING_CERTIFICATE,
+            job,
+            Publish(Topics.commit(state.thing), CommitCertificateRequest(job).to_payload()),
+        )
+    # CreatingCertificate: a second create would need a second key and CSR, and the backend refuses it
+    # once the first issued (two certificates attached). If the reply was lost the state's timer fails
+    # the job, the prepared key is discarded, and the backend retires what it issued. Installed (with a
+    # backup): the restart that is already under way decides.
+    return state, []
 
 
 def _on_timeout(state: State) -> Result:
@@ -411,8 +367,8 @@ def _after_restart(state: State, execution: dict[str, Any] | None) -> Result:
         return _fail(
             state,
             job_id,
-            "the device restarted mid-rotation without new credentials installed "
-            "(rolled back or interrupted before install)",
+            "the device is not rotating for this job: it restarted or reconnected mid-rotation without "
+            "new credentials installed (rolled back, interrupted before install, or a reply was lost)",
         )
     if status == JobExecutionStatus.QUEUED.value:
         if state.has_backup:
