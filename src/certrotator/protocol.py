@@ -78,10 +78,17 @@ FINISHED_JOB_STATUSES: Final = frozenset(
 
 
 class RotationProgress(StrEnum):
-    """How far the backend has carried a thing's rotation (kept in the rotation-state store)."""
+    """How far the backend has carried a thing's rotation (kept in the rotation-state store).
 
+    issuing -> created -> committed are written by create and commit; terminated is the last word on a
+    rotation, written by the terminal handler once it has acted (or by create when it withdraws a
+    certificate issued for an execution that had already ended). See docs/reliability.md.
+    """
+
+    ISSUING = "issuing"  # create is issuing: no new certificate id yet
     CREATED = "created"
     COMMITTED = "committed"
+    TERMINATED = "terminated"  # the execution's end has been handled; nothing left to do
 
 
 def is_rotation_document(document: object) -> bool:
