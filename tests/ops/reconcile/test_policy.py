@@ -28,6 +28,9 @@ old_cert = CertificateFact(OLD, ACTIVE, created_at=NOW - 86_400)
 new_cert = CertificateFact(NEW, ACTIVE, created_at=NOW - 3_600)
 committed = RotationState("job-1", OLD, NEW, RotationProgress.COMMITTED)
 created = RotationState("job-1", OLD, NEW, RotationProgress.CREATED)
+issuing = RotationState("job-1", OLD, "", RotationProgress.ISSUING)
+terminated = RotationState("job-1", OLD, NEW, RotationProgress.TERMINATED)
+HOUR = 3600.0
 
 
 def live(certificate_id: str, age_s: float, client_id: str = "dev") -> Evidence:
@@ -44,8 +47,12 @@ def facts(
     executions: tuple[ActiveExecution, ...] = (),
     evidence: tuple[Evidence, ...] = (),
     no_source: str | None = None,
+    state_age_s: float | None = None,
+    handlers_idle: bool = True,
 ) -> ThingFacts:
-    return ThingFacts("dev", certificates, state, executions, evidence, no_source, NOW)
+    return ThingFacts(
+        "dev", certificates, state, executions, evidence, no_source, NOW, state_age_s, handlers_idle
+    )
 
 
 def unattached(cert: CertificateFact, other_thing: str | None = None) -> CertificateFact:
@@ -277,6 +284,58 @@ CASES = [
         None,
         True,
         "leftover",
+    ),
+    (
+        "the backend's tombstone is no finding",
+        facts(new_cert, state=terminated, handlers_idle=False),
+        Verdict.OK,
+        (),
+        None,
+        False,
+        "",
+    ),
+    (
+        "two with a tombstone: retired, the tombstone stays",
+        facts(old_cert, new_cert, state=terminated, evidence=(live(NEW, 600),)),
+        Verdict.RETIRE,
+        (OLD,),
+        NEW,
+        False,
+        "uses bbbbbbbbbbbb",
+    ),
+    (
+        "state of unknown age where handlers run apart (Lambda): they may still be at it",
+        facts(old_cert, state=created, handlers_idle=False),
+        Verdict.SKIP,
+        (),
+        None,
+        False,
+        "of unknown age",
+    ),
+    (
+        "young state where handlers run apart",
+        facts(
+            old_cert,
+            new_cert,
+            state=committed,
+            evidence=(live(NEW, 600),),
+            state_age_s=60,
+            handlers_idle=False,
+        ),
+        Verdict.SKIP,
+        (),
+        None,
+        False,
+        "may still be handling it",
+    ),
+    (
+        "old state where handlers run apart is a leftover",
+        facts(old_cert, state=issuing, state_age_s=7 * HOUR, handlers_idle=False),
+        Verdict.CLEAR_STATE,
+        (),
+        None,
+        True,
+        "(issuing)",
     ),
     (
         "a healthy thing in a rotation is just ok",

@@ -18,6 +18,12 @@ an IN_PROGRESS execution; a thing with a QUEUED or IN_PROGRESS rotation executio
   next rotation: it counts only if it is newer than every certificate of the thing (a rotation after
   it may have moved the device on), and, as a guard against reading it in flight, once `settle_s` old.
 Every piece of evidence that is not stale must name the same certificate; otherwise a person decides.
+
+Rotation state: `terminated` is the backend's last word on a rotation (its tombstone): never a finding,
+never cleared here. `issuing`, `created` and `committed` with no rotation execution active are leftovers,
+unless a backend handler may still be at work on them (a create still issuing; a terminal event still
+being retried): where handlers run apart from us (AWS Lambda) a state counts as leftover only once it is
+older than `HANDLER_GRACE_S`, and not at all when its age is unknown.
 """
 
 from __future__ import annotations
@@ -27,12 +33,17 @@ from enum import StrEnum
 from typing import Any, Final
 
 from certrotator.backend.ports import CertificateStatus, RotationState
-from certrotator.protocol import JobExecutionStatus
+from certrotator.protocol import JobExecutionStatus, RotationProgress
 
 # Longest a device's new credentials stay on trial after it connects with them: the `$next/get` and
 # the commit each wait at most one state timeout (30 s by default), plus a Greengrass nucleus's slow
 # start and clock skew. A connection (or announcement) younger than this does not count yet.
 DEFAULT_SETTLE_S: Final = 120.0
+
+# How long a backend handler may still act on a rotation state after its execution ended: a Lambda runs
+# at most 15 minutes, and an asynchronously retried terminal event arrives within its maximum event age
+# (the stack sets it). Older states with no execution active are leftovers.
+HANDLER_GRACE_S: Final = 6 * 3600.0
 
 
 class Finding(StrEnum):
@@ -90,6 +101,10 @@ class ThingFacts:
     # Why there can be no evidence at all (e.g. "no engine is running"); None = a source was consulted.
     no_evidence_source: str | None
     observed_at: float  # epoch seconds: when the facts were gathered
+    state_age_s: float | None = None  # how long ago the rotation state was last written; None = unknown
+    # No backend handler can be acting on this thing while we look (the local engine: its handlers run on
+    # the loop this runs on, or between the transactions we read; no engine at all): states need no grace.
+    handlers_idle: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,6 +166,18 @@ def _seen(facts: ThingFacts) -> dict[str, Any]:
     }
 
 
+def live_state(facts: ThingFacts) -> RotationState | None:
+    """The rotation state unless it is the backend's tombstone (`terminated`)."""
+    state = facts.state
+    return state if state is not None and state.progress is not RotationProgress.TERMINATED else None
+
+
+def _handler_may_be_busy(facts: ThingFacts, grace_s: float) -> bool:
+    if live_state(facts) is None or facts.handlers_idle:
+        return False
+    return facts.state_age_s is None or facts.state_age_s < grace_s
+
+
 def findings_of(facts: ThingFacts) -> tuple[Finding, ...]:
     attached = [c for c in facts.certificates if c.attached]
     found: list[Finding] = []
@@ -160,7 +187,7 @@ def findings_of(facts: ThingFacts) -> tuple[Finding, ...]:
         found.append(Finding.EXTRA_CERTIFICATES)
     elif attached[0].status is not CertificateStatus.ACTIVE:
         found.append(Finding.CERTIFICATE_NOT_ACTIVE)
-    if facts.state is not None:
+    if live_state(facts) is not None:
         found.append(Finding.LEFTOVER_STATE)
     if any(not c.attached and c.other_thing is None for c in facts.certificates):
         found.append(Finding.UNATTACHED_CERTIFICATE)
@@ -202,7 +229,9 @@ def weigh_evidence(facts: ThingFacts, settle_s: float) -> _Weighed:
     return _Weighed(frozenset(settled), frozenset(unsettled), tuple(notes), settles_at)
 
 
-def decide(facts: ThingFacts, settle_s: float = DEFAULT_SETTLE_S) -> Decision:
+def decide(
+    facts: ThingFacts, settle_s: float = DEFAULT_SETTLE_S, grace_s: float = HANDLER_GRACE_S
+) -> Decision:
     """The decision for one thing (see the module docstring)."""
     found = findings_of(facts)
     seen = _seen(facts)
@@ -216,16 +245,25 @@ def decide(facts: ThingFacts, settle_s: float = DEFAULT_SETTLE_S) -> Decision:
     if blocking:
         listed = ", ".join(f"{e.job_id} {e.status.value}" for e in blocking)
         return decision(Verdict.SKIP, f"a rotation may be in progress ({listed}): it settles the thing first")
+    if _handler_may_be_busy(facts, grace_s):
+        assert facts.state is not None
+        age = "of unknown age" if facts.state_age_s is None else f"{facts.state_age_s:.0f} s old"
+        return decision(
+            Verdict.SKIP,
+            f"rotation state of job {facts.state.job_id} ({facts.state.progress.value}) is {age}: the "
+            f"backend may still be handling it (grace {grace_s:g} s)",
+        )
+    state = live_state(facts)
 
     attached = [c for c in facts.certificates if c.attached]
     unattached = [c for c in facts.certificates if not c.attached and c.other_thing is None]
     state_text = (
-        f"rotation state of job {facts.state.job_id} ({facts.state.progress.value})" if facts.state else ""
+        f"rotation state of job {state.job_id} ({state.progress.value})" if state else "rotation state"
     )
     if Finding.NO_CERTIFICATE in found:
         extra = (
             f"; the {state_text} names {', '.join(_short(c.certificate_id) for c in unattached)}"
-            if (unattached and facts.state)
+            if unattached
             else ""
         )
         return decision(
@@ -242,6 +280,7 @@ def decide(facts: ThingFacts, settle_s: float = DEFAULT_SETTLE_S) -> Decision:
         )
     # From here on: at least one attached certificate, and the evidence decides what else may go.
     if len(attached) == 1 and not unattached:
+        assert state is not None  # the only finding left is LEFTOVER_STATE
         return decision(
             Verdict.CLEAR_STATE,
             f"leftover {state_text} while no rotation is in progress; the thing's one certificate stays",
@@ -298,5 +337,5 @@ def decide(facts: ThingFacts, settle_s: float = DEFAULT_SETTLE_S) -> Decision:
         f"{', '.join(_short(c) for c in retire)}",
         retire=retire,
         keep=used,
-        clear_state=facts.state is not None,
+        clear_state=state is not None,
     )
