@@ -481,7 +481,8 @@ def test_transport_qos_subscriptions_and_messages() -> None:
     transport = GreengrassTransport(ipc, THING)
     ready: queue.Queue[str | None] = queue.Queue()
     messages: queue.Queue[tuple[str, bytes]] = queue.Queue()
-    transport.start(lambda t, p: messages.put((t, p)), ready.put)
+    resumed: queue.Queue[str | None] = queue.Queue()
+    transport.start(lambda t, p: messages.put((t, p)), ready.put, resumed.put)
     assert ready.get(timeout=WAIT) is None
     assert ipc.subscribe_qos == [(f, "1") for f in Topics.device_subscriptions(THING)]
 
@@ -498,6 +499,8 @@ def test_transport_qos_subscriptions_and_messages() -> None:
     transport.publish(Topics.next_get(THING), b"{}")  # a stopped transport publishes nothing
     assert len(ipc.published) == 1
     ipc.close()
+    # The nucleus tells components nothing of its reconnects: the periodic resync stands in (runtime).
+    assert resumed.empty()
 
 
 def test_transport_reports_a_failed_subscribe() -> None:
@@ -505,13 +508,13 @@ def test_transport_reports_a_failed_subscribe() -> None:
     failing = Topics.device_subscriptions(THING)[2]
     ipc.subscribe_failures[failing] = model.ServiceError(message="MQTT connection is offline")
     ready: queue.Queue[str | None] = queue.Queue()
-    GreengrassTransport(ipc, THING).start(lambda t, p: None, ready.put)
+    GreengrassTransport(ipc, THING).start(lambda t, p: None, ready.put, lambda e: None)
     reason = ready.get(timeout=WAIT)
     assert reason is not None and failing in reason and "offline" in reason
     ipc.close()
 
     # An IPC connection that is gone fails every subscribe synchronously: still one on_ready.
-    GreengrassTransport(ipc, THING).start(lambda t, p: None, ready.put)
+    GreengrassTransport(ipc, THING).start(lambda t, p: None, ready.put, lambda e: None)
     reason = ready.get(timeout=WAIT)
     assert reason is not None and reason.count("IPC connection closed") == 4
     assert ready.empty()
@@ -521,7 +524,7 @@ def test_recipe_access_control_refuses_other_topics() -> None:
     ipc = standin()
     ready: queue.Queue[str | None] = queue.Queue()
     GreengrassTransport(ipc, THING, subscriptions=[f"$aws/things/{THING}/shadow/#"]).start(
-        lambda t, p: None, ready.put
+        lambda t, p: None, ready.put, lambda e: None
     )
     reason = ready.get(timeout=WAIT)
     assert reason is not None and "UnauthorizedError" in reason

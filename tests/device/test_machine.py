@@ -19,7 +19,7 @@ from certrotator.device import machine as m
 from certrotator.device.agent import Agent, AgentSettings
 from certrotator.device.machine import Phase
 from certrotator.device.reactor import Reactor
-from certrotator.device.transport import OnMessage, OnReady
+from certrotator.device.transport import OnMessage, OnReady, OnResumed
 from certrotator.protocol import (
     FAILURE_REASON_KEY,
     JOB_DOCUMENT,
@@ -858,7 +858,7 @@ class _Transport:
     def __init__(self, hangs: bool, published: list[str]) -> None:
         self.hangs, self.published = hangs, published
 
-    def start(self, on_message: OnMessage, on_ready: OnReady) -> None:
+    def start(self, on_message: OnMessage, on_ready: OnReady, on_resumed: OnResumed) -> None:
         if not self.hangs:
             on_ready(None)
 

@@ -3,6 +3,11 @@
 It feeds events (messages, timeouts, connection outcomes, key-store failures) to `machine.transition`
 and carries out the actions against a transport and a key store. Everything runs on one reactor
 thread; several agents may share one reactor.
+
+Never stuck: a start-up that fails is retried or ends the agent (`certrotator.device.startup`), and an
+unexpected error in any of the agent's callbacks ends it too, through `on_fatal` (the runtimes exit
+non-zero, so systemd or the nucleus restarts the process, and start-up recovery finishes or undoes
+whatever credential step was under way). An agent never waits on in a state nothing will change.
 """
 
 from __future__ import annotations
@@ -10,7 +15,7 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from certrotator.algorithms import KeyAlgorithm, SigningAlgorithm
@@ -18,6 +23,13 @@ from certrotator.device import machine as m
 from certrotator.device.journal import atomic_write, remove
 from certrotator.device.keystores.base import KeyStore, KeyStoreError
 from certrotator.device.reactor import Reactor, TimerHandle
+from certrotator.device.startup import (
+    AGENT_FAILED_EXIT_CODE,
+    STARTUP_FAILED_EXIT_CODE,
+    StartupRetry,
+    is_transient,
+    retry_delay,
+)
 from certrotator.device.transport import Transport
 from certrotator.protocol import CreateCertificateRequest, Topics, encode
 
@@ -33,10 +45,18 @@ class AgentSettings:
     # Reconnect back-off after a connection failure that is not part of a rotation.
     retry_min_s: float = 1.0
     retry_max_s: float = 60.0
+    # Start-up (key store recovery) retries of failures that may pass by themselves.
+    startup: StartupRetry = field(default_factory=StartupRetry)
+    # Ask $next/get this often while idle (None: never), for a transport that cannot see its
+    # connection's drops and reconnects (Greengrass IPC). A direct connection re-synchronises on every
+    # reconnect instead. Jittered by +-20% so that a fleet does not ask in step.
+    resync_interval_s: float | None = None
 
 
 # Observers see every transition (the fleet simulator and tests use this; the CLI logs it).
 Observer = Callable[[m.State, m.Event, list[m.Action]], None]
+# Called once when the agent gives up: the reason and the exit status the process should end with.
+OnFatal = Callable[[str, int], None]
 
 
 class Agent:
@@ -49,6 +69,7 @@ class Agent:
         restart: Callable[[str], bool] | None = None,
         observer: Observer | None = None,
         commit_marker: Path | None = None,
+        on_fatal: OnFatal | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
@@ -59,6 +80,7 @@ class Agent:
         self.observer = observer
         # Names the job whose new pair was committed, until the cloud has settled it (see Started).
         self.commit_marker = commit_marker
+        self.on_fatal = on_fatal
         self.state = m.initial(
             settings.thing, settings.key_algorithm, settings.signing_algorithm, settings.state_timeout_s
         )
@@ -67,13 +89,16 @@ class Agent:
         self._subscribed = 0  # the connection whose Started the machine has seen
         self._state_timer: TimerHandle | None = None
         self._connect_timer: TimerHandle | None = None
+        self._resync_timer: TimerHandle | None = None
         self._retry_s = settings.retry_min_s
+        self._boot_failures = 0
         self.stopped = False
+        self.failure: str | None = None  # why the agent gave up, once it has
 
     # ---------------------------------------------------------------------------- lifecycle
 
     def start(self) -> None:
-        self.reactor.submit(self._boot)
+        self._submit(self._boot)
 
     def stop(self) -> None:
         self.reactor.submit(self._shutdown)
@@ -82,12 +107,71 @@ class Agent:
         self, key_algorithm: KeyAlgorithm, signing_algorithm: SigningAlgorithm, timeout_s: float
     ) -> None:
         """Apply a validated configuration change (takes effect for the next rotation)."""
-        self.reactor.submit(lambda: self.feed(m.ConfigChanged(key_algorithm, signing_algorithm, timeout_s)))
+        self._submit(lambda: self.feed(m.ConfigChanged(key_algorithm, signing_algorithm, timeout_s)))
 
     def _boot(self) -> None:
-        self.store.recover()  # finish or undo a credential change a power cut interrupted
-        self.state = replace(self.state, has_backup=self.store.has_backup())
+        if self.stopped:
+            return
+        try:
+            self.store.recover()  # finish or undo a credential change a power cut interrupted
+            has_backup = self.store.has_backup()
+        except Exception as exc:
+            self._boot_failed(exc)
+            return
+        if self._boot_failures:
+            log.info("%s: start-up succeeded after %d failed tries", self.settings.thing, self._boot_failures)
+        self.state = replace(self.state, has_backup=has_backup)
         self._connect()
+
+    def _boot_failed(self, error: Exception) -> None:
+        self._boot_failures += 1
+        policy, tries = self.settings.startup, self._boot_failures
+        reason = f"{type(error).__name__}: {error}"
+        delay = retry_delay(policy, tries, error, random.random())
+        if delay is None:
+            why = f"still failing after {tries} tries" if is_transient(error) else "not an error that passes"
+            self._fatal(f"start-up failed ({why}): {reason}", STARTUP_FAILED_EXIT_CODE)
+            return
+        log.warning(
+            "%s: start-up failed (try %d of %d), retrying in %.2f s: %s",
+            self.settings.thing,
+            tries,
+            policy.attempts,
+            delay,
+            reason,
+        )
+        self._later(delay, self._boot)
+
+    def _fatal(self, reason: str, exit_code: int) -> None:
+        """Give up: stop, and let the process end (on_fatal) so that it is restarted from scratch."""
+        if self.failure is not None:
+            return
+        self.failure = reason
+        log.error("%s: agent stopped: %s", self.settings.thing, reason)
+        self._shutdown()
+        if self.on_fatal is not None:
+            self.on_fatal(reason, exit_code)
+
+    def _guarded(self, fn: Callable[[], None]) -> Callable[[], None]:
+        """`fn` for the reactor: an exception ends the agent instead of leaving it waiting for an event
+        that the failed callback would have caused."""
+
+        def run() -> None:
+            if self.failure is not None:
+                return
+            try:
+                fn()
+            except Exception as exc:
+                log.exception("%s: unexpected error in the agent", self.settings.thing)
+                self._fatal(f"unexpected error: {type(exc).__name__}: {exc}", AGENT_FAILED_EXIT_CODE)
+
+        return run
+
+    def _submit(self, fn: Callable[[], None]) -> None:
+        self.reactor.submit(self._guarded(fn))
+
+    def _later(self, delay: float, fn: Callable[[], None]) -> TimerHandle:
+        return self.reactor.call_later(delay, self._guarded(fn))
 
     def _shutdown(self) -> None:
         self.stopped = True
@@ -101,18 +185,22 @@ class Agent:
             return
         self._connection += 1
         connection = self._connection
-        self.transport = self.transport_factory()
         # A connect or subscribe that hangs instead of failing counts as a failure (seed #21).
-        self._connect_timer = self.reactor.call_later(
+        self._connect_timer = self._later(
             self.settings.state_timeout_s,
             lambda: self._ready(connection, f"no connection within {self.settings.state_timeout_s:g} s"),
         )
-        self.transport.start(
-            on_message=lambda topic, payload: self.reactor.submit(
-                lambda: self._message(connection, topic, payload)
-            ),
-            on_ready=lambda error: self.reactor.submit(lambda: self._ready(connection, error)),
-        )
+        try:
+            self.transport = self.transport_factory()
+            self.transport.start(
+                on_message=lambda topic, payload: self._submit(
+                    lambda: self._message(connection, topic, payload)
+                ),
+                on_ready=lambda error: self._submit(lambda: self._ready(connection, error)),
+                on_resumed=lambda error: self._submit(lambda: self._resumed(connection, error)),
+            )
+        except Exception as exc:  # e.g. credentials that cannot even be loaded: a failed connection
+            self._ready(connection, f"cannot start the connection: {type(exc).__name__}: {exc}")
 
     def _ready(self, connection: int, error: str | None) -> None:
         if connection != self._connection or self.stopped or self._connect_timer is None:
@@ -123,6 +211,7 @@ class Agent:
             log.info("%s: connected and subscribed", self.settings.thing)
             self._retry_s = self.settings.retry_min_s
             self._subscribed = connection
+            self._arm_resync()
             self.feed(m.Started(self.store.has_backup(), self._committed_job()))
         else:
             log.warning("%s: connection failed: %s", self.settings.thing, error)
@@ -134,6 +223,36 @@ class Agent:
         # taken before Started makes the get reply look like a rotation interrupted by a restart.
         if connection == self._subscribed == self._connection and not self.stopped:
             self.feed(m.Message(topic, payload))
+
+    def _resumed(self, connection: int, error: str | None) -> None:
+        """The transport reconnected by itself (same credentials) and restored its subscriptions: the
+        machine asks $next/get again, since whatever was sent meanwhile may be lost."""
+        if not connection == self._subscribed == self._connection or self.stopped:
+            return  # an earlier connection's, or before the first Started (which asks anyway)
+        if error is not None:
+            log.warning(
+                "%s: reconnected, but restoring the subscriptions failed: %s", self.settings.thing, error
+            )
+            self.feed(m.ConnectFailed(f"resubscribing after a reconnect failed: {error}"))
+            return
+        log.info("%s: connection resumed: re-synchronising", self.settings.thing)
+        self.feed(m.ConnectionResumed(self._committed_job()))
+
+    def _arm_resync(self) -> None:
+        interval = self.settings.resync_interval_s
+        if interval is None or self.stopped:
+            return
+        if self._resync_timer is not None:
+            self._resync_timer.cancel()
+        connection = self._connection
+
+        def due() -> None:
+            self._resync_timer = None
+            if connection == self._subscribed == self._connection and not self.stopped:
+                self.feed(m.ResyncDue(self._committed_job()))
+                self._arm_resync()
+
+        self._resync_timer = self._later(interval * random.uniform(0.8, 1.2), due)
 
     # ------------------------------------------------------------------------------ machine
 
@@ -157,7 +276,7 @@ class Agent:
             if self._state_timer is not None:
                 self._state_timer.cancel()
             epoch = action.epoch
-            self._state_timer = self.reactor.call_later(action.seconds, lambda: self.feed(m.Timeout(epoch)))
+            self._state_timer = self._later(action.seconds, lambda: self.feed(m.Timeout(epoch)))
         elif isinstance(action, m.RequestCertificate):
             try:
                 csr = self.store.prepare(action.job_id, action.key_algorithm, action.signing_algorithm)
@@ -211,10 +330,10 @@ class Agent:
         if action.backoff:
             delay = self._retry_s * random.uniform(0.8, 1.2)  # jitter: a fleet must not reconnect in step
             self._retry_s = min(self._retry_s * 2, self.settings.retry_max_s)
-        self.reactor.call_later(delay, self._connect)
+        self._later(delay, self._connect)
 
     def _cancel_timers(self) -> None:
-        for timer in (self._state_timer, self._connect_timer):
+        for timer in (self._state_timer, self._connect_timer, self._resync_timer):
             if timer is not None:
                 timer.cancel()
-        self._state_timer = self._connect_timer = None
+        self._state_timer = self._connect_timer = self._resync_timer = None

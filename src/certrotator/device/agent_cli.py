@@ -11,7 +11,9 @@ import typer
 from rich.console import Console
 
 from certrotator.algorithms import CryptoError
+from certrotator.device.keystores.base import KeyStoreError
 from certrotator.device.settings import ConfigError
+from certrotator.device.startup import STARTUP_FAILED_EXIT_CODE
 
 err_console = Console(stderr=True)
 
@@ -33,7 +35,10 @@ def agent(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging")] = False,
 ) -> None:
     """Run the rotation agent until stopped. In Greengrass mode it exits with code 75 when the
-    Greengrass service must restart to use changed credentials (the recipe does that)."""
+    Greengrass service must restart to use changed credentials (the recipe does that). It exits with
+    69 when its credentials could not be made ready at start-up (after retrying failures that may
+    pass, e.g. a busy PKCS#11 token), with 70 after an unexpected error, and with 2 for an invalid
+    configuration: a service manager restarts it."""
     if greengrass == (config is not None):
         raise _fail("give exactly one of --config FILE (standalone) or --greengrass (component)")
     if greengrass and root is None:
@@ -47,7 +52,10 @@ def agent(
         if config is not None:
             from certrotator.device.standalone import runtime as standalone
 
-            standalone.run(config)
+            try:
+                standalone.run(config)
+            except standalone.AgentFailed as exc:
+                raise _fail(f"agent stopped: {exc}", exc.exit_code) from None
         else:
             assert root is not None
             from certrotator.device.greengrass import runtime as greengrass_mode
@@ -55,11 +63,13 @@ def agent(
             code = greengrass_mode.run(root, work)
     except (ConfigError, CryptoError) as exc:
         raise _fail(f"invalid configuration: {exc}") from None
+    except KeyStoreError as exc:
+        raise _fail(f"cannot open the key store: {exc}", STARTUP_FAILED_EXIT_CODE) from None
     except ImportError as exc:
         raise _fail(f"{exc}; install the device extra: pip install 'certrotator[device]'") from None
     raise typer.Exit(code)
 
 
-def _fail(message: str) -> typer.Exit:
+def _fail(message: str, code: int = 2) -> typer.Exit:
     err_console.print(f"[red]error:[/red] {message}", soft_wrap=True)
-    return typer.Exit(2)
+    return typer.Exit(code)

@@ -11,6 +11,9 @@ Assembly mirrors `standalone.py`, with three Greengrass specifics:
   with them: the process exits with RESTART_EXIT_CODE, after flushing its last publishes, and the
   recipe's run script restarts the Greengrass service (systemd on Linux, the Windows service).
   A plain connection failure does not touch credentials, so it only resubscribes, with back-off.
+
+The component cannot see the nucleus's MQTT connection, so it cannot re-synchronise when it comes back
+(see `greengrass.transport`); it asks `$next/get` every RESYNC_INTERVAL_S while idle instead.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from certrotator.device import machine as m
-from certrotator.device.agent import Agent, AgentSettings, Observer
+from certrotator.device.agent import Agent, AgentSettings, Observer, OnFatal
 from certrotator.device.greengrass.component_settings import (
     ComponentSettings,
     ConfigIpc,
@@ -54,6 +57,10 @@ JOURNAL_FILE = "certrotator-journal.json"
 # Where the certificate is kept as a file when the nucleus keeps it in the token (the store keeps both).
 TOKEN_CERTIFICATE_FILE = "certificate.pem.crt"
 FLUSH_TIMEOUT_S = 5.0
+# While idle, ask $next/get this often (+-20%): the nucleus's persistent session keeps QoS 1 messages
+# for 1 hour by default, so a notify-next is lost only after a longer outage, and is then found within
+# an hour of the reconnect. One small request an hour per device.
+RESYNC_INTERVAL_S = 3600.0
 
 
 class GreengrassIpc(IotCoreIpc, ConfigIpc, Protocol):
@@ -110,6 +117,8 @@ class GreengrassAgent:
         reactor: Reactor,
         on_restart: Callable[[m.Restart], bool],
         observer: Observer | None = None,
+        on_fatal: OnFatal | None = None,
+        resync_interval_s: float | None = RESYNC_INTERVAL_S,
     ) -> None:
         self.client, self.thing = client, thing
         self.credentials = resolve_nucleus_credentials(root)
@@ -128,13 +137,18 @@ class GreengrassAgent:
         self._restart_action: m.Restart | None = None
         self.agent = Agent(
             AgentSettings(
-                thing, settings.key_algorithm, settings.signing_algorithm, settings.state_timeout_s
+                thing,
+                settings.key_algorithm,
+                settings.signing_algorithm,
+                settings.state_timeout_s,
+                resync_interval_s=resync_interval_s,
             ),
             key_store(self.credentials, work, client),
             self._new_transport,
             reactor,
             restart=self._restart,
             observer=self._observe,
+            on_fatal=on_fatal,
         )
         self.watcher = ConfigurationWatcher(client, self.store_kind, self._apply)
 
@@ -198,7 +212,8 @@ def run(
     root: Path, work: Path | None = None, client_factory: Callable[[], GreengrassIpc] | None = None
 ) -> int:
     """Run the component until SIGTERM/SIGINT (exit 0) or until the nucleus must reconnect with changed
-    credentials (exit RESTART_EXIT_CODE, for the recipe to restart the Greengrass service).
+    credentials (exit RESTART_EXIT_CODE, for the recipe to restart the Greengrass service), or until the
+    agent gives up (the exit status it names: the nucleus restarts a component that fails).
     Raises ConfigError for a configuration that cannot work."""
     thing = os.environ.get("AWS_IOT_THING_NAME", "")
     if not thing:
@@ -219,11 +234,17 @@ def run(
         done.set()
         return True
 
+    def fatal(reason: str, code: int) -> None:
+        nonlocal exit_code
+        log.error("exiting: %s", reason)
+        exit_code = code
+        done.set()
+
     reactor = Reactor().start()
     component: GreengrassAgent | None = None
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        component = GreengrassAgent(client, thing, root, work, reactor, exit_for_restart)
+        component = GreengrassAgent(client, thing, root, work, reactor, exit_for_restart, on_fatal=fatal)
         for sig in previous:
             signal.signal(sig, lambda *_: done.set())  # Greengrass stops a component with SIGTERM
         component.start()

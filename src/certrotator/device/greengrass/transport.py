@@ -9,6 +9,14 @@ arrive are not dropped between the nucleus and AWS IoT Core.
 
 A restart in Greengrass mode is not done here: the nucleus owns the connection, so the agent exits
 and the recipe restarts the Greengrass service (see `certrotator.device.greengrass.runtime`).
+
+Reconnects: the nucleus owns the MQTT connection and IPC tells a component nothing about it, so this
+transport never reports a resumed connection. The nucleus keeps a persistent session (clean session
+off) and restores its subscriptions itself when the session is gone, so AWS IoT Core queues QoS 1
+messages for the component's subscriptions while the nucleus is away -- for as long as the session
+lives (1 hour by default). Beyond that, a notify-next is lost; the Greengrass runtime therefore asks
+`$next/get` periodically while idle (AgentSettings.resync_interval_s). A restarted nucleus restarts
+this component, which asks at start-up. See docs/reliability.md.
 """
 
 from __future__ import annotations
@@ -20,7 +28,7 @@ from concurrent.futures import Future, wait
 from functools import partial
 from typing import TYPE_CHECKING, Any, Protocol
 
-from certrotator.device.transport import OnMessage, OnReady
+from certrotator.device.transport import OnMessage, OnReady, OnResumed
 from certrotator.protocol import Topics
 
 if TYPE_CHECKING:
@@ -71,7 +79,8 @@ class GreengrassTransport:
 
     # --------------------------------------------------------------------------------- start
 
-    def start(self, on_message: OnMessage, on_ready: OnReady) -> None:
+    def start(self, on_message: OnMessage, on_ready: OnReady, on_resumed: OnResumed) -> None:
+        del on_resumed  # never called: the nucleus does not tell components about its reconnects
         self._on_message = on_message
         pending = len(self.subscriptions)
         failures: list[str] = []

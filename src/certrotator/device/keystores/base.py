@@ -17,6 +17,12 @@ class KeyStoreError(RuntimeError):
     """A store operation failed; the credentials in place are unchanged (or were restored)."""
 
 
+class TransientKeyStoreError(KeyStoreError):
+    """A failure that may pass by itself: a token busy with another process (SoftHSM's file store gives
+    CKR_GENERAL_ERROR, or shows no token at all, to a process that opens it while another one does), or
+    not present yet. The agent retries these at start-up, with back-off; any other error is final."""
+
+
 class KeyStore(Protocol):
     def recover(self) -> None:
         """At start-up: complete or undo whatever step the journal shows was interrupted."""

@@ -4,12 +4,13 @@ setting and what would be valid."""
 from __future__ import annotations
 
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from certrotator import algorithms  # not certrotator.crypto: the agent loads `cryptography` lazily
 from certrotator.device.settings import ConfigError, validate_algorithms
+from certrotator.device.startup import StartupRetry
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +36,7 @@ class DeviceConfig:
     signing_algorithm: algorithms.SigningAlgorithm
     state_timeout_s: float
     journal: Path
+    startup: StartupRetry = field(default_factory=StartupRetry)
 
 
 def _get(table: dict[str, Any], key: str, kind: type, where: str, default: Any = ...) -> Any:
@@ -99,6 +101,7 @@ def load_device_config(path: Path) -> DeviceConfig:
         private_key = rel(_get(credentials, "private_key", str, f"{where} [credentials]"))
     certificate = rel(_get(credentials, "certificate", str, f"{where} [credentials]"))
     return DeviceConfig(
+        startup=_startup(_get(data, "startup", dict, where, {}), f"{where} [startup]"),
         thing_name=_get(data, "thing_name", str, where),
         endpoint=_get(data, "endpoint", str, where),
         port=port,
@@ -112,3 +115,18 @@ def load_device_config(path: Path) -> DeviceConfig:
         state_timeout_s=timeout,
         journal=rel(_get(credentials, "journal", str, f"{where} [credentials]", ".certrotator-journal.json")),
     )
+
+
+def _startup(table: dict[str, Any], where: str) -> StartupRetry:
+    """Optional `[startup]`: `attempts` (tries of the start-up step, default 8) and `max_delay_s`
+    (the longest wait between tries, default 10) for failures that may pass (a busy token)."""
+    default = StartupRetry()
+    attempts = _get(table, "attempts", int, where, default.attempts)
+    max_delay = _get(table, "max_delay_s", float, where, default.max_delay_s)
+    if attempts < 1:
+        raise ConfigError(f"{where}: attempts must be at least 1, got {attempts}")
+    if max_delay < default.first_delay_s:
+        raise ConfigError(
+            f"{where}: max_delay_s must be at least {default.first_delay_s:g}, got {max_delay:g}"
+        )
+    return StartupRetry(attempts=attempts, max_delay_s=max_delay)

@@ -18,7 +18,7 @@ from typing import Any
 from awscrt import io, mqtt
 from awsiot import _iot_metrics, mqtt_connection_builder
 
-from certrotator.device.transport import OnMessage, OnReady
+from certrotator.device.transport import OnMessage, OnReady, OnResumed
 from certrotator.protocol import Topics, thing_of_client_id
 
 log = logging.getLogger("certrotator.device")
@@ -82,6 +82,7 @@ class MqttTransport:
         self.root_ca, self.credentials, self.keep_alive_s = root_ca, credentials, keep_alive_s
         self.subscriptions = subscriptions or Topics.device_subscriptions(thing_of_client_id(client_id))
         self._connection: mqtt.Connection | None = None
+        self._on_resumed: OnResumed | None = None
         self._stopped = False
 
     def _build(self) -> mqtt.Connection:
@@ -109,7 +110,8 @@ class MqttTransport:
             **common,
         )
 
-    def start(self, on_message: OnMessage, on_ready: OnReady) -> None:
+    def start(self, on_message: OnMessage, on_ready: OnReady, on_resumed: OnResumed) -> None:
+        self._on_resumed = on_resumed
         try:
             connection = self._build()
         except Exception as exc:  # bad key file, token unavailable: a connection failure like any other
@@ -152,10 +154,29 @@ class MqttTransport:
     def _resumed(
         self, connection: mqtt.Connection, return_code: Any, session_present: bool, **_kw: Any
     ) -> None:
-        # The CRT reconnects by itself after a drop; with a clean session the broker forgot our
-        # subscriptions, so restore them (the state machine's timeouts cover what was lost meanwhile).
-        if not session_present and not self._stopped:
-            connection.resubscribe_existing_topics()
+        # The CRT reconnects by itself after a drop and tells nobody but this callback. With a clean
+        # session the broker forgot our subscriptions: restore them, and only then tell the agent, which
+        # asks $next/get (a reply must not arrive before the subscription that receives it).
+        on_resumed = self._on_resumed
+        if self._stopped or on_resumed is None:
+            return
+        if session_present:
+            on_resumed(None)
+            return
+
+        def resubscribed(future: Future[Any]) -> None:
+            if (error := future.exception()) is not None:
+                on_resumed(f"resubscribe failed: {error}")
+                return
+            refused = [topic for topic, qos in future.result().get("topics", []) if qos is None]
+            on_resumed(f"resubscribe refused for {refused}" if refused else None)
+
+        try:
+            future, _packet_id = connection.resubscribe_existing_topics()
+        except Exception as exc:  # the connection went away again: its next resume tries again
+            log.warning("%s: resubscribing after a reconnect failed: %s", self.client_id, exc)
+            return
+        future.add_done_callback(resubscribed)
 
     def publish(self, topic: str, payload: bytes) -> None:
         if self._connection is not None and not self._stopped:

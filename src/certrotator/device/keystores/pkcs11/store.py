@@ -52,7 +52,7 @@ from pkcs11.exceptions import PKCS11Error
 
 from certrotator import crypto
 from certrotator.device.journal import Journal, atomic_write, crash_point
-from certrotator.device.keystores.base import KeyStoreError
+from certrotator.device.keystores.base import KeyStoreError, TransientKeyStoreError
 from certrotator.device.keystores.pkcs11.location import (
     BACKUP_SUFFIX,
     NEW_SUFFIX,
@@ -77,6 +77,7 @@ from certrotator.device.keystores.pkcs11.token import (
     find_one,
     generate_key_pair,
     public_key_of,
+    token_error,
 )
 
 log = logging.getLogger(__name__)
@@ -156,7 +157,7 @@ class Pkcs11KeyStore:
             try:
                 yield self._token.session()
             except PKCS11Error as exc:
-                raise KeyStoreError(f"PKCS#11 token error while {what}: {exc!r}") from exc
+                raise token_error(f"PKCS#11 token error while {what}: {exc!r}", exc) from exc
             except OSError as exc:
                 raise KeyStoreError(f"file error while {what}: {exc}") from exc
 
@@ -183,9 +184,17 @@ class Pkcs11KeyStore:
             return entry is not None and entry.phase == INSTALLED
 
     def recover(self) -> None:
-        with self._operation("recovering") as s:
-            self._recovery.resume(s, self.journal.read())
-            self._recovery.check_live_pair(s)
+        """Also the start-up check of the token: an attempt that failed in a way that may pass leaves the
+        next one to start from a re-initialised library (the agent retries with back-off)."""
+        if self._token.needs_reinitialize:
+            self._token.reinitialize()
+        try:
+            with self._operation("recovering") as s:
+                self._recovery.resume(s, self.journal.read())
+                self._recovery.check_live_pair(s)
+        except TransientKeyStoreError:
+            self._token.needs_reinitialize = True
+            raise
 
     def prepare(
         self, job_id: str, key_algorithm: crypto.KeyAlgorithm, signing_algorithm: crypto.SigningAlgorithm

@@ -21,11 +21,28 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from pkcs11 import Attribute, CertificateType, KeyType, MechanismFlag, ObjectClass
-from pkcs11.exceptions import FunctionNotSupported, PKCS11Error, RandomNoRNG, UserAlreadyLoggedIn
+from pkcs11.exceptions import (
+    DeviceError,
+    DeviceMemory,
+    DeviceRemoved,
+    FunctionFailed,
+    FunctionNotSupported,
+    GeneralError,
+    HostMemory,
+    NoSuchToken,
+    PKCS11Error,
+    RandomNoRNG,
+    SessionClosed,
+    SessionCount,
+    SessionHandleInvalid,
+    TokenNotPresent,
+    TokenNotRecognised,
+    UserAlreadyLoggedIn,
+)
 from pkcs11.util.ec import encode_ec_public_key, encode_named_curve_parameters
 
 from certrotator import crypto
-from certrotator.device.keystores.base import KeyStoreError
+from certrotator.device.keystores.base import KeyStoreError, TransientKeyStoreError
 from certrotator.device.keystores.pkcs11.location import Pkcs11Config
 
 if sys.platform == "win32":
@@ -43,6 +60,30 @@ else:
 
 KEY_CLASSES = (ObjectClass.PRIVATE_KEY, ObjectClass.PUBLIC_KEY)
 
+# Errors a token or its library may report while busy, short of memory or (re)plugged: they may pass by
+# themselves. Measured with SoftHSM2's file store: processes opening one token directory together get
+# CKR_GENERAL_ERROR, or no token at all. A wrong PIN, a missing object, a refused mechanism do not pass.
+TRANSIENT_ERRORS: tuple[type[PKCS11Error], ...] = (
+    GeneralError,
+    DeviceError,
+    DeviceMemory,
+    DeviceRemoved,
+    FunctionFailed,
+    HostMemory,
+    NoSuchToken,
+    SessionClosed,
+    SessionCount,
+    SessionHandleInvalid,
+    TokenNotPresent,
+    TokenNotRecognised,
+)
+
+
+def token_error(message: str, exc: PKCS11Error) -> KeyStoreError:
+    """The KeyStoreError for a PKCS#11 error: transient or not, as TRANSIENT_ERRORS says."""
+    kind = TransientKeyStoreError if isinstance(exc, TRANSIENT_ERRORS) else KeyStoreError
+    return kind(message)
+
 
 class Pkcs11Token:
     """The configured token and a logged-in read-write session on it (see the module docstring).
@@ -59,6 +100,9 @@ class Pkcs11Token:
         self._lock_path = lock_path
         self._thread_lock = threading.RLock()
         self._lock_depth = 0
+        # Set when finding or opening the token failed in a way that may pass: SoftHSM keeps the view of
+        # its token directory it took at C_Initialize, so only a re-initialised library sees it again.
+        self.needs_reinitialize = False
         # Initialise the library now, before an AWS CRT Pkcs11Lib of this process does: python-pkcs11
         # refuses a library that is already initialised, while the CRT's DEFAULT behaviour accepts it.
         self._library()
@@ -79,6 +123,17 @@ class Pkcs11Token:
             self.close()
         self._session = self._open_session()
         return self._session
+
+    def reinitialize(self) -> None:
+        """C_Finalize + C_Initialize: a fresh view of the tokens. Every session of this process dies with
+        it, the AWS CRT's too, so only before the first connection (start-up recovery)."""
+        with self._thread_lock:
+            self.close()
+            try:
+                self._library().reinitialize()
+            except PKCS11Error as exc:
+                raise token_error(f"re-initialising {self.config.library} failed: {exc!r}", exc) from exc
+            self.needs_reinitialize = False
 
     def close(self) -> None:
         with self._thread_lock:
@@ -144,9 +199,11 @@ class Pkcs11Token:
         else:
             tokens = [s.get_token() for s in lib.get_slots(token_present=True) if s.slot_id == wanted_slot]
             what = f"token in slot {wanted_slot}"
+        if not tokens:
+            # Not plugged in yet, or hidden from this process while another one had the store open.
+            raise TransientKeyStoreError(f"PKCS#11 library {self.config.library} has no {what}")
         if len(tokens) != 1:
-            found = "no" if not tokens else str(len(tokens))
-            raise KeyStoreError(f"PKCS#11 library {self.config.library} has {found} {what}")
+            raise KeyStoreError(f"PKCS#11 library {self.config.library} has {len(tokens)} {what}")
         return tokens[0]
 
     def _private_keys_visible(self, s: Any) -> bool:
