@@ -16,6 +16,7 @@ from certrotator.device.settings import ConfigError
 from certrotator.device.standalone.config import load_device_config
 from certrotator.local.adapters import IssuerPort
 from certrotator.local.engine import LocalIoTCore
+from certrotator.local.operations import JobRequest
 from certrotator.sim.fleet import SimulatedDevice, SimulatedFleet
 
 from .harness import running_fleet
@@ -153,13 +154,17 @@ def run_agent_until_crash(
     """Run the shipped standalone agent as a process that dies (SIGKILL-like, exit 86) at
     `crash_point`, and create the job that drives it there."""
     agent = subprocess.Popen(
-        [sys.executable, "-m", "certrotator.device.standalone.runtime", str(device.directory / "device.toml")],
+        [
+            sys.executable,
+            "-m",
+            "certrotator.device.standalone.runtime",
+            str(device.directory / "device.toml"),
+        ],
         env={**os.environ, CRASH_ENV: crash_point},
     )
     try:
-        fleet.engine.call(
-            lambda e: e.create_job(job_id, things=[device.thing], unlimited_rollout=True, **job_options)  # type: ignore[arg-type]
-        )
+        request = JobRequest(job_id, things=(device.thing,), unlimited_rollout=True, **job_options)  # type: ignore[arg-type]
+        fleet.engine.call(lambda e: e.create_job(request))
         assert agent.wait(timeout=60) == 86, f"the agent did not die at {crash_point}"
     finally:
         if agent.poll() is None:

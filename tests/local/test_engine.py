@@ -4,6 +4,7 @@ certificate status changes and restarts."""
 from __future__ import annotations
 
 import json
+import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,9 +12,13 @@ import pytest
 
 from certrotator import crypto
 from certrotator.backend.ports import CertificateStatus
+from certrotator.local.adapters import Outbox
+from certrotator.local.db import Database
 from certrotator.local.engine import EngineConfig, LocalIoTCore
 from certrotator.local.handles.thread import EngineThread
+from certrotator.local.operations import JobRequest
 from certrotator.local.provision import CERT_FILE, KEY_FILE, ROOT_CA_FILE, provision_thing
+from certrotator.local.registry import LocalRegistry
 from certrotator.protocol import JOB_DOCUMENT, JobExecutionStatus, Topics
 
 from .mqtt_clients import Device, PahoClient, Received
@@ -58,7 +63,7 @@ def ask(client: PahoClient, topic: str, body: object) -> Received:
 
 
 def test_jobs_api_over_mqtt(engine: EngineThread, device: PahoClient) -> None:
-    engine.call(lambda e: e.create_job("job1", things=["dev1"], unlimited_rollout=True))
+    engine.call(lambda e: e.create_job(JobRequest("job1", things=("dev1",), unlimited_rollout=True)))
     notify = device.next_message()
     assert notify.topic == Topics.notify_next("dev1")
     assert json.loads(notify.payload)["execution"]["jobId"] == "job1"
@@ -145,7 +150,7 @@ def test_disabled_create_rule_drops_requests(engine: EngineThread, device: PahoC
 def test_in_progress_timeout_times_out_and_notifies(engine: EngineThread, device: PahoClient) -> None:
     engine.call(
         lambda e: e.create_job(
-            "slow", things=["dev1"], unlimited_rollout=True, in_progress_timeout_minutes=0.5 / 60
+            JobRequest("slow", things=("dev1",), unlimited_rollout=True, in_progress_timeout_minutes=0.5 / 60)
         )
     )
     device.next_message()  # notify-next
@@ -169,7 +174,7 @@ def test_in_progress_timeout_times_out_and_notifies(engine: EngineThread, device
 def test_rollout_rate_is_honoured(engine: EngineThread, tmp_path: Path) -> None:
     for thing in ("r1", "r2", "r3"):
         provision(engine, tmp_path, thing, group="rollout")
-    engine.call(lambda e: e.create_job("rated", groups=["rollout"], max_per_minute=1))
+    engine.call(lambda e: e.create_job(JobRequest("rated", groups=("rollout",), max_per_minute=1)))
     counts = engine.call(lambda e: e.jobs.status_counts("rated"))
     assert counts == {"QUEUED": 1, "PENDING_ROLLOUT": 2}
 
@@ -196,7 +201,7 @@ def test_state_survives_an_engine_restart(tmp_path: Path) -> None:
         client = connected(first, dev)
         first.call(
             lambda e: e.create_job(
-                "kept", things=["keeper"], unlimited_rollout=True, in_progress_timeout_minutes=1
+                JobRequest("kept", things=("keeper",), unlimited_rollout=True, in_progress_timeout_minutes=1)
             )
         )
         client.next_message()
@@ -227,9 +232,8 @@ def test_admission_bounds_executions_in_flight_whatever_the_rate(tmp_path: Path)
         devices = [provision(engine, tmp_path, f"adm{i}") for i in range(4)]
         client = connected(engine, devices[0])
         try:
-            engine.call(
-                lambda e: e.create_job("admitted", things=[d.thing for d in devices], unlimited_rollout=True)
-            )
+            request = JobRequest("admitted", things=tuple(d.thing for d in devices), unlimited_rollout=True)
+            engine.call(lambda e: e.create_job(request))
             assert engine.call(lambda e: e.jobs.status_counts("admitted")) == {
                 "QUEUED": 2,
                 "PENDING_ROLLOUT": 2,
@@ -244,20 +248,28 @@ def test_admission_bounds_executions_in_flight_whatever_the_rate(tmp_path: Path)
         finally:
             client.close()
 
-        # An execution that has waited longer than the admission window (its device offline) stops
-        # holding a slot, so an absent device cannot stall the rollout.
-        def age_one(e: LocalIoTCore) -> None:
-            with e.db.transaction() as conn:
-                conn.execute("UPDATE job_executions SET queued_at = queued_at - 31 WHERE thing_name = 'adm1'")
-            e._release("admitted")
 
-        engine.call(age_one)
-        assert engine.call(lambda e: e.jobs.status_counts("admitted")) == {"SUCCEEDED": 1, "QUEUED": 3}
+def test_an_absent_device_holds_its_admission_slot_only_for_the_window(tmp_path: Path) -> None:
+    window = 0.3
+    config = EngineConfig(tmp_path / "data", port=0, max_in_flight=2, admission_window_s=window)
+    with EngineThread(config) as engine:
+        things = tuple(provision(engine, tmp_path, f"away{i}").thing for i in range(4))
+        engine.call(lambda e: e.create_job(JobRequest("absent", things=things, unlimited_rollout=True)))
+        # No device is connected, so no execution ends; the rollout still goes on, two at a time.
+        done = engine.wait_for(
+            lambda: engine.call(lambda e: e.jobs.status_counts("absent")) == {"QUEUED": 4}, 10, tick_s=0.05
+        )
+        assert done
+        queued = sorted(e.queued_at for e in engine.call(lambda e: e.jobs.executions("absent")))
+        assert queued[1] - queued[0] < window  # the first two together ...
+        assert queued[2] - queued[0] >= window  # ... the next only once their window had passed
 
 
 def test_admission_limit_must_be_positive(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="max_in_flight must be at least 1"):
         EngineConfig(tmp_path, max_in_flight=0)
+    with pytest.raises(ValueError, match="admission_window_s must be positive"):
+        EngineConfig(tmp_path, admission_window_s=0)
     assert EngineConfig(tmp_path, max_in_flight=None).max_in_flight is None
 
 
@@ -266,8 +278,10 @@ def test_admission_is_engine_wide_across_jobs(tmp_path: Path) -> None:
         devices = [provision(engine, tmp_path, f"wide{i}") for i in range(3)]
         client = connected(engine, devices[0])
         try:
-            engine.call(lambda e: e.create_job("first", things=["wide0", "wide1"], unlimited_rollout=True))
-            engine.call(lambda e: e.create_job("second", things=["wide2"], unlimited_rollout=True))
+            engine.call(
+                lambda e: e.create_job(JobRequest("first", ("wide0", "wide1"), unlimited_rollout=True))
+            )
+            engine.call(lambda e: e.create_job(JobRequest("second", ("wide2",), unlimited_rollout=True)))
             assert engine.call(lambda e: e.jobs.status_counts("second")) == {"PENDING_ROLLOUT": 1}
             client.next_message()  # notify-next of "first"
 
@@ -276,3 +290,34 @@ def test_admission_is_engine_wide_across_jobs(tmp_path: Path) -> None:
             assert engine.wait_until(lambda e: e.jobs.status_counts("second") == {"QUEUED": 1}, 10)
         finally:
             client.close()
+
+
+def test_what_a_unit_of_work_publishes_goes_out_once_its_transaction_committed(tmp_path: Path) -> None:
+    db = Database(tmp_path)
+    registry = LocalRegistry(db)
+    reader = sqlite3.connect(db.path)  # another connection sees only what is committed
+    sent: list[tuple[str, bytes, int, bool | None]] = []
+
+    def send(topic: str, payload: bytes, qos: int) -> None:
+        row = reader.execute("SELECT enabled FROM rules WHERE name = 'create'").fetchone()
+        sent.append((topic, payload, qos, None if row is None else bool(row[0])))
+
+    outbox = Outbox(send)
+    try:
+        with outbox.holding(), db.batch():
+            registry.set_rule_enabled("create", False)
+            outbox.publish("t/1", {"n": 1})
+            outbox.publish("t/2", {"n": 2})
+            assert sent == []
+        assert sent == [("t/1", b'{"n":1}', 0, False), ("t/2", b'{"n":2}', 0, False)]
+
+        with pytest.raises(RuntimeError), outbox.holding():
+            outbox.publish("t/3", {})
+            raise RuntimeError("the commit failed")
+        assert [topic for topic, *_ in sent] == ["t/1", "t/2"]  # a failed unit publishes nothing
+
+        outbox.publish("t/4", {})  # outside a unit of work (timers, admin): at once
+        assert sent[-1][0] == "t/4"
+    finally:
+        reader.close()
+        db.close()

@@ -1,5 +1,5 @@
-"""The backend ports implemented on the local IoT Core: registry, jobs, CA, buffered publisher and the
-notifier. The handlers run unchanged on these, exactly as they run on the boto3 adapters."""
+"""The backend ports implemented on the local IoT Core: registry, jobs, CA, the outbox (publisher) and
+the notifier. The handlers run unchanged on these, exactly as they run on the boto3 adapters."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ from certrotator.backend.ports import (
 from certrotator.local.ca import Issuer
 from certrotator.local.jobs import JobStore
 from certrotator.local.registry import LocalRegistry
+from certrotator.protocol import encode
 
 log = logging.getLogger("certrotator.local")
 
@@ -100,18 +102,40 @@ class StatePort:
         self.registry.clear_state(thing)
 
 
-class BufferedPublisher:
-    """Handlers run synchronously; the engine sends what they published once they return."""
+class Outbox:
+    """The publisher port, and the one buffer between everything the engine publishes and the broker.
 
-    def __init__(self) -> None:
-        self.outbox: list[tuple[str, dict[str, Any]]] = []
+    Inside `holding()` (a unit of work: one device message and its transaction) messages are held and
+    go out once the unit has committed, so a device never sees a reply about a change that was then
+    rolled back; the held messages are dropped if the unit fails. Outside a unit (timers, admin
+    operations) they go out at once.
+
+    Everything goes out at QoS 0. At QoS 1 the device's PUBACK is a small write still unacknowledged
+    when it sends its next request, so Nagle (the AWS CRT offers no TCP_NODELAY) holds that request for
+    the broker's delayed ACK: ~40 ms per round trip. A lost QoS 0 reply is what the device's per-state
+    timeouts are for, as with any lost message."""
+
+    def __init__(self, send: Callable[[str, bytes, int], None]) -> None:
+        self._send = send  # the broker's publish_nowait(topic, payload, qos)
+        self._held: list[tuple[str, bytes]] | None = None
 
     def publish(self, topic: str, message: dict[str, Any]) -> None:
-        self.outbox.append((topic, message))
+        if self._held is not None:
+            self._held.append((topic, encode(message)))
+        else:
+            self._send(topic, encode(message), 0)
 
-    def drain(self) -> list[tuple[str, dict[str, Any]]]:
-        out, self.outbox = self.outbox, []
-        return out
+    @contextmanager
+    def holding(self) -> Iterator[None]:
+        """Hold what is published until the block ends without an exception, then send it in order."""
+        self._held = []
+        try:
+            yield
+            held = self._held
+        finally:
+            self._held = None
+        for topic, data in held:
+            self._send(topic, data, 0)
 
 
 class LocalNotifier:

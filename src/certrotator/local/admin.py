@@ -17,7 +17,11 @@ import urllib.request
 from collections.abc import Callable, Coroutine
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
+
+from certrotator.backend.ports import CertificateStatus
+from certrotator.local.operations import JobRequest
+from certrotator.local.policy import Connection
 
 ENGINE_FILE = "engine.json"
 
@@ -26,6 +30,51 @@ AdminOp = Callable[[dict[str, Any]], Coroutine[Any, Any, Any]]
 
 class AdminError(RuntimeError):
     pass
+
+
+class EngineControls(Protocol):
+    """What the admin endpoint may do to a running engine (`LocalIoTCore` has these)."""
+
+    async def set_certificate_status(self, certificate_id: str, status: CertificateStatus) -> None: ...
+
+    def set_rule_enabled(self, name: str, enabled: bool) -> None: ...
+
+    def create_job(self, request: JobRequest) -> None: ...
+
+    async def cancel_job(self, job_id: str, force: bool = False) -> None: ...
+
+    def connections(self) -> list[Connection]: ...
+
+
+def engine_ops(engine: EngineControls) -> dict[str, AdminOp]:
+    """The admin operations, by name, each taking the request's JSON body (`op` plus its arguments)."""
+
+    async def set_status(a: dict[str, Any]) -> None:
+        await engine.set_certificate_status(str(a["certificate_id"]), CertificateStatus(a["status"]))
+
+    async def set_rule(a: dict[str, Any]) -> None:
+        engine.set_rule_enabled(str(a["name"]), bool(a["enabled"]))
+
+    async def create_job(a: dict[str, Any]) -> None:
+        engine.create_job(JobRequest.from_json(a))
+
+    async def cancel_job(a: dict[str, Any]) -> None:
+        await engine.cancel_job(str(a["job_id"]), bool(a.get("force")))
+
+    async def connections(_a: dict[str, Any]) -> list[dict[str, str]]:
+        # For a simulated fleet driving this engine from another process (local.handles.process).
+        return [
+            {"client_id": c.client_id, "principal": c.principal, "thing": c.thing}
+            for c in engine.connections()
+        ]
+
+    return {
+        "set_certificate_status": set_status,
+        "set_rule": set_rule,
+        "create_job": create_job,
+        "cancel_job": cancel_job,
+        "connections": connections,
+    }
 
 
 class AdminServer:

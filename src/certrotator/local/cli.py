@@ -344,27 +344,24 @@ def jobs_create(
     things_, groups_ = thing or [], group or []
     if not things_ and not groups_:
         raise _fail("give at least one --thing or --group")
-    job = job_id or f"rotate-{int(time.time())}"
-    args = {
-        "job_id": job,
-        "things": things_,
-        "groups": groups_,
-        "template": template,
-        "max_per_minute": max_per_minute,
-        "in_progress_timeout_minutes": in_progress_timeout_minutes,
-    }
-    if not _admin(data_dir, "create_job", **args):
+    request = operations.JobRequest(
+        job_id or f"rotate-{int(time.time())}",
+        tuple(things_),
+        tuple(groups_),
+        template,
+        max_per_minute,
+        in_progress_timeout_minutes,
+    )
+    if not _admin(data_dir, "create_job", **request.to_json()):
         registry, store = _open(data_dir)
         try:
-            operations.create_job(
-                registry, store, job, things_, groups_, template, max_per_minute, in_progress_timeout_minutes
-            )
+            operations.create_job(registry, store, request)
         except (JobError, RegistryError) as exc:
             raise _fail(str(exc)) from None
         console.print(
             "[yellow]no engine running: the job rolls out when `certrotator local up` starts[/yellow]"
         )
-    console.print(f"created job [bold]{job}[/bold]")
+    console.print(f"created job [bold]{request.job_id}[/bold]")
 
 
 @jobs_app.command("cancel")

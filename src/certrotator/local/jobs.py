@@ -8,17 +8,27 @@ what is due; nothing here sleeps or polls.
 from __future__ import annotations
 
 import json
-import math
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from certrotator.local.db import Database
-from certrotator.protocol import JOB_DOCUMENT, JobExecutionStatus, validate_job_id
+from certrotator.protocol import (
+    ACTIVE_EXECUTION_STATUSES,
+    JOB_DOCUMENT,
+    PENDING_ROLLOUT,
+    JobExecutionStatus,
+    JobStatus,
+    validate_job_id,
+)
 
 S = JobExecutionStatus
 DEFAULT_TEMPLATE = "AWSLabsCertificateRotator"
+
+# SQL takes statuses as parameters, from protocol.py's sets: `status IN {_ACTIVE_IN}` with *_ACTIVE.
+_ACTIVE: tuple[str, ...] = tuple(sorted(s.value for s in ACTIVE_EXECUTION_STATUSES))
+_ACTIVE_IN = f"({','.join('?' * len(_ACTIVE))})"
 
 # The local IoT Core's admission limit: executions in flight at once, engine-wide (see engine.py).
 DEFAULT_MAX_IN_FLIGHT = 32
@@ -182,8 +192,15 @@ class JobStore:
             if conn.execute("SELECT 1 FROM jobs WHERE job_id=?", (job_id,)).fetchone():
                 raise JobError("ResourceAlreadyExists", f"job {job_id!r} already exists")
             conn.execute(
-                "INSERT INTO jobs VALUES (?, ?, ?, ?, 'IN_PROGRESS', ?, NULL)",
-                (job_id, json.dumps(document), config.to_json(), json.dumps(targets), now),
+                "INSERT INTO jobs VALUES (?, ?, ?, ?, ?, ?, NULL)",
+                (
+                    job_id,
+                    json.dumps(document),
+                    config.to_json(),
+                    json.dumps(targets),
+                    JobStatus.IN_PROGRESS,
+                    now,
+                ),
             )
             conn.executemany(
                 "INSERT INTO job_pending VALUES (?, ?, ?)", [(job_id, i, t) for i, t in enumerate(things)]
@@ -223,7 +240,8 @@ class JobStore:
         return [j for j in (self.job(i) for i in ids) if j is not None]
 
     def active_jobs(self) -> list[str]:
-        return [r["job_id"] for r in self.db.query("SELECT job_id FROM jobs WHERE status='IN_PROGRESS'")]
+        rows = self.db.query("SELECT job_id FROM jobs WHERE status=?", (JobStatus.IN_PROGRESS,))
+        return [r["job_id"] for r in rows]
 
     def pending_count(self, job_id: str) -> int:
         return int(self.db.query("SELECT COUNT(*) FROM job_pending WHERE job_id=?", (job_id,))[0][0])
@@ -241,8 +259,8 @@ class JobStore:
                     "SELECT COUNT(*) FROM job_executions WHERE thing_name=?", (thing,)
                 ).fetchone()[0]
                 conn.execute(
-                    "INSERT OR IGNORE INTO job_executions VALUES (?, ?, 'QUEUED', '{}', 1, ?, ?, NULL, ?, NULL)",
-                    (job_id, thing, number + 1, now, now),
+                    "INSERT OR IGNORE INTO job_executions VALUES (?, ?, ?, '{}', 1, ?, ?, NULL, ?, NULL)",
+                    (job_id, thing, S.QUEUED, number + 1, now, now),
                 )
                 conn.execute("DELETE FROM job_pending WHERE job_id=? AND seq=?", (job_id, row["seq"]))
                 released.append(thing)
@@ -255,8 +273,8 @@ class JobStore:
         marks = ",".join("?" * len(job_ids))
         rows = self.db.query(
             f"SELECT COUNT(*) FROM job_executions WHERE job_id IN ({marks}) "
-            "AND status IN ('QUEUED','IN_PROGRESS') AND queued_at >= ?",
-            (*job_ids, since),
+            f"AND status IN {_ACTIVE_IN} AND queued_at >= ?",
+            (*job_ids, *_ACTIVE, since),
         )
         return int(rows[0][0])
 
@@ -267,30 +285,29 @@ class JobStore:
         counts = {r["status"]: int(r["n"]) for r in rows}
         pending = self.pending_count(job_id)
         if pending:
-            counts["PENDING_ROLLOUT"] = pending
+            counts[PENDING_ROLLOUT] = pending
         return counts
 
     def succeeded_count(self, job_id: str) -> int:
         rows = self.db.query(
-            "SELECT COUNT(*) FROM job_executions WHERE job_id=? AND status='SUCCEEDED'", (job_id,)
+            "SELECT COUNT(*) FROM job_executions WHERE job_id=? AND status=?", (job_id, S.SUCCEEDED)
         )
         return int(rows[0][0])
 
     def complete_if_done(self, job_id: str, now: float) -> bool:
-        # PERF: runs for every terminal execution. Counting the open executions scanned all of the
-        # job's executions each time (O(N^2) over a job); EXISTS on the (job_id, status) index stops
-        # at the first open one.
+        # Runs for every terminal execution: EXISTS on the (job_id, status) index stops at the first
+        # open execution instead of counting them all (see docs/performance.md).
         with self.db.transaction() as conn:
             open_ = conn.execute(
                 "SELECT EXISTS (SELECT 1 FROM job_pending WHERE job_id=?) OR EXISTS (SELECT 1 FROM "
-                "job_executions WHERE job_id=? AND status IN ('QUEUED','IN_PROGRESS'))",
-                (job_id, job_id),
+                f"job_executions WHERE job_id=? AND status IN {_ACTIVE_IN})",
+                (job_id, job_id, *_ACTIVE),
             ).fetchone()[0]
             if open_:
                 return False
             conn.execute(
-                "UPDATE jobs SET status='COMPLETED', completed=? WHERE job_id=? AND status='IN_PROGRESS'",
-                (now, job_id),
+                "UPDATE jobs SET status=?, completed=? WHERE job_id=? AND status=?",
+                (JobStatus.COMPLETED, now, job_id, JobStatus.IN_PROGRESS),
             )
         return True
 
@@ -308,9 +325,9 @@ class JobStore:
         """AWS's $next: IN_PROGRESS executions first, then QUEUED, oldest first."""
         rows = self.db.query(
             "SELECT e.*, j.document FROM job_executions e JOIN jobs j USING (job_id) "
-            "WHERE e.thing_name=? AND e.status IN ('IN_PROGRESS','QUEUED') "
-            "ORDER BY e.status='QUEUED', e.queued_at, e.job_id LIMIT 1",
-            (thing,),
+            f"WHERE e.thing_name=? AND e.status IN {_ACTIVE_IN} "
+            "ORDER BY e.status=?, e.queued_at, e.job_id LIMIT 1",
+            (thing, *_ACTIVE, S.QUEUED),
         )
         return _execution(rows[0]) if rows else None
 
@@ -346,13 +363,26 @@ class JobStore:
     def timeouts_due(self, now: float) -> list[Execution]:
         rows = self.db.query(
             "SELECT e.*, j.document FROM job_executions e JOIN jobs j USING (job_id) "
-            "WHERE e.timeout_at IS NOT NULL AND e.timeout_at <= ? AND e.status='IN_PROGRESS'",
-            (now,),
+            "WHERE e.timeout_at IS NOT NULL AND e.timeout_at <= ? AND e.status=?",
+            (now, S.IN_PROGRESS),
         )
         return [_execution(r) for r in rows]
 
+    def expire_timeouts(self, now: float) -> list[Execution]:
+        """IN_PROGRESS executions past their timeout become TIMED_OUT; returns those that did (one the
+        device updated meanwhile keeps the device's update)."""
+        expired = []
+        for e in self.timeouts_due(now):
+            timed_out = replace(e, status=S.TIMED_OUT, version=e.version + 1, updated_at=now, timeout_at=None)
+            try:
+                self.save_execution(timed_out, e.version)
+            except JobError:
+                continue
+            expired.append(timed_out)
+        return expired
+
     def next_timeout(self) -> float | None:
-        rows = self.db.query("SELECT MIN(timeout_at) FROM job_executions WHERE status='IN_PROGRESS'")
+        rows = self.db.query("SELECT MIN(timeout_at) FROM job_executions WHERE status=?", (S.IN_PROGRESS,))
         value = rows[0][0]
         return float(value) if value is not None else None
 
@@ -360,25 +390,20 @@ class JobStore:
         """Cancel a job: QUEUED executions (and IN_PROGRESS ones with force) become CANCELED."""
         if self.job(job_id) is None:
             raise JobError("ResourceNotFound", f"job {job_id!r} does not exist")
-        statuses = ("QUEUED", "IN_PROGRESS") if force else ("QUEUED",)
-        canceled = [e for e in self.executions(job_id) if e.status.value in statuses]
+        statuses = ACTIVE_EXECUTION_STATUSES if force else {S.QUEUED}
+        canceled = [e for e in self.executions(job_id) if e.status in statuses]
         with self.db.transaction() as conn:
             conn.execute("DELETE FROM job_pending WHERE job_id=?", (job_id,))
             for e in canceled:
                 conn.execute(
-                    "UPDATE job_executions SET status='CANCELED', version=version+1, updated_at=?, timeout_at=NULL "
+                    "UPDATE job_executions SET status=?, version=version+1, updated_at=?, timeout_at=NULL "
                     "WHERE job_id=? AND thing_name=?",
-                    (now, job_id, e.thing),
+                    (S.CANCELED, now, job_id, e.thing),
                 )
-            conn.execute("UPDATE jobs SET status='CANCELED', completed=? WHERE job_id=?", (now, job_id))
+            conn.execute(
+                "UPDATE jobs SET status=?, completed=? WHERE job_id=?", (JobStatus.CANCELED, now, job_id)
+            )
         return [replace(e, status=S.CANCELED, version=e.version + 1, updated_at=now) for e in canceled]
-
-
-def rollout_delay(rate_per_minute: float | None, tokens: float) -> float:
-    """Seconds until the next whole execution may be released (0 = now)."""
-    if rate_per_minute is None or tokens >= 1:
-        return 0.0
-    return math.ceil((1 - tokens) / (rate_per_minute / 60.0) * 1000) / 1000
 
 
 def _execution(row: Any) -> Execution:

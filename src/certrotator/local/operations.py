@@ -45,7 +45,13 @@ class JobRequest:
         if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, int | float)):
             raise JobError("InvalidRequest", "create_job: 'in_progress_timeout_minutes' must be a number")
         return cls(
-            job_id, names("things"), names("groups"), template, rate, timeout, bool(body.get("unlimited_rollout"))
+            job_id,
+            names("things"),
+            names("groups"),
+            template,
+            rate,
+            timeout,
+            bool(body.get("unlimited_rollout")),
         )
 
 
@@ -61,38 +67,25 @@ def resolve_targets(registry: LocalRegistry, things: Sequence[str], groups: Sequ
     return list(dict.fromkeys(resolved))
 
 
-def job_config(
-    base: JobConfig,
-    max_per_minute: int | None = None,
-    in_progress_timeout_minutes: float | None = None,
-    unlimited_rollout: bool = False,
-) -> JobConfig:
+def job_config(base: JobConfig, request: JobRequest) -> JobConfig:
     """A template's configuration with a job's overrides (a flat rate replaces the exponential one)."""
     config = base
-    if unlimited_rollout:
+    if request.unlimited_rollout:
         config = replace(config, max_per_minute=None, base_rate_per_minute=None)
-    elif max_per_minute is not None:
-        config = replace(config, max_per_minute=max_per_minute, base_rate_per_minute=None)
-    if in_progress_timeout_minutes is not None:
-        config = replace(config, in_progress_timeout_s=in_progress_timeout_minutes * 60.0)
+    elif request.max_per_minute is not None:
+        config = replace(config, max_per_minute=request.max_per_minute, base_rate_per_minute=None)
+    if request.in_progress_timeout_minutes is not None:
+        config = replace(config, in_progress_timeout_s=request.in_progress_timeout_minutes * 60.0)
     return config
 
 
-def create_job(
-    registry: LocalRegistry,
-    store: JobStore,
-    job_id: str,
-    things: Sequence[str] = (),
-    groups: Sequence[str] = (),
-    template: str = DEFAULT_TEMPLATE,
-    max_per_minute: int | None = None,
-    in_progress_timeout_minutes: float | None = None,
-    unlimited_rollout: bool = False,
-) -> None:
-    found = store.template(template)
+def create_job(registry: LocalRegistry, store: JobStore, request: JobRequest) -> None:
+    """Create the job in the database; a running engine then schedules its rollout (`LocalIoTCore.create_job`),
+    a stopped one does on start."""
+    found = store.template(request.template)
     if found is None:
-        raise JobError("ResourceNotFound", f"job template {template!r} does not exist")
+        raise JobError("ResourceNotFound", f"job template {request.template!r} does not exist")
     document, base = found
-    config = job_config(base, max_per_minute, in_progress_timeout_minutes, unlimited_rollout)
-    targets = [f"thing/{t}" for t in things] + [f"thinggroup/{g}" for g in groups]
-    store.create_job(job_id, document, resolve_targets(registry, things, groups), config, targets)
+    targets = [f"thing/{t}" for t in request.things] + [f"thinggroup/{g}" for g in request.groups]
+    things = resolve_targets(registry, request.things, request.groups)
+    store.create_job(request.job_id, document, things, job_config(base, request), targets)
