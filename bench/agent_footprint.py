@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from certrotator.local.handles.process import EngineProcess, RemoteEngine
-from certrotator.local.provision import CONFIG_FILE, provision_thing
+from certrotator.local.provision import CONFIG_FILE, ProvisionRequest
 
 SUBSCRIBED = "connected and subscribed"
 # Top-level packages an agent must never load: the AWS SDK and CDK (backend / infra), the broker.
@@ -119,7 +119,7 @@ def main() -> int:
         with EngineProcess(root / "engine"):
             engine = RemoteEngine(root / "engine")
             device = root / "device"
-            engine.call(lambda e: provision_thing(e.registry, e.ca, "footprint-device", device, port=e.port))
+            engine.provision(ProvisionRequest("footprint-device", device))
             engine.close()
             config = str(device / CONFIG_FILE)
             env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}

@@ -59,11 +59,13 @@ from certrotator.device.journal import atomic_write, remove
 from certrotator.device.keystores.files import FileKeyStore
 from certrotator.local.ca import LocalCa, ensure_local_ca
 from certrotator.local.engine import EngineConfig, relax_gc
+from certrotator.local.handles.base import EngineHandle
 from certrotator.local.handles.process import EngineProcess, RemoteEngine
 from certrotator.local.handles.thread import EngineThread
 from certrotator.local.jobs import DEFAULT_MAX_IN_FLIGHT
 from certrotator.protocol import JobExecutionStatus
-from certrotator.sim.fleet import EngineHandle, JobReport, SimulatedFleet, percentile
+from certrotator.sim.fleet import SimulatedFleet
+from certrotator.sim.report import JobReport, percentile
 
 GROUP = "bench-fleet"
 TICK = os.sysconf("SC_CLK_TCK")
@@ -402,16 +404,7 @@ def rotate_fleet(args: argparse.Namespace, devices: int, work: Path) -> Run:
             cpu_engine = process_cpu(engine_pid) - engine_before if not args.in_process else Cpu(0.0, 0.0)
         rss_peak = rss_mb(engine_pid, "VmHWM")
 
-        def window(e: Any) -> tuple[float, list[float]]:
-            job = e.jobs.job(job_id)
-            executions = e.jobs.executions(job_id)
-            if not job or not executions:
-                return 0.0, []
-            created = float(job["created"])
-            done = sorted(x.updated_at - created for x in executions if x.status.value == "SUCCEEDED")
-            return max(x.updated_at for x in executions) - created, done
-
-        window_s, end_to_end_s = engine.call(window)
+        window_s, end_to_end_s = rotation_window(engine, job_id)
         fleet.verify(report)
         fleet.stop_agents()
     return Run(
@@ -428,6 +421,16 @@ def rotate_fleet(args: argparse.Namespace, devices: int, work: Path) -> Run:
         provision_s,
         args.in_process,
     )
+
+
+def rotation_window(engine: EngineHandle, job_id: str) -> tuple[float, list[float]]:
+    """(job created -> last execution terminal, job created -> SUCCEEDED of each execution) in seconds."""
+    created = engine.job_created_at(job_id)
+    executions = engine.executions(job_id)
+    if created is None or not executions:
+        return 0.0, []
+    done = sorted(x.updated_at - created for x in executions if x.status is JobExecutionStatus.SUCCEEDED)
+    return max(x.updated_at for x in executions) - created, done
 
 
 @contextmanager

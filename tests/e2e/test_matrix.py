@@ -12,7 +12,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from certrotator import crypto
 from certrotator.local.ca import IssuerName
 
-from .harness import running_fleet
+from .harness import rotate_verified, running_fleet
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -29,9 +29,7 @@ def test_every_key_and_signing_algorithm_rotates(tmp_path: Path) -> None:
             device = fleet.devices[i]
             assert (device.config.key_algorithm, device.config.signing_algorithm) == (key, signing)
         fleet.start_agents()
-        report = fleet.run_job("matrix", group="matrix", timeout_s=150, unlimited_rollout=True)
-        fleet.verify(report)
-        assert report.problems == []
+        report = rotate_verified(fleet, "matrix", group="matrix", timeout_s=150)
         assert report.verified == 21
         for device, (key, _) in zip(fleet.devices, COMBINATIONS, strict=True):
             new_key = crypto.load_certificate(device.config.certificate.read_bytes()).public_key()
@@ -50,9 +48,7 @@ def test_private_ca_issuer_for_each_signing_algorithm(
     ) as fleet:
         (device,) = fleet.provision(1, state_timeout_s=10)
         fleet.start_agents()
-        report = fleet.run_job("pca", timeout_s=60, unlimited_rollout=True)
-        fleet.verify(report)
-        assert report.problems == []
+        rotate_verified(fleet, "pca")
         cert = crypto.load_certificate(device.config.certificate.read_bytes())
         ca = fleet.engine.call(lambda e: e.ca.private_ca.certificate)
         assert cert.issuer == ca.subject

@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 
 from certrotator import crypto
-from certrotator.sim.softhsm import CONF_ENV, softhsm_available, softhsm_config
+from certrotator.local.provision import KEY_FILE
+from certrotator.sim.softhsm import SoftHsm, softhsm_available
 
-from .harness import running_fleet
+from .harness import rotate_verified, running_fleet
 
 pytestmark = [
     pytest.mark.timeout(180),
@@ -28,27 +29,36 @@ pytestmark = [
 def test_pkcs11_devices_rotate(
     tmp_path: Path, key: crypto.KeyAlgorithm, signing: crypto.SigningAlgorithm
 ) -> None:
-    conf = softhsm_config(tmp_path)
     with running_fleet(tmp_path) as fleet:
-        devices = fleet.provision(2, key_algorithm=key, signing_algorithm=signing, state_timeout_s=20)
-        fleet.move_keys_into_tokens(conf, devices)
-        assert all(
-            d.config.store == "pkcs11" and not (d.directory / "private.pem.key").exists() for d in devices
+        devices = fleet.provision(
+            2, key_algorithm=key, signing_algorithm=signing, state_timeout_s=20, keystore="pkcs11"
         )
-        processes = fleet.start_agent_processes(devices, env={CONF_ENV: str(conf)})
-        try:
-            report = fleet.run_job("hsm", timeout_s=120, unlimited_rollout=True)
-            fleet.verify(report)
-        finally:
-            for p in processes:
-                p.terminate()
-            for p in processes:
-                p.wait(timeout=30)
-        assert report.problems == [], report.problems
-        assert report.verified == 2
+        assert all(d.config.store == "pkcs11" and not (d.directory / KEY_FILE).exists() for d in devices)
+        # each device has a token directory of its own, as each real device has its own HSM
+        confs = {d.softhsm.conf for d in devices if d.softhsm is not None}
+        assert len(confs) == 2 and all(c.is_relative_to(tmp_path / "devices") for c in confs)
+        with pytest.raises(ValueError, match="agent processes"):
+            fleet.start_agents(devices)  # one process, one SOFTHSM2_CONF: refused, not half-working
+
+        fleet.start_agent_processes(devices)
+        rotate_verified(fleet, "hsm", timeout_s=120)
+        fleet.stop_agents()
         for device in devices:
             cert = crypto.load_certificate(device.config.certificate.read_bytes())
             assert crypto.key_algorithm_of(cert.public_key()) is key
+            assert not (device.directory / KEY_FILE).exists()  # the key never left the token
 
-            assert not (device.directory / "private.pem.key").exists()  # the key never left the token
-            assert "pkcs11" in (device.directory / "device.toml").read_text()
+
+def test_two_agents_sharing_one_token_directory_start_together_and_rotate(tmp_path: Path) -> None:
+    """Like the Greengrass nucleus and the component on one device: two processes open one SoftHSM2
+    token directory at the same moment (SoftHSM's file store can answer one of them with
+    CKR_GENERAL_ERROR; the agent must ride that out at start-up)."""
+    shared = SoftHsm.create(tmp_path / "shared-softhsm")
+    with running_fleet(tmp_path) as fleet:
+        devices = fleet.provision(2, state_timeout_s=20, keystore="pkcs11", softhsm=shared)
+        assert {d.softhsm for d in devices} == {shared}
+        for _ in range(3):  # the race is on opening the token: start them together a few times
+            fleet.start_agent_processes(devices, timeout_s=30)
+            fleet.stop_agents()
+        fleet.start_agent_processes(devices, timeout_s=30)
+        rotate_verified(fleet, "shared-token", timeout_s=120)

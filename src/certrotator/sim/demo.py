@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import subprocess
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -19,12 +18,14 @@ from certrotator import crypto
 from certrotator.device.settings import validate_algorithms
 from certrotator.local.ca import IssuerName
 from certrotator.local.engine import EngineConfig
+from certrotator.local.handles.base import EngineHandle
 from certrotator.local.handles.process import EngineProcess, RemoteEngine
 from certrotator.local.handles.thread import EngineThread
 from certrotator.local.jobs import DEFAULT_MAX_IN_FLIGHT
 from certrotator.protocol import TERMINAL_EXECUTION_STATUSES, JobExecutionStatus
-from certrotator.sim.fleet import EngineHandle, JobReport, SimulatedFleet
-from certrotator.sim.softhsm import CONF_ENV, softhsm_available, softhsm_config
+from certrotator.sim.fleet import SimulatedFleet
+from certrotator.sim.report import JobReport
+from certrotator.sim.softhsm import softhsm_available
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,25 +72,23 @@ def run_demo(options: DemoOptions, console: Console) -> int:
                 f"local IoT Core on 127.0.0.1:{engine.port}; provisioning {options.devices} devices "
                 f"({key_algorithm.value}, CSRs signed {signing_algorithm.value}, issuer {options.issuer.value})"
             )
-            devices = fleet.provision(options.devices, "demo-fleet", key_algorithm, signing_algorithm)
-            processes: list[subprocess.Popen[bytes]] = []
-            if options.keystore == "pkcs11":
-                # Each device gets a SoftHSM2 token holding its key; agents run as processes, one
-                # PKCS#11 application each, as on real devices.
-                conf = softhsm_config(root)
-                fleet.move_keys_into_tokens(conf, devices)
-                processes = fleet.start_agent_processes(devices, env={CONF_ENV: str(conf)})
+            pkcs11 = options.keystore == "pkcs11"
+            devices = fleet.provision(
+                options.devices,
+                "demo-fleet",
+                key_algorithm,
+                signing_algorithm,
+                keystore="pkcs11" if pkcs11 else "file",
+            )
+            if pkcs11:
+                # Each device has its own SoftHSM2 token directory holding its key; agents run as
+                # processes, one PKCS#11 application each, as on real devices (the fleet ends them).
+                fleet.start_agent_processes(devices)
             else:
                 fleet.start_agents()
-            try:
-                say(f"{options.devices} agents connected over mutual TLS; creating the rotation job")
-                report = _rotate(fleet, options, console)
-                fleet.verify(report)
-            finally:
-                for process in processes:
-                    process.terminate()
-                for process in processes:
-                    process.wait(timeout=30)
+            say(f"{options.devices} agents connected over mutual TLS; creating the rotation job")
+            report = _rotate(fleet, options, console)
+            fleet.verify(report)
     summary = report.summary()
     if options.as_json:
         console.print_json(json.dumps(summary))
@@ -130,7 +129,7 @@ def _engine(
             remote.close()
 
 
-def _rotate(fleet: SimulatedFleet, options: DemoOptions, console: Console) -> JobReport:
+def _rotate(fleet: SimulatedFleet[EngineHandle], options: DemoOptions, console: Console) -> JobReport:
     if options.as_json:
         return fleet.run_job("demo-rotation", "demo-fleet", unlimited_rollout=True)
     columns = (

@@ -1,10 +1,10 @@
-"""A local IoT Core running in its own process (`certrotator local up`), driven by a SimulatedFleet.
+"""A local IoT Core running in its own process (`certrotator local up`), and the `EngineHandle` that
+drives it from another.
 
-The fleet needs little from an engine: provisioning (the registry and CA in the shared SQLite database
-and `ca/` directory, as `certrotator local provision` does), job creation (the admin endpoint, as
-`certrotator jobs create` does), reads of jobs and the registry (the database: WAL lets a reader run
-beside the engine) and the live connections (the admin endpoint). `RemoteEngine` offers those with the
-`call` / `wait_until` interface of `EngineThread`, so the same fleet code drives either.
+`RemoteEngine` reaches the engine the way the operator's CLI does: writes that need the live engine
+(create a job, list connections) go to its loopback admin endpoint; provisioning writes the shared
+registry and reads the `ca/` directory as `certrotator local provision` does; reads of jobs and the
+registry come from the shared SQLite database (WAL lets a reader run beside the engine).
 
 Why a second process at all: engine and fleet in one process share one GIL, so the broker's TLS
 handshakes and the agents' work queue behind each other on a 2-core machine. The benchmarks run them
@@ -23,10 +23,13 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TypeVar
 
+from certrotator import crypto
 from certrotator.local import admin
-from certrotator.local.ca import LocalCa, ensure_local_ca
+from certrotator.local.ca import CaFiles, IssuerName, LocalCa, ensure_local_ca
 from certrotator.local.db import Database
-from certrotator.local.jobs import DEFAULT_TEMPLATE, JobStore
+from certrotator.local.handles.base import EngineHandle, EngineRefused, Stores
+from certrotator.local.jobs import JobStore
+from certrotator.local.operations import JobRequest
 from certrotator.local.policy import Connection
 from certrotator.local.registry import LocalRegistry
 
@@ -37,85 +40,75 @@ class EngineGone(RuntimeError):
     """The engine process is not running (any more)."""
 
 
-class RemoteBroker:
-    def __init__(self, data_dir: Path) -> None:
-        self.data_dir = data_dir
-
-    def connections(self) -> list[Connection]:
-        live, rows = admin.call(self.data_dir, "connections")
-        if not live:
-            raise EngineGone(f"no engine is running on {self.data_dir}")
-        return [Connection(str(r["client_id"]), str(r["principal"]), str(r["thing"])) for r in rows]
-
-
-class RemoteView:
-    """The part of `LocalIoTCore` a SimulatedFleet uses, for an engine in another process."""
-
-    def __init__(self, data_dir: Path, port: int) -> None:
-        self.data_dir = data_dir
-        self.port = port
-        db = Database(data_dir)
-        self.db = db
-        self.registry = LocalRegistry(db)
-        self.jobs = JobStore(db)
-        self.ca: LocalCa = ensure_local_ca(data_dir)  # loads what the engine generated
-        self.broker = RemoteBroker(data_dir)
-
-    def create_job(
-        self,
-        job_id: str,
-        things: Sequence[str] = (),
-        groups: Sequence[str] = (),
-        template: str = DEFAULT_TEMPLATE,
-        max_per_minute: int | None = None,
-        in_progress_timeout_minutes: float | None = None,
-        unlimited_rollout: bool = False,
-    ) -> None:
-        live, _ = admin.call(
-            self.data_dir,
-            "create_job",
-            job_id=job_id,
-            things=list(things),
-            groups=list(groups),
-            template=template,
-            max_per_minute=max_per_minute,
-            in_progress_timeout_minutes=in_progress_timeout_minutes,
-            unlimited_rollout=unlimited_rollout,
-        )
-        if not live:
-            raise EngineGone(f"no engine is running on {self.data_dir}")
+def engine_ca(data_dir: Path) -> LocalCa:
+    """The CAs an engine generated in `data_dir`, loaded with the private CA's signing algorithm read
+    from its certificate (loading with the default would refuse an RSA private CA)."""
+    path = CaFiles.in_data_dir(data_dir).issuer_cert(IssuerName.PRIVATE_CA)
+    cert = crypto.load_certificate(path.read_bytes())  # self-signed: signed with the CA's algorithm
+    key = crypto.key_algorithm_of(cert.public_key())
+    digest = cert.signature_hash_algorithm
+    algorithm = next(
+        (
+            a
+            for a in crypto.CaSigningAlgorithm
+            if key is not None
+            and a.family is key.family
+            and digest is not None
+            and a.hash().name == digest.name
+        ),
+        crypto.CaSigningAlgorithm.SHA256WITHECDSA,  # unreadable: let ensure_local_ca say what is wrong
+    )
+    return ensure_local_ca(data_dir, private_ca_signing_algorithm=algorithm)
 
 
-class RemoteEngine:
-    """`EngineThread`'s interface over an engine running in another process on `data_dir`."""
+class RemoteEngine(EngineHandle):
+    """The handle of an engine running in another process on `data_dir`."""
 
     def __init__(self, data_dir: Path, poll_s: float = 0.05) -> None:
         info = admin.running_engine(data_dir)
         if info is None:
             raise EngineGone(f"no engine is running on {data_dir} (start `certrotator local up`)")
         self.data_dir = data_dir
-        self.poll_s = poll_s
-        self.view = RemoteView(data_dir, int(info["mqtt_port"]))
+        self.poll_s = poll_s  # no change events cross processes: conditions are polled
+        self._host, self._port = str(info["host"]), int(info["mqtt_port"])
+        self._db = Database(data_dir)
+        self._stores = Stores(LocalRegistry(self._db), JobStore(self._db), engine_ca(data_dir))
         self._lock = threading.Lock()
 
     @property
+    def host(self) -> str:
+        return self._host
+
+    @property
     def port(self) -> int:
-        return self.view.port
+        return self._port
 
-    def call(self, fn: Callable[[RemoteView], T], timeout: float = 60) -> T:
-        """Run `fn` on the view here (one caller at a time, like the engine's loop)."""
-        del timeout  # the database and admin calls have their own
-        with self._lock:
-            return fn(self.view)
+    def _admin(self, op: str, **args: object) -> object:
+        try:
+            live, result = admin.call(self.data_dir, op, **args)
+        except admin.AdminError as exc:
+            raise EngineRefused(str(exc)) from exc
+        if not live:
+            raise EngineGone(f"no engine is running on {self.data_dir}")
+        return result
 
-    def wait_until(
-        self, predicate: Callable[[RemoteView], bool], timeout: float, tick_s: float | None = None
-    ) -> bool:
-        """Poll `predicate` (there are no change events across processes); False after `timeout` s."""
-        deadline = time.monotonic() + timeout
+    def create_job(self, request: JobRequest) -> None:
+        self._admin("create_job", **request.to_json())
+
+    def connections(self) -> list[Connection]:
+        rows = self._admin("connections")
+        assert isinstance(rows, list)
+        return [Connection(str(r["client_id"]), str(r["principal"]), str(r["thing"])) for r in rows]
+
+    def _with_stores(self, fn: Callable[[Stores], T]) -> T:
+        with self._lock:  # one caller at a time, like the engine's loop
+            return fn(self._stores)
+
+    def wait_for(self, condition: Callable[[], bool], timeout_s: float, tick_s: float | None = None) -> bool:
+        deadline = time.monotonic() + timeout_s
         interval = self.poll_s if tick_s is None else min(tick_s, self.poll_s)
         while True:
-            if self.call(predicate):
+            if condition():
                 return True
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -123,7 +116,7 @@ class RemoteEngine:
             time.sleep(min(interval, remaining))
 
     def close(self) -> None:
-        self.view.db.close()
+        self._db.close()
 
 
 class EngineProcess:

@@ -1,5 +1,8 @@
-"""Run the local IoT Core on a background thread: for the demo, the fleet simulator and tests, which
-drive it from ordinary (non-async) code."""
+"""Run the local IoT Core on a background thread of this process: the `EngineHandle` the demo, the
+simulated fleet and the tests use by default.
+
+Besides the handle's named operations, `call` and `wait_until` run arbitrary code against the engine
+object on its loop: for tests that must reach inside the engine (sabotage an issuer, switch a rule)."""
 
 from __future__ import annotations
 
@@ -12,12 +15,16 @@ from typing import Any, TypeVar
 
 from certrotator.local.admin import AdminServer
 from certrotator.local.engine import EngineConfig, LocalIoTCore
-from certrotator.local.jobs import Execution
+from certrotator.local.handles.base import EngineHandle, EngineRefused, Stores
+from certrotator.local.jobs import Execution, JobError
+from certrotator.local.operations import JobRequest
+from certrotator.local.policy import Connection
+from certrotator.local.registry import RegistryError
 
 T = TypeVar("T")
 
 
-class EngineThread:
+class EngineThread(EngineHandle):
     def __init__(self, config: EngineConfig, admin: bool = False) -> None:
         self.config = config
         self.admin_enabled = admin  # also serve the loopback admin endpoint the CLI talks to
@@ -62,9 +69,25 @@ class EngineThread:
         self.loop.close()
 
     @property
+    def host(self) -> str:
+        return self.config.host
+
+    @property
     def port(self) -> int:
         assert self.engine is not None
         return self.engine.port
+
+    def create_job(self, request: JobRequest) -> None:
+        try:
+            self.call(lambda e: e.create_job(request))
+        except (JobError, RegistryError) as exc:
+            raise EngineRefused(str(exc)) from exc
+
+    def connections(self) -> list[Connection]:
+        return self.call(lambda e: e.broker.connections())
+
+    def _with_stores(self, fn: Callable[[Stores], T]) -> T:
+        return self.call(lambda e: fn(Stores(e.registry, e.jobs, e.ca)))
 
     def call(self, fn: Callable[[LocalIoTCore], T], timeout: float = 60) -> T:
         """Run `fn(engine)` on the engine's loop (coroutine functions are awaited) and return its result."""
@@ -94,14 +117,18 @@ class EngineThread:
     def wait_until(
         self, predicate: Callable[[LocalIoTCore], bool], timeout: float, tick_s: float | None = None
     ) -> bool:
-        """Wait until `predicate(engine)` (evaluated on the engine's loop) holds; re-checked whenever an
-        execution changes (and every `tick_s`, for progress displays). False if it still does not hold
-        after `timeout` seconds."""
-        deadline = time.monotonic() + timeout
+        """Wait until `predicate(engine)`, evaluated on the engine's loop, holds (see `wait_for`)."""
+        return self.wait_for(lambda: self.call(predicate), timeout, tick_s)
+
+    def wait_for(self, condition: Callable[[], bool], timeout_s: float, tick_s: float | None = None) -> bool:
+        """Wait until `condition()` (run on the calling thread) holds; re-checked whenever an execution
+        changes (and every `tick_s`, for progress displays and conditions on connections). False if
+        it still does not hold after `timeout_s` seconds."""
+        deadline = time.monotonic() + timeout_s
         while True:
             with self._changed:
                 seen = self._version
-            if self.call(predicate):  # outside the lock: the loop thread takes it in _notify
+            if condition():  # outside the lock: the loop thread takes it in _notify
                 return True
             with self._changed:
                 remaining = deadline - time.monotonic()
