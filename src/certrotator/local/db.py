@@ -58,9 +58,7 @@ MIGRATIONS: list[str] = [
     CREATE INDEX job_executions_by_thing ON job_executions(thing_name, status, queued_at);
     CREATE INDEX job_executions_timeouts ON job_executions(timeout_at) WHERE timeout_at IS NOT NULL;
     """,
-    # PERF: without these, two per-rotation lookups scanned a table that grows with the fleet (O(N^2)
-    # over a job): whether a job still has open executions (asked at every terminal execution), and a
-    # certificate's policies (read when issuing, and by the cascade when deleting the old certificate).
+    # Two per-rotation lookups that otherwise scan tables growing with the fleet (see docs/performance.md).
     """
     CREATE INDEX job_executions_by_job_status ON job_executions(job_id, status);
     CREATE INDEX policy_attachments_by_certificate ON policy_attachments(certificate_id);
@@ -123,10 +121,8 @@ class Database:
     def batch(self) -> Iterator[None]:
         """One transaction for everything in the block: each `transaction()` inside is a savepoint, and
         what they did is committed at the end even if the block raises (as it would have been had each
-        committed on its own).
-
-        PERF: the engine handles each device message in one batch. A rotation made ~12 commits, each
-        its own WAL append and lock round; the ~5 messages that write now make one each."""
+        committed on its own). The engine handles each device message in one batch: one commit per
+        message instead of one per change (see docs/performance.md, fix 6)."""
         with self._lock:
             if self._depth:
                 yield

@@ -153,8 +153,7 @@ def device_transition(
 class JobStore:
     def __init__(self, db: Database) -> None:
         self.db = db
-        # PERF: a job's configuration never changes once created, and every device update needs it
-        # (its in-progress timeout): read and parse it once per job, not once per message.
+        # A job's configuration never changes, and every device update needs it: parsed once per job.
         self._configs: dict[str, JobConfig] = {}
 
     # -------------------------------------------------------------------------------- templates
