@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import datetime as dt
 import os
-import shutil
-import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -34,17 +32,14 @@ from pkcs11.util.rsa import decode_rsa_private_key, decode_rsa_public_key
 from certrotator import crypto
 from certrotator.crypto import KeyAlgorithm
 from certrotator.device.keystores.pkcs11.location import Pkcs11Config
+from certrotator.sim import softhsm as sim_softhsm
+from certrotator.sim.softhsm import CONF_ENV, SOFTHSM_MODULE, USER_PIN, softhsm_available
 
-SOFTHSM_MODULE = Path("/usr/lib/softhsm/libsofthsm2.so")
-SOFTHSM_UTIL = shutil.which("softhsm2-util")
 SKIP_REASON = (
-    f"SoftHSM2 is not installed ({SOFTHSM_MODULE} or softhsm2-util missing); "
-    "`make test` installs it (apt-get install softhsm2)"
+    f"SoftHSM2 is not installed ({softhsm_available()}); `make test` installs it (apt-get install softhsm2)"
 )
 
 TOKEN_LABEL = "T"
-USER_PIN = "1234"
-SO_PIN = "5678"
 KEY_LABEL = "device-key"
 CERT_LABEL = "device-cert"
 INITIAL_ID = b"\x00\x01"
@@ -90,30 +85,13 @@ class SoftHsm:
 
 
 def create_softhsm(directory: Path, monkeypatch: pytest.MonkeyPatch) -> SoftHsm:
-    if not SOFTHSM_MODULE.exists() or SOFTHSM_UTIL is None:
+    if softhsm_available() is not None:
         pytest.skip(SKIP_REASON)
-    tokens = directory / "tokens"
-    tokens.mkdir(mode=0o700, parents=True)
-    conf = directory / "softhsm2.conf"
-    conf.write_text(f"directories.tokendir = {tokens}\nobjectstore.backend = file\nlog.level = ERROR\n")
-    monkeypatch.setenv("SOFTHSM2_CONF", str(conf))  # inherited by the crash subprocesses too
-    subprocess.run(
-        [
-            SOFTHSM_UTIL,
-            "--init-token",
-            "--free",
-            "--label",
-            TOKEN_LABEL,
-            "--pin",
-            USER_PIN,
-            "--so-pin",
-            SO_PIN,
-        ],
-        check=True,
-        capture_output=True,
-    )
+    tokens = sim_softhsm.SoftHsm.create(directory)  # the simulated fleet's configuration: one token dir
+    monkeypatch.setenv(CONF_ENV, str(tokens.conf))  # inherited by the crash subprocesses too
+    tokens.init_token(TOKEN_LABEL)
     pkcs11.lib(str(SOFTHSM_MODULE)).reinitialize()
-    return SoftHsm(directory=directory, conf=conf)
+    return SoftHsm(directory=directory, conf=tokens.conf)
 
 
 class TestCa:

@@ -76,7 +76,7 @@ class SoftHsm:
                 )
             )
         try:
-            self._util("--init-token", "--free", "--label", label, "--pin", USER_PIN, "--so-pin", SO_PIN)
+            self.init_token(label)
             self._util(
                 "--import", str(pkcs8), "--token", label, "--label", label, "--id", "01", "--pin", USER_PIN
             )
@@ -85,6 +85,10 @@ class SoftHsm:
         return Pkcs11Settings(
             library=SOFTHSM_MODULE, user_pin=USER_PIN, key_label=label, token_label=label, slot_id=None
         )
+
+    def init_token(self, label: str) -> None:
+        """A new, empty token labelled `label` in the first free slot, with USER_PIN and SO_PIN."""
+        self._util("--init-token", "--free", "--label", label, "--pin", USER_PIN, "--so-pin", SO_PIN)
 
     def _util(self, *args: str) -> None:
         result = subprocess.run(
