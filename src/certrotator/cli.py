@@ -27,11 +27,16 @@ _LAZY_GROUPS: dict[str, tuple[str, str]] = {
     "local": ("certrotator.local.cli", "local_app"),
     "jobs": ("certrotator.local.cli", "jobs_app"),
 }
+# Single commands, the same way: (module, function with typer annotations).
+_LAZY_COMMANDS: dict[str, tuple[str, str]] = {
+    "reconcile": ("certrotator.ops.reconcile.cli", "reconcile_command"),
+}
 
 
 class _LazyGroups(TyperGroup):
     def list_commands(self, ctx: click.Context) -> list[str]:
-        return [*super().list_commands(ctx), *(n for n in _LAZY_GROUPS if n not in self.commands)]
+        lazy = [*_LAZY_GROUPS, *_LAZY_COMMANDS]
+        return [*super().list_commands(ctx), *(n for n in lazy if n not in self.commands)]
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
         if cmd_name in _LAZY_GROUPS and cmd_name not in self.commands:
@@ -39,6 +44,11 @@ class _LazyGroups(TyperGroup):
             group = typer.main.get_group(getattr(importlib.import_module(module), attribute))
             group.name = cmd_name
             self.add_command(group, cmd_name)
+        if cmd_name in _LAZY_COMMANDS and cmd_name not in self.commands:
+            module, attribute = _LAZY_COMMANDS[cmd_name]
+            single = typer.Typer(add_completion=False)
+            single.command(cmd_name)(getattr(importlib.import_module(module), attribute))
+            self.add_command(typer.main.get_command(single), cmd_name)
         return super().get_command(ctx, cmd_name)
 
 

@@ -133,8 +133,8 @@ def reconcile_thing(backend: Backend, thing: str, options: Options) -> Outcome:
 
 
 def _notified(backend: Backend, outcome: Outcome, facts: ThingFacts, what: str, options: Options) -> Outcome:
-    """Tell the notifier port (never in a dry run); a failure to notify is noted, not fatal."""
-    if options.dry_run or not options.notify:
+    """Tell the notifier port (never in a dry run or a report); a failure to notify is noted, not fatal."""
+    if options.dry_run or not options.notify or options.report_only is not None:
         return outcome
     try:
         backend.notify(_notification(outcome.decision, facts, what))
