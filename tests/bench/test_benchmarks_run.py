@@ -37,8 +37,11 @@ def test_fleet_bench_rotates_and_verifies_every_device(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == [], "the work directory is cleaned up"
 
 
-def test_api_calls_bench_counts_19_per_warm_rotation() -> None:
-    assert run("api_calls.py")[-1] == "api_calls_per_rotation=19"
+def test_api_calls_bench_counts_calls_per_rotation_and_per_unrelated_event() -> None:
+    lines = run("api_calls.py")
+    # an unrelated job costs one document read for its first terminal event, nothing after that
+    assert "unrelated_job_event_calls=1/0/0" in lines
+    assert lines[-1] == "api_calls_per_rotation=25"
 
 
 def test_agent_footprint_bench_reports_and_finds_no_forbidden_import() -> None:
