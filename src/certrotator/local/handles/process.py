@@ -42,7 +42,9 @@ class EngineGone(RuntimeError):
 
 def engine_ca(data_dir: Path) -> LocalCa:
     """The CAs an engine generated in `data_dir`, loaded with the private CA's signing algorithm read
-    from its certificate (loading with the default would refuse an RSA private CA)."""
+    from its certificate (loading with the default would refuse an RSA private CA). The validity of
+    what the private CA issues is the engine's option, not kept in the data directory: provisioning
+    from it here takes `ProvisionRequest.validity_days` (else 365 days)."""
     path = CaFiles.in_data_dir(data_dir).issuer_cert(IssuerName.PRIVATE_CA)
     cert = crypto.load_certificate(path.read_bytes())  # self-signed: signed with the CA's algorithm
     key = crypto.key_algorithm_of(cert.public_key())
