@@ -30,6 +30,7 @@ from certrotator.backend.aws.clients import CLIENT_CONFIG, Clients, get_clients,
 from certrotator.backend.ports import (
     CertificateStatus,
     Notification,
+    PermanentFailure,
     RotationState,
     ThingNotFound,
 )
@@ -273,8 +274,10 @@ def test_delete_certificate_gives_up_after_bounded_retries(clients: Clients, iot
         iot_stub.add_client_error("delete_certificate", "DeleteConflictException")
     sleeps: list[float] = []
     reg = IotRegistry(clients, account=ACCOUNT, delete_retry_delays=(0.1, 0.2), sleep=sleeps.append)
-    with pytest.raises(ClientError, match="DeleteConflictException"):
+    # Still attached after the retries (e.g. to another thing as well): waiting longer will not help.
+    with pytest.raises(PermanentFailure, match="DeleteConflictException") as raised:
         reg.delete_certificate("dev1", cert_id)
+    assert isinstance(raised.value.__cause__, ClientError)
     iot_stub.assert_no_pending_responses()
     assert sleeps == [0.1, 0.2]
 
@@ -290,8 +293,32 @@ def test_delete_certificate_deletes_a_revoked_certificate(clients: Clients, iot_
 
 def test_delete_certificate_does_not_hide_other_errors(clients: Clients, iot_stub: Stubber) -> None:
     iot_stub.add_client_error("update_certificate", "UnauthorizedException", http_status_code=401)
-    with pytest.raises(ClientError, match="UnauthorizedException"):
+    with pytest.raises(PermanentFailure, match="UnauthorizedException"):
         registry(clients).delete_certificate("dev1", "ab" * 32)
+
+
+@pytest.mark.parametrize(
+    ("operation", "code", "status"),
+    [
+        ("update_certificate", "ThrottlingException", 400),
+        ("detach_thing_principal", "ServiceUnavailableException", 503),
+        ("delete_certificate", "InternalFailureException", 500),
+        ("delete_certificate", "TooManyRequestsException", 429),
+    ],
+)
+def test_delete_certificate_lets_transient_errors_through_for_a_retry(
+    clients: Clients, iot_stub: Stubber, operation: str, code: str, status: int
+) -> None:
+    """Not a PermanentFailure: the terminal handler lets it propagate and Lambda runs the event again."""
+    cert_id = "ab" * 32
+    steps = ["update_certificate", "detach_thing_principal", "delete_certificate"]
+    for step in steps[: steps.index(operation)]:
+        iot_stub.add_response(step, {})
+    iot_stub.add_client_error(operation, code, http_status_code=status)
+    with pytest.raises(ClientError, match=code) as raised:
+        registry(clients).delete_certificate("dev1", cert_id)
+    assert not isinstance(raised.value, PermanentFailure)
+    iot_stub.assert_no_pending_responses()
 
 
 # -------------------------------------------------------------------------------------------- issuers

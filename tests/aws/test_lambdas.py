@@ -29,7 +29,16 @@ from certrotator.protocol import (
 )
 
 from ..backend.fakes import World
-from .support import ACCOUNT, REGION, Device, TestCa, execution_response, provision, sign_csrs_for_real
+from .support import (
+    ACCOUNT,
+    REGION,
+    ROTATION_DOCUMENT,
+    Device,
+    TestCa,
+    execution_response,
+    provision,
+    sign_csrs_for_real,
+)
 
 TOPIC_ARN = f"arn:aws:sns:{REGION}:{ACCOUNT}:AWSLabsCertificateRotatorNotification"
 SECRET_ARN = f"arn:aws:secretsmanager:{REGION}:{ACCOUNT}:secret:certrotator/state-key-AbCdEf"
@@ -174,6 +183,22 @@ def backend(
         jobs.assert_no_pending_responses()
 
 
+def in_progress(backend: Stubber, thing: str, job_id: str, times: int = 1) -> None:
+    """The jobs data plane (stubbed: moto has none) says the execution is IN_PROGRESS, `times` times."""
+    for _ in range(times):
+        backend.add_response(
+            "describe_job_execution",
+            execution_response(thing, job_id),
+            {"jobId": job_id, "thingName": thing, "includeJobDocument": True},
+        )
+
+
+def rotation_job(clients: Clients, job_id: str, *devices: Device, document: str = ROTATION_DOCUMENT) -> None:
+    """The job in moto's control plane, where the terminal function looks its document up."""
+    targets = [clients.iot.describe_thing(thingName=d.thing)["thingArn"] for d in devices]
+    clients.iot.create_job(jobId=job_id, targets=targets, document=document)
+
+
 def published() -> list[tuple[str, dict[str, Any]]]:
     return [
         (topic, json.loads(payload))
@@ -302,12 +327,9 @@ def test_a_whole_rotation(
         write_reported(clients, "dev1", forged | {"mac": "00" * 32})
     key_fetches = calls(clients.secretsmanager, "secretsmanager.GetSecretValue")
     key, csr = device.new_csr()
-    for _ in range(2):  # create, then commit, each checks the execution
-        backend.add_response(
-            "describe_job_execution",
-            execution_response("dev1", "job1"),
-            {"jobId": "job1", "thingName": "dev1", "includeJobDocument": True},
-        )
+    rotation_job(clients, "job1", device)
+    # create checks the execution before issuing and again after attaching, commit once
+    in_progress(backend, "dev1", "job1", times=3)
 
     created = lambdas.create_certificate(create_event(device, "job1", csr), CONTEXT)
     assert created["outcome"] == "accepted", created
@@ -333,15 +355,16 @@ def test_a_whole_rotation(
     assert ended["outcome"] == "succeeded", ended
     assert registry.exclusive_principals("dev1") == [new_id]
     assert registry.describe_certificate(old_id) is None
-    assert lambdas.container_ports(CONTEXT).state.load("dev1") is None
+    state = lambdas.container_ports(CONTEXT).state.load("dev1")
+    assert state == RotationState("job1", old_id, new_id, RotationProgress.TERMINATED)
     assert notifications() == []
     # the three entry points share this container here: the key was fetched once for all of them
     assert len(key_fetches) == 1
 
     records = stdout_records(capsys)
     assert metric_names(records) == ["RotationsCreated", "RotationsCommitted", "RotationsSucceeded"]
-    # create never read the forged state (one certificate: nothing to re-send); its save replaced it
-    assert tamper_warnings(records, "dev1") == []
+    # create read the forged state once (it looks for a leftover), took it for none, and replaced it
+    assert len(tamper_warnings(records, "dev1")) == int(forged_state_before)
     # the handlers' standard-library records come out as powertools JSON with the Lambda context
     handler_logs = [r for r in records if r.get("name", "").startswith("certrotator")]
     assert handler_logs, records
@@ -369,7 +392,8 @@ def test_a_failed_execution_deletes_the_new_certificate_and_notifies(
     clients: Clients, backend: Stubber, capsys: pytest.CaptureFixture[str]
 ) -> None:
     device = provision(clients, "dev1")
-    backend.add_response("describe_job_execution", execution_response("dev1", "job1"))
+    rotation_job(clients, "job1", device)
+    in_progress(backend, "dev1", "job1", times=2)
     created = lambdas.create_certificate(create_event(device, "job1", device.new_csr()[1]), CONTEXT)
     assert created["outcome"] == "accepted"
     new_id = crypto.certificate_id(published()[0][1]["certificatePem"])
@@ -391,7 +415,7 @@ def test_a_private_ca_issues_when_configured(
     monkeypatch.setenv("PCA_SIGNING_ALGORITHM", "SHA256WITHECDSA")
     device = provision(clients, "dev1")
     key, csr = device.new_csr()
-    backend.add_response("describe_job_execution", execution_response("dev1", "job1"))
+    in_progress(backend, "dev1", "job1", times=2)
     created = lambdas.create_certificate(create_event(device, "job1", csr), CONTEXT)
     assert created["outcome"] == "accepted", created
     pem = published()[0][1]["certificatePem"]
@@ -425,6 +449,7 @@ def test_an_execution_ending_before_any_certificate_notifies(
     metric: str,
 ) -> None:
     device = provision(clients, "dev1")
+    rotation_job(clients, "job1", device)
     ended = lambdas.job_execution_terminal(terminal_event(device, "job1", status), CONTEXT)
     assert ended["outcome"] == status.value.lower()
     assert lambdas.container_ports(CONTEXT).registry.exclusive_principals("dev1") == [device.certificate_id]
@@ -446,6 +471,7 @@ def test_a_forged_state_cannot_get_another_things_certificate_deleted(
 ) -> None:
     """The attack: dev1 names dev2's certificate as its "old" one, committed, then reports SUCCEEDED."""
     attacker, victim = provision(clients, "dev1"), provision(clients, "dev2")
+    rotation_job(clients, "job1", attacker)
     forged = forged_state(victim.certificate_id, attacker.certificate_id)
     if mac == "wrong":
         forged |= {"mac": "ab" * 32}
@@ -505,6 +531,7 @@ def test_a_forged_state_is_not_committed(clients: Clients, backend: Stubber, tes
 @pytest.mark.filterwarnings("ignore:No application metrics")
 def test_the_state_key_is_fetched_once_per_container(clients: Clients, backend: Stubber) -> None:
     device = provision(clients, "dev1")
+    rotation_job(clients, "job1", device)
     fetches = calls(clients.secretsmanager, "secretsmanager.GetSecretValue")
     for _ in range(3):
         lambdas.job_execution_terminal(terminal_event(device, "job1", JobExecutionStatus.FAILED), CONTEXT)

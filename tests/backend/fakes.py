@@ -73,13 +73,21 @@ class FakeRegistry:
     def certificate_policies(self, certificate_id: str) -> list[str]:
         return list(self.policies.get(certificate_id, []))
 
+    def _known(self, certificate_id: str) -> None:
+        # as AWS IoT: a deleted certificate cannot be attached to anything
+        if certificate_id not in self.certificates:
+            raise LookupError(f"certificate {certificate_id} does not exist")
+
     def attach_policy(self, policy_name: str, certificate_id: str) -> None:
+        self._known(certificate_id)
         self.policies.setdefault(certificate_id, []).append(policy_name)
 
     def attach_exclusive(self, thing: str, certificate_id: str) -> None:
         if self.fail_attach:
             raise RuntimeError("attach throttled")
-        self.things[thing].append(certificate_id)
+        self._known(certificate_id)
+        if certificate_id not in self.things[thing]:
+            self.things[thing].append(certificate_id)
 
     def delete_certificate(self, thing: str, certificate_id: str) -> None:
         if certificate_id in self.things.get(thing, []):
@@ -118,15 +126,18 @@ class FakeIssuer:
 @dataclass
 class FakeStateStore:
     states: dict[str, RotationState] = field(default_factory=dict)
+    writes: list[tuple[str, RotationState | None]] = field(default_factory=list)  # saves and clears (None)
 
     def load(self, thing: str) -> RotationState | None:
         return self.states.get(thing)
 
     def save(self, thing: str, state: RotationState) -> None:
         self.states[thing] = state
+        self.writes.append((thing, state))
 
     def clear(self, thing: str) -> None:
         self.states.pop(thing, None)
+        self.writes.append((thing, None))
 
 
 @dataclass
@@ -174,9 +185,19 @@ class World:
     def ports(self) -> Ports:
         return Ports(self.registry, self.jobs, self.issuer, self.state, self.publisher, self.notifier)
 
-    def set_execution(self, status: JobExecutionStatus, document: dict[str, Any] | None = None) -> None:
+    def set_execution(
+        self, status: JobExecutionStatus, document: dict[str, Any] | None = None, job_id: str | None = None
+    ) -> None:
         doc = dict(JOB_DOCUMENT) if document is None else document
-        self.jobs.executions[(self.thing, self.job_id)] = JobExecution(self.thing, self.job_id, status, doc)
+        job = job_id or self.job_id
+        self.jobs.executions[(self.thing, job)] = JobExecution(self.thing, job, status, doc)
+
+    def end_execution(self, status: JobExecutionStatus, job_id: str | None = None) -> JobExecutionEvent:
+        """The execution ends (keeping its document) and AWS IoT publishes the event."""
+        job = job_id or self.job_id
+        execution = self.jobs.executions[(self.thing, job)]
+        self.jobs.executions[(self.thing, job)] = JobExecution(self.thing, job, status, execution.document)
+        return self.terminal_event(status, job_id=job)
 
     def new_csr(
         self,
@@ -201,9 +222,12 @@ class World:
         context = BrokerContext(self.thing, client_id or self.thing, principal, Topics.commit(self.thing))
         return context, CommitCertificateRequest(job_id or self.job_id)
 
-    def terminal_event(self, status: JobExecutionStatus, rotation: bool = True) -> JobExecutionEvent:
-        details = {STATUS_DETAILS_KEY: status.value} if rotation else {"other": "x"}
-        return JobExecutionEvent(self.thing, self.job_id, status, details)
+    def terminal_event(
+        self, status: JobExecutionStatus, job_id: str | None = None, details: dict[str, str] | None = None
+    ) -> JobExecutionEvent:
+        """A job execution event; `details` is what the device wrote (the backend decides without it)."""
+        written = {STATUS_DETAILS_KEY: status.value} if details is None else details
+        return JobExecutionEvent(self.thing, job_id or self.job_id, status, written)
 
     def create_event(self, csr: str) -> dict[str, Any]:
         """The same create request as the AWS IoT rule delivers it to the Lambda function."""

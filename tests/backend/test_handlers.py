@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import replace
 
 import pytest
 from cryptography import x509
@@ -16,7 +15,7 @@ from certrotator.backend.handlers import (
     handle_create_certificate,
     handle_job_execution_terminal,
 )
-from certrotator.backend.ports import CertificateRecord, CertificateStatus, RotationState
+from certrotator.backend.ports import CertificateRecord, CertificateStatus, PermanentFailure, RotationState
 from certrotator.protocol import (
     FAILURE_REASON_KEY,
     BrokerContext,
@@ -380,28 +379,37 @@ TERMINAL_TABLE: list[tuple[JobExecutionStatus, RotationProgress | None, str | No
 
 
 @pytest.mark.parametrize(("status", "progress", "deleted", "notified"), TERMINAL_TABLE)
+@pytest.mark.parametrize("device_wrote", ["the rotator's key", "nothing"])
 def test_terminal_outcome_table(
     world: World,
     status: JobExecutionStatus,
     progress: RotationProgress | None,
     deleted: str | None,
     notified: bool,
+    device_wrote: str,
 ) -> None:
+    """Whatever the device wrote in statusDetails (here: nothing at all, as a device that crashed or
+    timed out leaves it), the backend acts on its own record."""
     new_id = None
     if progress is not None:
         _, new_id = created(world)
         if progress is P.COMMITTED:
             assert handle_commit_certificate(*world.commit_request(new_id), world.ports).outcome == "accepted"
     world.set_execution(status)
+    details = None if device_wrote == "the rotator's key" else {}
 
-    result = handle_job_execution_terminal(world.terminal_event(status), world.ports)
+    result = handle_job_execution_terminal(world.terminal_event(status, details=details), world.ports)
 
     assert result.outcome == status.value.lower()
     expected_deleted = {"old": [world.cert_id], "new": [new_id], None: []}[deleted]
     assert world.registry.deleted == expected_deleted
     remaining = {world.cert_id, new_id} - set(expected_deleted) - {None}
     assert set(world.registry.things["dev1"]) == remaining
-    assert world.state.states == {}
+    if progress is None:
+        assert world.state.states == {}
+    else:  # the record says it is over: a repeated event finds nothing to do
+        assert world.state.states["dev1"].progress is P.TERMINATED
+        assert world.state.states["dev1"].job_id == world.job_id
     assert len(world.notifier.notifications) == int(notified)
     if notified:
         note = world.notifier.notifications[0]
@@ -422,11 +430,28 @@ def test_timed_out_after_commit_keeps_both_and_names_them(world: World) -> None:
 
 
 def test_terminal_ignores_executions_of_other_jobs(world: World) -> None:
+    """Even when another application's device writes the rotator's statusDetails key."""
     created(world)
-    result = handle_job_execution_terminal(world.terminal_event(S.FAILED, rotation=False), world.ports)
-    assert result.outcome == "ignored"
+    world.set_execution(S.FAILED, {"operation": "REBOOT"}, job_id="reboot-1")
+    result = handle_job_execution_terminal(world.terminal_event(S.FAILED, job_id="reboot-1"), world.ports)
+    assert (result.outcome, result.reason) == ("ignored", "not a certificate rotation job")
     assert world.registry.deleted == [] and world.notifier.notifications == []
-    assert "dev1" in world.state.states
+    assert world.state.states["dev1"].progress is P.CREATED
+
+
+def test_terminal_ignores_a_job_it_cannot_find_when_there_is_no_state(world: World) -> None:
+    result = handle_job_execution_terminal(world.terminal_event(S.FAILED, job_id="gone"), world.ports)
+    assert result.outcome == "ignored"
+    assert world.notifier.notifications == []
+
+
+def test_terminal_cleans_up_after_a_job_deleted_mid_rotation(world: World) -> None:
+    """The state is the backend's own evidence: a job whose document is gone is still cleaned up."""
+    _, new_id = created(world)
+    del world.jobs.executions[("dev1", world.job_id)]
+    result = handle_job_execution_terminal(world.terminal_event(S.CANCELED), world.ports)
+    assert result.outcome == "canceled"
+    assert world.registry.deleted == [new_id]
 
 
 def test_terminal_ignores_non_terminal_status(world: World) -> None:
@@ -438,24 +463,26 @@ def test_terminal_ignores_non_terminal_status(world: World) -> None:
 
 def test_terminal_leaves_the_state_of_another_rotation_alone(world: World) -> None:
     _, new_id = created(world)
-    event = replace(world.terminal_event(S.FAILED), job_id="older-job")
-    handle_job_execution_terminal(event, world.ports)
+    world.set_execution(S.FAILED, job_id="older-job")
+    handle_job_execution_terminal(world.terminal_event(S.FAILED, job_id="older-job"), world.ports)
     assert world.registry.deleted == []
-    assert world.state.states["dev1"].new_certificate_id == new_id
+    assert world.state.states["dev1"] == RotationState(world.job_id, world.cert_id, new_id, P.CREATED)
     assert len(world.notifier.notifications) == 1
 
 
-def test_terminal_reports_a_failed_cleanup(world: World) -> None:
+def test_terminal_reports_a_deletion_refused_for_good(world: World) -> None:
     _, new_id = created(world)
 
-    def broken(thing: str, certificate_id: str) -> None:
-        raise RuntimeError("throttled")
+    def refused(thing: str, certificate_id: str) -> None:
+        raise PermanentFailure("AccessDeniedException deleting certificate")
 
-    world.registry.delete_certificate = broken  # type: ignore[method-assign]
-    handle_job_execution_terminal(world.terminal_event(S.FAILED), world.ports)
+    world.registry.delete_certificate = refused  # type: ignore[method-assign]
+    result = handle_job_execution_terminal(world.terminal_event(S.FAILED), world.ports)
+    assert result.outcome == "failed"
     note = world.notifier.notifications[0]
     assert f"could not delete certificate {new_id}" in note.outcome
     assert new_id in note.action
+    assert world.state.states["dev1"].progress is P.TERMINATED  # retrying cannot help: reported instead
 
 
 def test_device_failure_reason_reaches_the_operator(world: World) -> None:
@@ -464,3 +491,11 @@ def test_device_failure_reason_reaches_the_operator(world: World) -> None:
     event.status_details[FAILURE_REASON_KEY] = "commit rejected: not the new certificate"
     handle_job_execution_terminal(event, world.ports)
     assert world.notifier.notifications[0].details[FAILURE_REASON_KEY].startswith("commit rejected")
+
+
+def test_a_commit_after_the_rotation_ended_is_rejected(world: World) -> None:
+    _, new_id = created(world)
+    world.state.states["dev1"] = world.state.states["dev1"].advanced(P.TERMINATED)
+    result = handle_commit_certificate(*world.commit_request(new_id), world.ports)
+    assert (result.outcome, result.reason) == ("rejected", f"the rotation of job {world.job_id!r} has ended")
+    assert world.state.states["dev1"].progress is P.TERMINATED

@@ -121,13 +121,79 @@ def commit_decision(
         return f"thing must have exactly two certificates attached during commit, found {len(principals)}"
     if principal not in principals:
         return "connection was not authenticated by a certificate of this thing"
-    if state is None or state.job_id != job_id:
+    if state is None or state.job_id != job_id or state.progress is RotationProgress.ISSUING:
         return f"no certificate was created for job {job_id!r}"
+    if state.progress is RotationProgress.TERMINATED:
+        return f"the rotation of job {job_id!r} has ended"
     if principal != state.new_certificate_id:
         return "connection was not authenticated by the new certificate"
     if state.progress is RotationProgress.COMMITTED:
         return CommitDecision.ALREADY_COMMITTED
     return CommitDecision.COMMIT
+
+
+# ------------------------------------------------------------------------------- create vs terminal
+#
+# Create and the terminal handler agree through the rotation state alone (docs/reliability.md,
+# "Create/terminal race"): create writes `issuing` before it issues and `created` (with the new id)
+# before it attaches; the terminal handler writes `terminated` once it has acted. An execution's status
+# only ever moves forward, so create's last look at it, after attaching, settles every interleaving:
+# either the execution was still IN_PROGRESS then (and the terminal handler, which runs after the
+# execution ended, finds `created` with the new id), or it was not (and create withdraws).
+
+
+def leftover_certificate(state: RotationState | None, principals: list[str], principal: str) -> str | None:
+    """A certificate an earlier create recorded but never attached (it stopped between the two), which a
+    new create for the thing must withdraw before it overwrites the record: nothing else knows of it.
+
+    Only `created` records a new id; a certificate attached to the thing, or the one this very request
+    came over, is in use and never a leftover.
+    """
+    if state is None or state.progress is not RotationProgress.CREATED:
+        return None
+    new = state.new_certificate_id
+    if not new or new in principals or new == principal:
+        return None
+    return new
+
+
+def withdrawal_reason(
+    state: RotationState | None, mine: RotationState, execution: JobExecution | None
+) -> str | None:
+    """Create's last look, after attaching: why the certificate it just set up must be withdrawn, or
+    None if the rotation may go on (the state is still its own and the execution still IN_PROGRESS)."""
+    if state != mine:
+        if (
+            state is not None
+            and state.job_id == mine.job_id
+            and state.progress is RotationProgress.TERMINATED
+        ):
+            return f"job {mine.job_id!r} execution ended while the certificate was being created"
+        return f"the rotation state of {mine.job_id!r} was replaced while the certificate was being created"
+    if execution is None:
+        return f"job {mine.job_id!r} execution is gone"
+    if execution.status is not JobExecutionStatus.IN_PROGRESS:
+        return f"job {mine.job_id!r} execution ended ({execution.status.value}) while the certificate was being created"
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class Withdrawal:
+    """What create does with the rotation state and the operator once it has withdrawn a certificate."""
+
+    mark_terminated: bool  # the state is still its own: record the end, so a later terminal event is a no-op
+    notify: bool  # False only when the terminal handler has already handled (and reported) this execution
+
+
+def withdrawal(state: RotationState | None, mine: RotationState, execution_ended: bool) -> Withdrawal:
+    """After withdrawing. If the execution is still IN_PROGRESS (create's own set-up failed) the state goes
+    back to none: the device is told, fails the job, and the terminal handler reports that as usual."""
+    if not execution_ended:
+        return Withdrawal(mark_terminated=False, notify=False)
+    handled = (
+        state is not None and state.job_id == mine.job_id and state.progress is RotationProgress.TERMINATED
+    )
+    return Withdrawal(mark_terminated=state == mine, notify=not handled)
 
 
 # ------------------------------------------------------------------------------------ terminal table
@@ -139,12 +205,28 @@ class Cleanup(StrEnum):
     DELETE_NEW = "delete-new"
 
 
+class Verdict(StrEnum):
+    ACT = "act"  # carry out the plan
+    IGNORE = "ignore"  # not a rotation job's execution: nothing to do, nobody to tell
+    DUPLICATE = "duplicate"  # this execution's end was handled already (a redelivered event)
+
+
 @dataclass(frozen=True, slots=True)
 class TerminalPlan:
+    verdict: Verdict
     cleanup: Cleanup
     notify: bool
     outcome: str  # what the backend does, in words
     action: str  # what the operator must do ("" = nothing)
+    mark_terminated: bool  # write `terminated` for the job once the plan has been carried out
+
+
+def _skip(verdict: Verdict, outcome: str) -> TerminalPlan:
+    return TerminalPlan(verdict, Cleanup.NONE, False, outcome, "", False)
+
+
+def _act(cleanup: Cleanup, notify: bool, outcome: str, action: str, *, mark: bool = True) -> TerminalPlan:
+    return TerminalPlan(Verdict.ACT, cleanup, notify, outcome, action, mark)
 
 
 # FAILED-like: the execution ended without the device succeeding and without a timeout.
@@ -156,55 +238,86 @@ _FAILED_LIKE = frozenset(
         JobExecutionStatus.REMOVED,
     }
 )
+_FIX_AND_RETRY = "see the device's failure reason, fix the cause and create a new rotation job"
+_CHECK_DEVICE = "check the device is online and running the rotator; create a new rotation job"
+_CONTRADICTION = "check the device: it reported success without committing a new certificate"
+_FIND_PAIR = "find which certificate the device uses, then delete the other one (certrotator reconcile)"
 
 
-def terminal_plan(status: JobExecutionStatus, progress: RotationProgress | None) -> TerminalPlan:
-    """DESIGN.md §2's terminal-outcome table; CANCELED / REJECTED / REMOVED count as FAILED."""
-    created, committed = progress is RotationProgress.CREATED, progress is RotationProgress.COMMITTED
+def _retry_action(status: JobExecutionStatus) -> str:
     if status is JobExecutionStatus.SUCCEEDED:
-        if committed:
-            return TerminalPlan(Cleanup.DELETE_OLD, False, "old certificate deleted", "")
-        return TerminalPlan(
+        return _CONTRADICTION
+    return _CHECK_DEVICE if status is JobExecutionStatus.TIMED_OUT else _FIX_AND_RETRY
+
+
+def terminal_plan(
+    status: JobExecutionStatus, progress: RotationProgress | None, rotation_job: bool | None = None
+) -> TerminalPlan:
+    """DESIGN.md §2's terminal-outcome table over the backend's own record, never the device's words.
+
+    `progress` is the rotation state's progress *for this job* (None: no state for it); `rotation_job`
+    (whether the job's document is the rotation document; None: unknown) matters only without one.
+    CANCELED / REJECTED / REMOVED count as FAILED.
+    """
+    if not status.is_terminal:
+        raise ValueError(f"{status.value} is not a terminal job execution status")
+    if progress is RotationProgress.TERMINATED:
+        return _skip(Verdict.DUPLICATE, "already handled")
+    if progress is RotationProgress.ISSUING:
+        # Create is still at work (or stopped): it finds the mark when it looks again and withdraws.
+        return _act(
             Cleanup.NONE,
             True,
-            f"contradiction: execution SUCCEEDED but rotation progress is {progress or 'none'}",
-            "check the device: it reported success without committing a new certificate",
+            f"execution ended {status.value} while its certificate was being issued; the create handler"
+            " withdraws the certificate",
+            _retry_action(status),
         )
-    if status in _FAILED_LIKE:
-        if committed:
-            # Not in DESIGN.md's table: the commit was accepted, then the device failed (e.g. it never got
-            # the commit reply and rolled back). It may use either pair: never delete one it might use.
-            return TerminalPlan(
+    if progress is None:
+        if rotation_job is None:
+            return _skip(Verdict.IGNORE, "no rotation state and the job document is unavailable")
+        if not rotation_job:
+            return _skip(Verdict.IGNORE, "not a certificate rotation job")
+        # Nothing was issued (or it was cleaned up already): there is no state to settle.
+        if status is JobExecutionStatus.SUCCEEDED:
+            return _act(
                 Cleanup.NONE,
                 True,
-                f"both certificates kept: the new certificate was committed, then the execution ended {status.value}",
-                "find which certificate the device uses, then delete the other one",
+                "contradiction: execution SUCCEEDED but rotation progress is none",
+                _CONTRADICTION,
+                mark=False,
             )
-        if created:
-            return TerminalPlan(
-                Cleanup.DELETE_NEW,
-                True,
-                "new certificate deleted; the device rolled back to its old certificate",
-                "see the device's failure reason, fix the cause and create a new rotation job",
-            )
-        return TerminalPlan(
+        return _act(
             Cleanup.NONE,
             True,
             "no certificate had been issued; nothing to clean up",
-            "see the device's failure reason, fix the cause and create a new rotation job",
+            _retry_action(status),
+            mark=False,
         )
-    if status is JobExecutionStatus.TIMED_OUT:
+    created, committed = progress is RotationProgress.CREATED, progress is RotationProgress.COMMITTED
+    if status is JobExecutionStatus.SUCCEEDED:
         if committed:
-            return TerminalPlan(
-                Cleanup.NONE,
-                True,
-                "both certificates kept: the device committed but did not report success in time",
-                "find which certificate the device uses, then delete the other one",
-            )
-        return TerminalPlan(
-            Cleanup.DELETE_NEW if created else Cleanup.NONE,
+            return _act(Cleanup.DELETE_OLD, False, "old certificate deleted", "")
+        return _act(
+            Cleanup.NONE,
             True,
-            "new certificate deleted" if created else "no certificate had been issued",
-            "check the device is online and running the rotator; create a new rotation job",
+            f"contradiction: execution SUCCEEDED but rotation progress is {progress.value}",
+            _CONTRADICTION,
         )
-    raise ValueError(f"{status.value} is not a terminal job execution status")
+    if committed:
+        # TIMED_OUT after commit is DESIGN.md's "keep both"; FAILED after commit is not in its table (e.g.
+        # the device never got the commit reply and rolled back). Either way it may use either pair.
+        return _act(
+            Cleanup.NONE,
+            True,
+            f"both certificates kept: the new certificate was committed, then the execution ended {status.value}",
+            _FIND_PAIR,
+        )
+    assert created
+    if status in _FAILED_LIKE:
+        return _act(
+            Cleanup.DELETE_NEW,
+            True,
+            "new certificate deleted; the device rolled back to its old certificate",
+            _FIX_AND_RETRY,
+        )
+    return _act(Cleanup.DELETE_NEW, True, "new certificate deleted", _CHECK_DEVICE)

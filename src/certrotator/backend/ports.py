@@ -44,12 +44,20 @@ class IssuedCertificate:
 
 @dataclass(frozen=True, slots=True)
 class RotationState:
-    """Per thing: which rotation the backend is carrying out and how far it got."""
+    """Per thing: which rotation the backend is carrying out and how far it got.
+
+    Written only by the backend: `issuing` (create, before it issues; no new id yet), `created` (create,
+    with the new id, before it attaches), `committed` (commit), `terminated` (the terminal handler once
+    it has acted, or create when it withdraws): docs/reliability.md, "Create/terminal race".
+    """
 
     job_id: str
     old_certificate_id: str
-    new_certificate_id: str
+    new_certificate_id: str  # "" while issuing
     progress: RotationProgress
+
+    def advanced(self, progress: RotationProgress) -> RotationState:
+        return RotationState(self.job_id, self.old_certificate_id, self.new_certificate_id, progress)
 
     def to_dict(self) -> dict[str, str]:
         return {
@@ -137,6 +145,17 @@ class Notifier(Protocol):
 
 class ThingNotFound(LookupError):
     pass
+
+
+class PermanentFailure(Exception):
+    """A port call the service refused for good (access denied, an invalid request): repeating it
+    cannot help, so a handler reports it to the operator instead of failing.
+
+    Adapters raise it, chained to the service's error, only where they know the error is permanent.
+    Anything else a port raises may be transient (throttling, a timeout, a service error): the terminal
+    handler lets it propagate so that its caller runs it again (Lambda's asynchronous retries; the local
+    engine's durable terminal work).
+    """
 
 
 @dataclass(frozen=True, slots=True)

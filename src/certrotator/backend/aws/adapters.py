@@ -30,6 +30,7 @@ __all__ = [
     "STATE_KEY_SECRET_ARN_ENV",
     "IotDataPublisher",
     "IotIssuer",
+    "IotJobDocuments",
     "IotJobsData",
     "IotRegistry",
     "PrivateCaIssuer",
@@ -61,7 +62,11 @@ class IotJobsData:
         except ClientError as exc:
             if error_code(exc) == "ResourceNotFoundException":
                 return None
-            raise
+            if error_code(exc) != "TerminalStateException":
+                raise
+            # The data plane may refuse to describe an execution that has ended (410); the control
+            # plane tells its status (the document does not matter once it is not IN_PROGRESS).
+            return self._ended_execution(thing, job_id)
         execution = response["execution"]
         return JobExecution(
             thing=execution.get("thingName", thing),
@@ -69,6 +74,36 @@ class IotJobsData:
             status=JobExecutionStatus(execution.get("status", "")),
             document=_parse_document(execution.get("jobDocument")),
         )
+
+    def _ended_execution(self, thing: str, job_id: str) -> JobExecution | None:
+        try:
+            response = self._clients.iot.describe_job_execution(jobId=job_id, thingName=thing)
+        except ClientError as exc:
+            if error_code(exc) == "ResourceNotFoundException":
+                return None
+            raise
+        status = JobExecutionStatus(response["execution"].get("status", ""))
+        return JobExecution(thing=thing, job_id=job_id, status=status, document=None)
+
+
+class IotJobDocuments:
+    """A job's document by job id (control plane `GetJobDocument`): the terminal handler's question
+    "is this a rotation job?", asked once per job and container (`backend.rotation_jobs`)."""
+
+    def __init__(self, clients: Clients) -> None:
+        self._clients = clients
+
+    def document(self, thing: str, job_id: str) -> object | None:
+        """The document (a dict, or the raw text if it is not a JSON object); None if the job is gone."""
+        try:
+            response = self._clients.iot.get_job_document(jobId=job_id)
+        except ClientError as exc:
+            if error_code(exc) == "ResourceNotFoundException":
+                return None
+            raise
+        text = response.get("document", "")
+        parsed = _parse_document(text)
+        return parsed if parsed is not None else text
 
 
 def _parse_document(text: str | None) -> dict[str, Any] | None:

@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING, Any, Final
 
 import boto3
 from botocore.config import Config
-from botocore.exceptions import ClientError
+from botocore.exceptions import ClientError, HTTPClientError
+from botocore.exceptions import ConnectionError as BotocoreConnectionError
 
 if TYPE_CHECKING:
     from mypy_boto3_acm_pca import ACMPCAClient
@@ -39,6 +40,41 @@ IOT_JOBS_ENDPOINT_ENV: Final = "IOT_JOBS_ENDPOINT"
 
 def error_code(exc: ClientError) -> str:
     return str(exc.response.get("Error", {}).get("Code", ""))
+
+
+# Error codes that say "not now" rather than "no": throttling and service-side failures. botocore's own
+# retries (CLIENT_CONFIG) have already been spent when one of these reaches a handler.
+TRANSIENT_ERROR_CODES: Final = frozenset(
+    {
+        "Throttling",
+        "ThrottlingException",
+        "ThrottledException",
+        "RequestThrottledException",
+        "TooManyRequestsException",
+        "RequestLimitExceeded",
+        "ServiceUnavailable",
+        "ServiceUnavailableException",
+        "InternalFailure",
+        "InternalError",
+        "InternalException",
+        "InternalServerException",
+        "InternalServerError",
+        "RequestTimeout",
+        "RequestTimeoutException",
+        "PriorRequestNotComplete",
+    }
+)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether running the same call again later may succeed: throttling, a 5xx, a lost connection.
+
+    Access denied, a malformed request, a resource in the wrong state are not: they need a person.
+    """
+    if isinstance(exc, ClientError):
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+        return error_code(exc) in TRANSIENT_ERROR_CODES or status == 429 or status >= 500
+    return isinstance(exc, BotocoreConnectionError | HTTPClientError)
 
 
 def _endpoint_url(address: str) -> str:

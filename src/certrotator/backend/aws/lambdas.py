@@ -42,6 +42,7 @@ from certrotator.backend.aws.adapters import (
     STATE_KEY_SECRET_ARN_ENV,
     IotDataPublisher,
     IotIssuer,
+    IotJobDocuments,
     IotJobsData,
     IotRegistry,
     PrivateCaIssuer,
@@ -51,11 +52,14 @@ from certrotator.backend.aws.adapters import (
 )
 from certrotator.backend.aws.clients import Clients, get_clients
 from certrotator.backend.ports import Issuer, Ports
+from certrotator.backend.rotation_jobs import RotationJobs
 from certrotator.protocol import (
+    UNSUCCESSFUL_EXECUTION_STATUSES,
     BrokerContext,
     CommitCertificateRequest,
     CreateCertificateRequest,
     JobExecutionEvent,
+    JobExecutionStatus,
     ProtocolError,
     TopicKind,
     validate_thing_name,
@@ -184,25 +188,40 @@ def build_ports(config: BackendConfig, identity: FunctionIdentity, clients: Clie
     )
 
 
-_ports: Ports | None = None
+@dataclass(frozen=True, slots=True)
+class Container:
+    """What a Lambda container keeps between invocations."""
+
+    ports: Ports
+    rotation_jobs: RotationJobs  # job id -> rotation job or not (the terminal function's filter)
 
 
-def container_ports(context: Any) -> Ports:
-    """The container's ports, built on the first invocation.
+_container: Container | None = None
+
+
+def container(context: Any) -> Container:
+    """The container's ports and caches, built on the first invocation.
 
     The state key is fetched (and checked) here, once per container: a missing or unusable secret
     fails the first invocation with a ConfigError instead of surfacing in the middle of a handler
     (where create would already have issued a certificate and would turn it into a device rejection).
     """
-    global _ports  # noqa: PLW0603 -- the per-container cache is the point
-    if _ports is None:
+    global _container  # noqa: PLW0603 -- the per-container cache is the point
+    if _container is None:
         config = BackendConfig.from_env(os.environ)
         identity = FunctionIdentity.from_context(context)
         _configure_logging()
         clients = get_clients(identity.region)
         _check_state_key(clients, config.state_key_secret_arn)
-        _ports = build_ports(config, identity, clients)
-    return _ports
+        _container = Container(
+            build_ports(config, identity, clients), RotationJobs(IotJobDocuments(clients).document)
+        )
+    return _container
+
+
+def container_ports(context: Any) -> Ports:
+    """The container's ports (see `container`)."""
+    return container(context).ports
 
 
 def _check_state_key(clients: Clients, secret_arn: str) -> None:
@@ -215,9 +234,9 @@ def _check_state_key(clients: Clients, secret_arn: str) -> None:
 
 
 def reset_container() -> None:
-    """Forget the cached ports (tests: a new environment or moto mock)."""
-    global _ports  # noqa: PLW0603
-    _ports = None
+    """Forget the cached ports and caches (tests: a new environment or moto mock)."""
+    global _container  # noqa: PLW0603
+    _container = None
 
 
 def _configure_logging() -> None:
@@ -232,13 +251,11 @@ def _configure_logging() -> None:
 # "Rejections" are the backend's own refusals of create/commit requests.
 _CREATE_METRICS: Final = {"accepted": "RotationsCreated", "rejected": "Rejections"}
 _COMMIT_METRICS: Final = {"accepted": "RotationsCommitted", "rejected": "Rejections"}
+# The terminal handler's outcome is the execution's status in lower case.
 _TERMINAL_METRICS: Final = {
-    "succeeded": "RotationsSucceeded",
-    "failed": "RotationsFailed",
-    "rejected": "RotationsFailed",
-    "canceled": "RotationsFailed",
-    "removed": "RotationsFailed",
-    "timed_out": "RotationsTimedOut",
+    **{status.value.lower(): "RotationsFailed" for status in UNSUCCESSFUL_EXECUTION_STATUSES},
+    JobExecutionStatus.SUCCEEDED.value.lower(): "RotationsSucceeded",
+    JobExecutionStatus.TIMED_OUT.value.lower(): "RotationsTimedOut",
 }
 
 
@@ -271,21 +288,29 @@ def commit_certificate_event(event: dict[str, Any], ports: Ports) -> handlers.Ha
     return handlers.handle_commit_certificate(context, request, ports)
 
 
-def job_execution_terminal_event(event: dict[str, Any], ports: Ports) -> handlers.HandlerResult:
+def job_execution_terminal_event(
+    event: dict[str, Any], ports: Ports, rotation_jobs: RotationJobs | None = None
+) -> handlers.HandlerResult:
     try:
         execution = JobExecutionEvent.parse(event)
     except ProtocolError as exc:
         return handlers.ignore_malformed_event(str(exc))
-    return handlers.handle_job_execution_terminal(execution, ports)
+    return handlers.handle_job_execution_terminal(execution, ports, rotation_jobs)
+
+
+def _terminal_event(event: dict[str, Any], parts: Container) -> handlers.HandlerResult:
+    return job_execution_terminal_event(event, parts.ports, parts.rotation_jobs)
 
 
 def _run(
-    handler: Callable[[dict[str, Any], Ports], handlers.HandlerResult],
+    handler: Callable[[dict[str, Any], Container], handlers.HandlerResult],
     outcome_metrics: Mapping[str, str],
     event: dict[str, Any],
     context: Any,
 ) -> dict[str, Any]:
-    result = handler(event, container_ports(context))
+    # Exceptions propagate: Lambda then retries an asynchronous invocation (the terminal function has
+    # retries and an on-failure queue; create and commit have none, the device's timeouts cover them).
+    result = handler(event, container(context))
     name = outcome_metrics.get(result.outcome)
     if name is not None:
         metrics.add_metric(name=name, unit=MetricUnit.Count, value=1)
@@ -295,16 +320,16 @@ def _run(
 @metrics.log_metrics
 @logger.inject_lambda_context
 def create_certificate(event: dict[str, Any], context: Any) -> dict[str, Any]:
-    return _run(create_certificate_event, _CREATE_METRICS, event, context)
+    return _run(lambda e, parts: create_certificate_event(e, parts.ports), _CREATE_METRICS, event, context)
 
 
 @metrics.log_metrics
 @logger.inject_lambda_context
 def commit_certificate(event: dict[str, Any], context: Any) -> dict[str, Any]:
-    return _run(commit_certificate_event, _COMMIT_METRICS, event, context)
+    return _run(lambda e, parts: commit_certificate_event(e, parts.ports), _COMMIT_METRICS, event, context)
 
 
 @metrics.log_metrics
 @logger.inject_lambda_context
 def job_execution_terminal(event: dict[str, Any], context: Any) -> dict[str, Any]:
-    return _run(job_execution_terminal_event, _TERMINAL_METRICS, event, context)
+    return _run(_terminal_event, _TERMINAL_METRICS, event, context)

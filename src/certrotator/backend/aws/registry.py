@@ -9,8 +9,8 @@ from typing import TYPE_CHECKING, Final
 
 from botocore.exceptions import ClientError
 
-from certrotator.backend.aws.clients import error_code
-from certrotator.backend.ports import CertificateRecord, CertificateStatus, ThingNotFound
+from certrotator.backend.aws.clients import error_code, is_transient
+from certrotator.backend.ports import CertificateRecord, CertificateStatus, PermanentFailure, ThingNotFound
 
 if TYPE_CHECKING:
     from certrotator.backend.aws.clients import Clients
@@ -113,7 +113,22 @@ class IotRegistry:
         )
 
     def delete_certificate(self, thing: str, certificate_id: str) -> None:
-        """INACTIVE, detach from the thing, force-delete. Each step tolerates having been done."""
+        """INACTIVE, detach from the thing, force-delete. Each step tolerates having been done.
+
+        A refusal that repeating cannot fix (access denied, still attached elsewhere after the retries
+        below) is raised as `PermanentFailure`; throttling and service errors propagate as they are, for
+        the caller to run the whole deletion again.
+        """
+        try:
+            self._delete(thing, certificate_id)
+        except ClientError as exc:
+            if is_transient(exc):
+                raise
+            raise PermanentFailure(
+                f"{error_code(exc) or 'error'} deleting certificate {certificate_id}: {exc}"
+            ) from exc
+
+    def _delete(self, thing: str, certificate_id: str) -> None:
         arn = self.certificate_arn(certificate_id)
         try:
             self._clients.iot.update_certificate(certificateId=certificate_id, newStatus="INACTIVE")
