@@ -449,7 +449,7 @@ def test_terminal_cleans_up_after_a_job_deleted_mid_rotation(world: World) -> No
     """The state is the backend's own evidence: a job whose document is gone is still cleaned up."""
     _, new_id = created(world)
     del world.jobs.executions[("dev1", world.job_id)]
-    result = handle_job_execution_terminal(world.terminal_event(S.CANCELED), world.ports)
+    result = handle_job_execution_terminal(world.terminal_event(S.CANCELED, details={}), world.ports)
     assert result.outcome == "canceled"
     assert world.registry.deleted == [new_id]
 
