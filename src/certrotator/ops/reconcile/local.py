@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -206,7 +206,7 @@ def reconcile_data_dir(
     once more after the settle time (without a dry run's or a report's changes, that is the whole wait)."""
     backend = DataDirBackend(data_dir, clock)
     try:
-        options = Options(options.dry_run, options.settle_s, options.notify, backend.report_only)
+        options = replace(options, report_only=backend.report_only)
         outcomes = reconcile(backend, options, things)
         delay = settling_delay(outcomes)
         if delay is not None and backend.engine_running:

@@ -166,10 +166,13 @@ def _seen(facts: ThingFacts) -> dict[str, Any]:
     }
 
 
+def is_live(state: RotationState | None) -> bool:
+    """A rotation state other than the backend's tombstone (`terminated`)."""
+    return state is not None and state.progress is not RotationProgress.TERMINATED
+
+
 def live_state(facts: ThingFacts) -> RotationState | None:
-    """The rotation state unless it is the backend's tombstone (`terminated`)."""
-    state = facts.state
-    return state if state is not None and state.progress is not RotationProgress.TERMINATED else None
+    return facts.state if is_live(facts.state) else None
 
 
 def _handler_may_be_busy(facts: ThingFacts, grace_s: float) -> bool:

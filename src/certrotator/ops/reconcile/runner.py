@@ -15,7 +15,14 @@ from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
 from certrotator.backend.ports import Notification, RotationState
-from certrotator.ops.reconcile.policy import DEFAULT_SETTLE_S, Decision, ThingFacts, Verdict, decide
+from certrotator.ops.reconcile.policy import (
+    DEFAULT_SETTLE_S,
+    HANDLER_GRACE_S,
+    Decision,
+    ThingFacts,
+    Verdict,
+    decide,
+)
 
 log = logging.getLogger("certrotator.reconcile")
 
@@ -65,6 +72,7 @@ class Options:
     notify: bool = True
     # Acting is refused with this reason (e.g. "no engine is running: report only"); decisions still made.
     report_only: str | None = None
+    grace_s: float = HANDLER_GRACE_S  # see policy.HANDLER_GRACE_S
 
 
 def _same_changes(a: Decision, b: Decision) -> bool:
@@ -104,7 +112,7 @@ def _apply(backend: Backend, decision: Decision, facts: ThingFacts) -> str:
 
 def reconcile_thing(backend: Backend, thing: str, options: Options) -> Outcome:
     facts = backend.facts(thing)
-    decision = decide(facts, options.settle_s)
+    decision = decide(facts, options.settle_s, options.grace_s)
     if decision.verdict in (Verdict.OK, Verdict.SKIP):
         return Outcome(decision)
     if decision.verdict is Verdict.OPERATOR or not decision.changes:
@@ -114,7 +122,7 @@ def reconcile_thing(backend: Backend, thing: str, options: Options) -> Outcome:
     if options.dry_run:
         return Outcome(decision, note="dry run")
     fresh = backend.facts(thing)  # the look right before acting
-    again = decide(fresh, options.settle_s)
+    again = decide(fresh, options.settle_s, options.grace_s)
     if not _same_changes(decision, again):
         return Outcome(again, note="the thing changed while deciding; nothing done (run again)")
     try:
