@@ -66,7 +66,9 @@ class Rejection(Exception):
 
 def _record(result: HandlerResult) -> HandlerResult:
     # One structured record per decision; powertools turns the extra keys into JSON fields on Lambda.
-    level = logging.INFO if result.outcome in ("accepted", "succeeded") else logging.WARNING
+    # A terminal result's outcome is the execution's status in lower case.
+    ok = ("accepted", JobExecutionStatus.SUCCEEDED.value.lower())
+    level = logging.INFO if result.outcome in ok else logging.WARNING
     log.log(level, "%s %s: %s", result.handler, result.outcome, result.reason or "ok", extra=result.to_dict())
     return result
 
