@@ -396,7 +396,7 @@ def test_terminal_outcome_table(
         if progress is P.COMMITTED:
             assert handle_commit_certificate(*world.commit_request(new_id), world.ports).outcome == "accepted"
     world.set_execution(status)
-    details = None if device_wrote == "the rotator's key" else {}
+    details: dict[str, str] | None = None if device_wrote == "the rotator's key" else {}
 
     result = handle_job_execution_terminal(world.terminal_event(status, details=details), world.ports)
 
@@ -499,3 +499,43 @@ def test_a_commit_after_the_rotation_ended_is_rejected(world: World) -> None:
     result = handle_commit_certificate(*world.commit_request(new_id), world.ports)
     assert (result.outcome, result.reason) == ("rejected", f"the rotation of job {world.job_id!r} has ended")
     assert world.state.states["dev1"].progress is P.TERMINATED
+
+
+@pytest.mark.parametrize("failing", ["delete_certificate", "notify", "load", "save"])
+def test_terminal_lets_a_transient_failure_propagate_and_a_retry_finishes_the_work(
+    world: World, failing: str
+) -> None:
+    """Anything but a PermanentFailure (throttling, a timeout, a service error) propagates, so the event is
+    run again (Lambda's asynchronous retries); the retry does everything left, and nothing twice that
+    matters: one deletion, the notification, the record."""
+    _, new_id = created(world)
+    target = {
+        "delete_certificate": world.registry,
+        "notify": world.notifier,
+        "load": world.state,
+        "save": world.state,
+    }[failing]
+    original = getattr(target, failing)
+    calls = {"n": 0}
+
+    def throttled_once(*args: object) -> object:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("ThrottlingException")
+        return original(*args)
+
+    setattr(target, failing, throttled_once)
+    event = world.end_execution(S.FAILED)
+
+    with pytest.raises(RuntimeError, match="Throttling"):
+        handle_job_execution_terminal(event, world.ports)
+    assert world.state.states["dev1"].progress is P.CREATED  # not marked: the retry has work to do
+
+    result = handle_job_execution_terminal(event, world.ports)
+    assert result.outcome == "failed"
+    assert world.registry.deleted == [new_id]
+    assert world.registry.things["dev1"] == [world.cert_id]
+    assert len(world.notifier.notifications) in (1, 2)  # at least once: a retry may repeat it
+    assert world.notifier.notifications[-1].details["newCertificateId"] == new_id
+    assert world.state.states["dev1"].progress is P.TERMINATED
+    assert handle_job_execution_terminal(event, world.ports).outcome == "duplicate"
