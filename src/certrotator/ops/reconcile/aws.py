@@ -167,6 +167,9 @@ class AwsBackend:
             handlers_idle=False,  # the Lambdas run apart from us
         )
 
+    def recheck(self, thing: str) -> ThingFacts:
+        return self.facts(thing)  # every read is fresh
+
     def _certificate(self, certificate_id: str, thing: str, attached: bool) -> CertificateFact | None:
         try:
             description = self.control.iot.describe_certificate(certificateId=certificate_id)[

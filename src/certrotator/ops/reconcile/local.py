@@ -168,6 +168,10 @@ class DataDirBackend:
         no_source = None if self.engine_running else f"no engine is running on {self.data_dir}"
         return gather(self.registry, self.jobs, thing, evidence, no_source, self.clock())
 
+    def recheck(self, thing: str) -> ThingFacts:
+        self.refresh()
+        return self.facts(thing)
+
     def retire(self, thing: str, certificate_id: str) -> None:
         if not self.engine_running:
             raise RuntimeError("retiring needs the running engine (it disconnects the certificate)")
@@ -252,15 +256,17 @@ class EngineReconciler:
         self._told: dict[str, tuple[str, ...]] = {}
 
     def run(self, things: Sequence[str] | None = None) -> list[Outcome]:
-        now = self.clock()
+        self.observe()
+        return reconcile(_EngineBackend(self), Options(settle_s=self.settle_s), things)
+
+    def observe(self) -> None:
         self.tracker.observe(
             (
                 LiveConnection(c.client_id, c.principal, c.thing, getattr(c, "connected_at", None))
                 for c in self.engine.connections()
             ),
-            now,
+            self.clock(),
         )
-        return reconcile(_EngineBackend(self), Options(settle_s=self.settle_s), things)
 
     def should_tell(self, notification: Notification) -> bool:
         details = notification.details
@@ -289,6 +295,10 @@ class _EngineBackend:
         return gather(
             engine.registry, engine.jobs, thing, self.r.tracker.evidence(thing), None, self.r.clock()
         )
+
+    def recheck(self, thing: str) -> ThingFacts:
+        self.r.observe()
+        return self.facts(thing)
 
     def retire(self, thing: str, certificate_id: str) -> None:
         self.engine.ports.registry.delete_certificate(thing, certificate_id)

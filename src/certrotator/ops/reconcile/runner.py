@@ -37,6 +37,10 @@ class Backend(Protocol):
 
     def facts(self, thing: str) -> ThingFacts: ...
 
+    def recheck(self, thing: str) -> ThingFacts:
+        """The facts again, right before acting, from fresh reads (live connections included)."""
+        ...
+
     def retire(self, thing: str, certificate_id: str) -> None:
         """INACTIVE, detach from the thing, detach policies, delete: the backend's delete port."""
         ...
@@ -121,7 +125,7 @@ def reconcile_thing(backend: Backend, thing: str, options: Options) -> Outcome:
         return Outcome(decision, note=f"not applied: {options.report_only}")
     if options.dry_run:
         return Outcome(decision, note="dry run")
-    fresh = backend.facts(thing)  # the look right before acting
+    fresh = backend.recheck(thing)
     again = decide(fresh, options.settle_s, options.grace_s)
     if not _same_changes(decision, again):
         return Outcome(again, note="the thing changed while deciding; nothing done (run again)")
