@@ -4,6 +4,7 @@ the terminal table and the create/terminal race leave them."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -29,7 +30,12 @@ from certrotator.local.engine import EngineConfig, LocalIoTCore
 from certrotator.local.handles.thread import EngineThread
 from certrotator.local.jobs import JobStore
 from certrotator.local.registry import LocalRegistry
-from certrotator.ops.reconcile.local import EngineReconciler, delete_certificate, detach_certificate
+from certrotator.ops.reconcile.local import (
+    EngineReconciler,
+    delete_certificate,
+    detach_certificate,
+    run_every,
+)
 from certrotator.protocol import JobExecutionStatus, RotationProgress
 
 pytestmark = pytest.mark.timeout(120)
@@ -333,6 +339,27 @@ def test_the_engine_hook_retires_on_its_loop_and_tells_once(
     assert store.registry.certificate(stray) is None
     assert len(store.registry.notifications()) == 2
     assert run() == []
+
+
+def test_the_engine_runs_it_on_a_timer(
+    data_dir: Path, tmp_path: Path, engine: EngineThread, store: Store, agents: Callable[..., Agent]
+) -> None:
+    directory, used = provision(data_dir, tmp_path, "dev1")
+    stray = store.stray_certificate("dev1")
+    agents(directory)
+    wait_for(lambda: ("dev1", used) in connections(data_dir), "the agent to connect")
+    stop = engine.call(lambda _e: asyncio.Event())
+    reconciler = engine.call(lambda e: EngineReconciler(e, settle_s=0.2))
+    task = engine.call(lambda _e: asyncio.get_running_loop().create_task(run_every(reconciler, 0.1, stop)))
+    try:
+        wait_for(
+            lambda: store.registry.certificate(stray) is None, "the timer to retire the stray certificate"
+        )
+        assert store.registry.thing_principals("dev1") == [used]
+    finally:
+        engine.call(lambda _e: stop.set())
+        engine.call(lambda _e: asyncio.wait_for(task, 5))
+    assert task.done() and task.exception() is None
 
 
 def test_operator_commands_detach_and_delete(

@@ -15,6 +15,8 @@ when this process first saw it (`ConnectionTracker`), so the CLI looks twice, th
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
@@ -39,6 +41,7 @@ from certrotator.ops.reconcile.runner import Options, Outcome, reconcile, settli
 from certrotator.protocol import is_rotation_document
 
 Clock = Callable[[], float]
+log = logging.getLogger("certrotator.reconcile")
 
 
 @dataclass(frozen=True, slots=True)
@@ -280,6 +283,21 @@ class EngineReconciler:
             return False
         self._told[notification.thing] = situation
         return True
+
+
+async def run_every(reconciler: EngineReconciler, every_s: float, stop: asyncio.Event) -> None:
+    """The timer for `local up --reconcile-every`: a task on the engine's loop, until `stop` is set.
+    A failing run is logged and the next one comes as usual."""
+    while True:
+        try:
+            await asyncio.wait_for(stop.wait(), timeout=every_s)
+            return
+        except TimeoutError:
+            pass
+        try:
+            reconciler.run()
+        except Exception:
+            log.exception("periodic reconcile failed")
 
 
 class _EngineBackend:
