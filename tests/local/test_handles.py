@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from certrotator.local import admin
 from certrotator.local.engine import EngineConfig
 from certrotator.local.handles.base import EngineHandle, EngineRefused
-from certrotator.local.handles.process import EngineProcess, RemoteEngine
+from certrotator.local.handles.process import EngineGone, EngineProcess, RemoteEngine
 from certrotator.local.handles.thread import EngineThread
 from certrotator.local.operations import JobRequest
 from certrotator.local.provision import CERT_FILE, CONFIG_FILE, KEY_FILE, ROOT_CA_FILE, ProvisionRequest
@@ -92,3 +93,22 @@ def test_a_device_and_a_job_through_the_handle(handle: EngineHandle, tmp_path: P
     started = time.monotonic()
     assert not handle.wait_for(lambda: handle.status_counts("job-1") == {"SUCCEEDED": 1}, 0.3)
     assert 0.3 <= time.monotonic() - started < 5
+
+
+def test_the_process_handle_follows_its_engine_through_a_restart(tmp_path: Path) -> None:
+    data_dir = tmp_path / "engine"
+    with EngineProcess(data_dir) as engine:
+        remote = RemoteEngine(data_dir)
+        try:
+            remote.provision(ProvisionRequest("dev-1", tmp_path / "dev-1", group="g"))
+            engine.stop()
+            with pytest.raises(EngineGone):
+                remote.connections()
+            engine.start()
+            info = admin.running_engine(data_dir)
+            assert info is not None and remote.port == int(info["mqtt_port"])  # `--port 0`: a new port
+            assert remote.connections() == []
+            remote.create_job(JobRequest("after-restart", things=("dev-1",), unlimited_rollout=True))
+            assert remote.wait_for(lambda: remote.status_counts("after-restart") == {"QUEUED": 1}, 10)
+        finally:
+            remote.close()

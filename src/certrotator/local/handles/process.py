@@ -77,12 +77,21 @@ class RemoteEngine(EngineHandle):
         self._stores = Stores(LocalRegistry(self._db), JobStore(self._db), engine_ca(data_dir))
         self._lock = threading.Lock()
 
+    def _refresh_address(self) -> None:
+        # An engine restarted on the same data directory may listen elsewhere (`--port 0`): follow its
+        # engine.json; while none runs, keep the last address known.
+        info = admin.running_engine(self.data_dir)
+        if info is not None:
+            self._host, self._port = str(info["host"]), int(info["mqtt_port"])
+
     @property
     def host(self) -> str:
+        self._refresh_address()
         return self._host
 
     @property
     def port(self) -> int:
+        self._refresh_address()
         return self._port
 
     def _admin(self, op: str, **args: object) -> object:
