@@ -30,7 +30,9 @@ from certrotator.ops.reconcile.aws import (
     TOPIC_OUTPUT,
     AwsBackend,
     AwsSettings,
+    scheduled_handler,
 )
+from certrotator.ops.reconcile.policy import DEFAULT_SETTLE_S
 from certrotator.ops.reconcile.runner import Options, reconcile
 from certrotator.protocol import JOB_DOCUMENT, RotationProgress, encode
 
@@ -299,3 +301,26 @@ def test_an_unreadable_state_key_is_one_clear_error(world: World) -> None:
 def test_the_announcement_rule_records_the_unforgeable_principal() -> None:
     assert "principal() AS state.reported.principal" in ANNOUNCE_RULE_SQL
     assert ANNOUNCE_RULE_SQL.endswith("FROM 'awslabs/things/+/certificate/announce'")
+
+
+def test_the_scheduled_function_reconciles_every_thing(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    old, new = world.thing("core-1", 2)
+    world.thing("core-2", 2)
+    (healthy,) = world.thing("core-3", 1)
+    world.announce("core-1", new, time.time() - 3 * DEFAULT_SETTLE_S)
+    monkeypatch.setenv("AWS_REGION", REGION)
+    monkeypatch.setenv("SNS_TOPIC_ARN", world.topic_arn)
+    monkeypatch.setenv("STATE_KEY_SECRET_ARN", world.secret_arn)
+
+    assert scheduled_handler({"dryRun": True}) == {
+        "things": 3,
+        "retired": 0,
+        "statesCleared": 0,
+        "needOperator": ["core-2"],
+        "skipped": [],
+    }
+    assert world.attached("core-1") == sorted([old, new]) and world.notifications() == []
+    assert scheduled_handler({})["retired"] == 1
+    assert world.attached("core-1") == [new] and world.attached("core-3") == [healthy]
+    assert [n["thingName"] for n in world.notifications()] == ["core-1", "core-2"]
+    assert scheduled_handler({"things": ["core-1"]})["needOperator"] == []

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ from botocore.exceptions import ClientError
 
 from certrotator.backend.aws.adapters import (
     DEFAULT_SHADOW_NAME,
+    STATE_KEY_SECRET_ARN_ENV,
     IotRegistry,
     SecretStateKey,
     ShadowStateStore,
@@ -46,8 +48,10 @@ from certrotator.ops.reconcile.policy import (
     Evidence,
     EvidenceKind,
     ThingFacts,
+    Verdict,
     is_live,
 )
+from certrotator.ops.reconcile.runner import Options, reconcile
 from certrotator.protocol import ACTIVE_EXECUTION_STATUSES, JobExecutionStatus, Topics, is_rotation_document
 
 log = logging.getLogger("certrotator.reconcile")
@@ -273,3 +277,29 @@ class AwsBackend:
         if self.notifier is None:
             raise OperationError("no notification topic (pass --topic-arn)")
         self.notifier.notify(notification)
+
+
+# ------------------------------------------------------------------------------ scheduled (Lambda)
+
+TOPIC_ENV: Final = "SNS_TOPIC_ARN"  # as the backend's functions are configured
+REGION_ENV: Final = "AWS_REGION"  # set by Lambda
+
+
+def scheduled_handler(event: dict[str, Any], _context: object = None) -> dict[str, Any]:
+    """Entry point for the stack's scheduled reconcile (an EventBridge rule, off by default): every thing,
+    or `event["things"]`; `event["dryRun"]` to only report. Returns counts and the things that need an
+    operator (each also notified on the topic)."""
+    settings = AwsSettings(
+        topic_arn=os.environ[TOPIC_ENV], state_key_secret_arn=os.environ[STATE_KEY_SECRET_ARN_ENV]
+    )
+    backend = connect_backend(os.environ[REGION_ENV], None, settings)
+    things = event.get("things")
+    options = Options(dry_run=bool(event.get("dryRun", False)))
+    outcomes = reconcile(backend, options, list(things) if isinstance(things, list) else None)
+    return {
+        "things": len(outcomes),
+        "retired": sum(len(o.decision.retire) for o in outcomes if o.applied),
+        "statesCleared": sum(1 for o in outcomes if o.applied and o.decision.clear_state),
+        "needOperator": [o.decision.thing for o in outcomes if o.needs_operator],
+        "skipped": [o.decision.thing for o in outcomes if o.decision.verdict is Verdict.SKIP],
+    }
