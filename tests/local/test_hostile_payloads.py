@@ -164,10 +164,6 @@ def test_a_flood_of_huge_numbers_is_answered_and_the_engine_keeps_serving(
     _still_serving(device)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs local/jobs.py device_transition to use protocol.coerce_status_details (issue 14)",
-)
 def test_the_seeds_boolean_status_details_are_accepted_and_stored_as_strings(
     engine: EngineThread, device: PahoClient
 ) -> None:

@@ -118,8 +118,8 @@ def test_version_mismatch_and_bad_details_are_rejected(store: JobStore) -> None:
     assert e is not None
     with pytest.raises(JobError, match="expected version 7"):
         device_transition(e, "IN_PROGRESS", None, 7, NOW, 60)
-    with pytest.raises(JobError, match="statusDetails must map strings to strings"):
-        device_transition(e, "IN_PROGRESS", {"a": 1}, None, NOW, 60)
+    with pytest.raises(JobError, match="must be a string, number or boolean"):
+        device_transition(e, "IN_PROGRESS", {"a": {"b": 1}}, None, NOW, 60)
 
 
 def test_update_round_trip_over_the_jobs_api(store: JobStore) -> None:

@@ -20,6 +20,8 @@ from certrotator.protocol import (
     PENDING_ROLLOUT,
     JobExecutionStatus,
     JobStatus,
+    ProtocolError,
+    coerce_status_details,
     validate_job_id,
 )
 
@@ -126,12 +128,14 @@ def device_transition(
         )
     if target not in _DEVICE_TARGETS:
         raise JobError("InvalidStateTransition", f"a device cannot set status {target.value}")
-    if status_details is not None and (
-        not isinstance(status_details, dict)
-        or not all(isinstance(k, str) and isinstance(v, str) for k, v in status_details.items())
-    ):
-        raise JobError("InvalidRequest", "statusDetails must map strings to strings")
-    details = dict(status_details) if isinstance(status_details, dict) else dict(execution.status_details)
+    try:
+        details = (
+            dict(execution.status_details)
+            if status_details is None
+            else coerce_status_details(status_details)
+        )
+    except ProtocolError as exc:
+        raise JobError("InvalidRequest", str(exc)) from None
     started = execution.started_at
     timeout_at = execution.timeout_at
     if target is S.IN_PROGRESS and execution.status is S.QUEUED:
