@@ -7,6 +7,8 @@ Which calls (src/certrotator/backend/handlers.py and backend/aws/*):
 | iot:DescribeEndpoint (data-plane endpoints)         | x      | x      | x        |
 | secretsmanager:GetSecretValue (state key)           | x      | x      | x        |
 | iotjobsdata:DescribeJobExecution (chain of custody) | x      | x      |          |
+| iot:DescribeJobExecution (an execution that ended)  | x      | x      |          |
+| iot:GetJobDocument (is it a rotation job?)          |        |        | x        |
 | iot:ListThingPrincipals[V2] (exclusive principals)  | x      | x      |          |
 | iot:DescribeCertificate (current cert, re-send)     | x      |        |          |
 | iot:CreateCertificateFromCsr (AWS IoT issuer)       | x      |        |          |
@@ -14,18 +16,20 @@ Which calls (src/certrotator/backend/handlers.py and backend/aws/*):
 | iot:RegisterCertificateWithoutCA (Private CA)       | x      |        |          |
 | iot:ListAttachedPolicies, iot:AttachPolicy          | x      |        |          |
 | iot:AttachThingPrincipal                            | x      |        |          |
-| iot:Update/DeleteCertificate, DetachThingPrincipal  | x (undo a failed set-up) |  | x  |
+| iot:Update/DeleteCertificate, DetachThingPrincipal  | x (withdraw) |  | x        |
 | iot:GetThingShadow (rotation state)                 | x      | x      | x        |
-| iot:UpdateThingShadow                               | x      | x      |          |
-| iot:DeleteThingShadow                               | x (undo) |      | x        |
+| iot:UpdateThingShadow                               | x      | x      | x (mark terminated) |
+| iot:DeleteThingShadow                               | x (undo) |      |          |
 | iot:Publish (replies to the device)                 | create/* | commit/* |        |
-| sns:Publish (notifications)                         |        |        | x        |
+| sns:Publish + kms:GenerateDataKey/Decrypt (notify)  | x (withdrawn) |  | x        |
 
 Resource scoping follows the Service Authorization Reference: DescribeEndpoint, CreateCertificateFromCsr,
 RegisterCertificateWithoutCA and ListAttachedPolicies support no resource-level permissions (`*`);
-everything else is scoped to its resource type. Things and certificates are the whole fleet's (any
-thing may be rotated), so those ARNs end in `*`; each such wildcard carries the reason that goes into
-its cdk-nag acknowledgement.
+everything else is scoped to its resource type. Things, certificates and jobs are the whole fleet's
+(any thing may be rotated, by any job), so those ARNs end in `*`; each such wildcard carries the reason
+that goes into its cdk-nag acknowledgement. The notification topic is encrypted with the stack's own
+KMS key (CloudWatch alarms cannot publish to a topic under the AWS managed key), so its publishers need
+kms:GenerateDataKey and kms:Decrypt on that key.
 """
 
 from __future__ import annotations
@@ -81,6 +85,7 @@ class Grant:
 
 THINGS: Final = IotResource("thing/*")
 CERTIFICATES: Final = IotResource("cert/*")
+JOBS: Final = IotResource("job/*")
 STATE_SHADOWS: Final = IotResource(f"thing/*/{SHADOW_NAME}")
 
 _ANY_THING: Final = (
@@ -90,6 +95,10 @@ _ANY_THING: Final = (
 _ANY_CERTIFICATE: Final = (
     "the certificates a rotation touches (the thing's current one, the newly issued one) are created and"
     " named at run time; their ids are not known when the stack is deployed"
+)
+_ANY_JOB: Final = (
+    "rotation jobs are created by operators at run time (from the job template, or by hand); their ids"
+    " are not known when the stack is deployed"
 )
 _ENDPOINTS: Final = (
     "iot:DescribeEndpoint supports no resource-level permissions (Service Authorization Reference); the"
@@ -119,15 +128,28 @@ def _reply_topics(request: str) -> Grant:
 
 
 def function_grants(
-    function: Function, *, secret_arn: str, topic_arn: str, ca_arn: str | None
+    function: Function, *, secret_arn: str, topic_arn: str, topic_key_arn: str, ca_arn: str | None
 ) -> list[Grant]:
     """The statements of `function`'s role (AWS IoT issuer when `ca_arn` is None)."""
     grants = [
         Grant("DataPlaneEndpoints", ("iot:DescribeEndpoint",), (ALL,), _ENDPOINTS),
         Grant("StateKey", ("secretsmanager:GetSecretValue",), (secret_arn,)),
     ]
+    notify = [
+        Grant("Notify", ("sns:Publish",), (topic_arn,)),
+        # SNS encrypts the message with a data key from the topic's KMS key, as the publisher.
+        Grant("NotificationKey", ("kms:GenerateDataKey", "kms:Decrypt"), (topic_key_arn,)),
+    ]
     custody = [
         Grant("ChainOfCustody", ("iotjobsdata:DescribeJobExecution",), (THINGS,), _ANY_THING),
+        # The data plane may refuse an execution that has ended (TerminalStateException): the control
+        # plane then tells its status.
+        Grant(
+            "EndedExecution",
+            ("iot:DescribeJobExecution",),
+            (THINGS, JOBS),
+            f"{_ANY_THING}; {_ANY_JOB}",
+        ),
         # The API reference names iot:ListThingPrincipals as the permission ListThingPrincipalsV2
         # needs, while the Service Authorization Reference also lists iot:ListThingPrincipalsV2: both,
         # on the same resources, so either reading authorises the call.
@@ -190,6 +212,7 @@ def function_grants(
             remove_certificate,
             _state_shadow("Get", "Update", "Delete", sid="RotationState"),
             _reply_topics("create"),
+            *notify,  # a certificate withdrawn because the execution ended while it was being created
         ]
     if function is Function.COMMIT:
         return [
@@ -200,7 +223,14 @@ def function_grants(
         ]
     return [
         *grants,
+        Grant(
+            "RotationJobs",
+            ("iot:GetJobDocument",),
+            (JOBS,),
+            f"the terminal rule forwards every job's execution events; the function reads a job's document"
+            f" (once per job and container) to tell rotations from other jobs; {_ANY_JOB}",
+        ),
         remove_certificate,
-        _state_shadow("Get", "Delete", sid="RotationState"),
-        Grant("Notify", ("sns:Publish",), (topic_arn,)),
+        _state_shadow("Get", "Update", sid="RotationState"),
+        *notify,
     ]

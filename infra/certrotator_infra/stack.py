@@ -18,8 +18,8 @@ from aws_cdk import (
 )
 from aws_cdk import aws_iam as iam
 from aws_cdk import aws_iot as iot
-from aws_cdk import aws_kms as kms
 from aws_cdk import aws_lambda as lambda_
+from aws_cdk import aws_lambda_destinations as destinations
 from aws_cdk import aws_logs as logs
 from aws_cdk import aws_secretsmanager as secretsmanager
 from aws_cdk import aws_sns as sns
@@ -27,6 +27,8 @@ from aws_cdk import aws_ssm as ssm
 from aws_cdk import custom_resources as cr
 from constructs import Construct, IConstruct
 
+from certrotator.protocol import TERMINAL_EXECUTION_STATUSES
+from certrotator_infra import failures
 from certrotator_infra.config import RotatorConfig
 from certrotator_infra.lambda_asset import LAMBDA_ARCHITECTURE, LAMBDA_PYTHON_VERSION, powertools_version
 from certrotator_infra.permissions import ALL, SHADOW_NAME, Function, Grant, IotResource, function_grants
@@ -42,8 +44,11 @@ COMMIT_SQL: Final = (
     "SELECT *, topic(3) AS thingName, topic() AS topic, clientid() AS clientId, principal() AS principal"
     " FROM 'awslabs/things/+/certificate/commit'"
 )
-TERMINAL_SQL: Final = (
-    "SELECT * FROM '$aws/events/jobExecution/#' WHERE isUndefined(statusDetails.CertificateRotator) = false"
+# Every job's terminal execution events ($aws/events/jobExecution/{jobId}/{status}): the terminal function
+# decides from its own rotation state and the job's document, never from the device's statusDetails, so
+# the rule cannot filter on them. Not `deleted` (a DeleteJobExecution of an execution that had ended).
+TERMINAL_SQL: Final = "SELECT * FROM '$aws/events/jobExecution/+/+' WHERE " + " OR ".join(
+    f"topic(5) = '{status.value.lower()}'" for status in TERMINAL_EXECUTION_STATUSES
 )
 IOT_SQL_VERSION: Final = "2016-03-23"
 
@@ -146,14 +151,17 @@ class CertificateRotatorStack(Stack):
             " between rotation waves if policy demands (infra/README.md).",
         )
 
+        # A key of the stack's own, so that the failure alarm can publish (failures.py).
+        self.topic_key = failures.notification_key(self, name)
         self.topic = sns.Topic(
             self,
             "Notifications",
             topic_name=f"{name}Notification",
             display_name="Certificate rotator notifications",
-            master_key=kms.Alias.from_alias_name(self, "SnsManagedKey", "alias/aws/sns"),
+            master_key=self.topic_key,
             enforce_ssl=True,
         )
+        self.terminal_failures = failures.failure_queue(self, ack)
 
         self.powertools_layer = lambda_.LayerVersion.from_layer_version_arn(
             self, "PowertoolsLayer", config.powertools_layer_arn or self._powertools_layer_arn()
@@ -162,7 +170,12 @@ class CertificateRotatorStack(Stack):
         code = lambda_.Code.from_asset(str(code_dir))
         environment = self._environment()
         self.functions = {function: self._function(function, code, environment) for function in Function}
-        self._restrict_topic(self.functions[Function.TERMINAL].role)
+        self.terminal_failures_alarm = failures.failure_alarm(self, name, self.terminal_failures, self.topic)
+        failures.restrict_topic(
+            self.topic,
+            [self.functions[Function.CREATE].role, self.functions[Function.TERMINAL].role],
+            self.terminal_failures_alarm,
+        )
         self.job_template = iot.CfnJobTemplate(
             self,
             "JobTemplate",
@@ -214,7 +227,11 @@ class CertificateRotatorStack(Stack):
         )
         log_group.grant_write(role)
         grants = function_grants(
-            function, secret_arn=self.state_key.secret_arn, topic_arn=self.topic.topic_arn, ca_arn=self.ca_arn
+            function,
+            secret_arn=self.state_key.secret_arn,
+            topic_arn=self.topic.topic_arn,
+            topic_key_arn=self.topic_key.key_arn,
+            ca_arn=self.ca_arn,
         )
         self._grant(role, grants)
         timeout = {
@@ -240,14 +257,23 @@ class CertificateRotatorStack(Stack):
             logging_format=lambda_.LoggingFormat.JSON,
             application_log_level_v2=lambda_.ApplicationLogLevel.INFO,
             system_log_level_v2=lambda_.SystemLogLevel.WARN,
-            # IoT rules invoke asynchronously. A retried or long-queued create/commit would arrive after
-            # the device stopped waiting (30 s per step) and act on a rotation it already gave up on;
-            # the device itself retries (it re-runs the job).
-            retry_attempts=0,
-            max_event_age=MAX_EVENT_AGE,
+            **self._async_invocation(function),
         )
         rule = self._rule(function, fn)
         return RotatorFunction(fn, role, log_group, rule)
+
+    def _async_invocation(self, function: Function) -> dict[str, Any]:
+        """IoT rules invoke asynchronously. A retried or long-queued create/commit would arrive after the
+        device stopped waiting (30 s per step) and act on a rotation it already gave up on; the device
+        itself retries (it re-runs the job). The terminal event is the only word the backend gets that an
+        execution ended: it is retried, and kept in the failure queue if every attempt failed."""
+        if function is not Function.TERMINAL:
+            return {"retry_attempts": 0, "max_event_age": MAX_EVENT_AGE}
+        return {
+            "retry_attempts": failures.TERMINAL_RETRY_ATTEMPTS,
+            "max_event_age": failures.TERMINAL_MAX_EVENT_AGE,
+            "on_failure": destinations.SqsDestination(self.terminal_failures),
+        }
 
     def _grant(self, role: iam.Role, grants: list[Grant]) -> None:
         """Add the statements to the role, and acknowledge each cdk-nag wildcard finding once, with the
@@ -275,27 +301,12 @@ class CertificateRotatorStack(Stack):
         for finding, why in reasons.items():
             ack(role, f"AwsSolutions-IAM5[{finding}]", "; ".join(why))
 
-    def _restrict_topic(self, publisher: iam.Role) -> None:
-        """Only the terminal function may publish. Its role's own policy grants sns:Publish on the topic;
-        the topic policy denies everyone else, which no identity policy in the account can override.
-        (No Allow naming the role here: a resource policy naming a role created in the same deployment
-        can fail IAM principal validation while the role propagates.)"""
-        self.topic.add_to_resource_policy(
-            iam.PolicyStatement(
-                sid="OnlyTheTerminalFunctionPublishes",
-                effect=iam.Effect.DENY,
-                principals=[iam.AnyPrincipal()],
-                actions=["sns:Publish"],
-                resources=[self.topic.topic_arn],
-                conditions={"ArnNotEquals": {"aws:PrincipalArn": publisher.role_arn}},
-            )
-        )
-
     # ---------------------------------------------------------------------------------------- rules
 
     def _rule_errors(self) -> tuple[logs.LogGroup, iam.Role]:
-        """Where the three rules log a failed action (e.g. the function could not be invoked), and the
-        role they log with: rule failures are otherwise silent."""
+        """Where the create and commit rules log a failed action (e.g. the function could not be
+        invoked), and the role they log with: rule failures are otherwise silent. (The terminal rule
+        queues its failures instead, see `_rule_error_action`.)"""
         log_group = logs.LogGroup(
             self, "RuleErrors", retention=LOG_RETENTION, removal_policy=RemovalPolicy.RETAIN
         )
@@ -306,11 +317,12 @@ class CertificateRotatorStack(Stack):
                 "iot.amazonaws.com",
                 conditions={
                     "StringEquals": {"aws:SourceAccount": Aws.ACCOUNT_ID},
-                    # the three rules by name (their ARN attributes would make a dependency cycle)
+                    # the two rules by name (their ARN attributes would make a dependency cycle)
                     "ArnEquals": {
                         "aws:SourceArn": [
                             self.format_arn(service="iot", resource="rule", resource_name=self.rule_name(f))
                             for f in Function
+                            if f is not Function.TERMINAL
                         ]
                     },
                 },
@@ -324,8 +336,18 @@ class CertificateRotatorStack(Stack):
         # Rule names allow [a-zA-Z0-9_] only; stack names may contain hyphens.
         return f"{self.config.stack_name.replace('-', '_')}{function}"
 
+    def _rule_error_action(self, function: Function) -> iot.CfnTopicRule.ActionProperty:
+        """Create and commit log a failed action (the device times out and fails the job anyway); the
+        terminal rule queues the event, where it raises the alarm and waits to be replayed."""
+        if function is Function.TERMINAL:
+            return failures.rule_error_action(self, self.rule_name(function), self.terminal_failures)
+        return iot.CfnTopicRule.ActionProperty(
+            cloudwatch_logs=iot.CfnTopicRule.CloudwatchLogsActionProperty(
+                log_group_name=self.rule_errors_log.log_group_name, role_arn=self.rule_errors_role.role_arn
+            )
+        )
+
     def _rule(self, function: Function, fn: lambda_.Function) -> iot.CfnTopicRule:
-        errors, errors_role = self.rule_errors_log, self.rule_errors_role
         rule = iot.CfnTopicRule(
             self,
             f"{function}Rule",
@@ -340,11 +362,7 @@ class CertificateRotatorStack(Stack):
                         lambda_=iot.CfnTopicRule.LambdaActionProperty(function_arn=fn.function_arn)
                     )
                 ],
-                error_action=iot.CfnTopicRule.ActionProperty(
-                    cloudwatch_logs=iot.CfnTopicRule.CloudwatchLogsActionProperty(
-                        log_group_name=errors.log_group_name, role_arn=errors_role.role_arn
-                    )
-                ),
+                error_action=self._rule_error_action(function),
             ),
         )
         fn.add_permission(
@@ -413,6 +431,12 @@ class CertificateRotatorStack(Stack):
         )
         CfnOutput(
             self, "StateKeySecretArn", value=self.state_key.secret_arn, description="Rotation-state HMAC key"
+        )
+        CfnOutput(
+            self,
+            "TerminalFailureQueueUrl",
+            value=self.terminal_failures.queue_url,
+            description="Terminal events that could not be handled; replay them (infra/README.md)",
         )
         for function, parts in self.functions.items():
             CfnOutput(self, f"{function}FunctionName", value=parts.function.function_name)

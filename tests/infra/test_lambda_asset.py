@@ -57,7 +57,14 @@ def test_stack_constants_agree_with_the_package() -> None:
     assert json.loads(stack.JOB_DOCUMENT) == protocol.JOB_DOCUMENT
     assert f"FROM '{protocol.Topics.create('+')}'" in stack.CREATE_SQL
     assert f"FROM '{protocol.Topics.commit('+')}'" in stack.COMMIT_SQL
-    assert f"isUndefined(statusDetails.{protocol.STATUS_DETAILS_KEY}) = false" in stack.TERMINAL_SQL
+    # every terminal status's event topic, selected by its fifth level, and nothing from the device
+    assert "FROM '$aws/events/jobExecution/+/+' WHERE " in stack.TERMINAL_SQL
+    levels = [
+        protocol.Topics.job_execution_event("j", status).split("/")[4]
+        for status in protocol.TERMINAL_EXECUTION_STATUSES
+    ]
+    assert stack.TERMINAL_SQL.split(" WHERE ", 1)[1] == " OR ".join(f"topic(5) = '{lv}'" for lv in levels)
+    assert "statusDetails" not in stack.TERMINAL_SQL
     from certrotator.backend.aws import lambdas
 
     for handler in stack.HANDLERS.values():

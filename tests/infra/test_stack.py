@@ -50,7 +50,8 @@ COMMIT_SQL = (
     " FROM 'awslabs/things/+/certificate/commit'"
 )
 TERMINAL_SQL = (
-    "SELECT * FROM '$aws/events/jobExecution/#' WHERE isUndefined(statusDetails.CertificateRotator) = false"
+    "SELECT * FROM '$aws/events/jobExecution/+/+' WHERE topic(5) = 'succeeded' OR topic(5) = 'failed'"
+    " OR topic(5) = 'timed_out' OR topic(5) = 'rejected' OR topic(5) = 'removed' OR topic(5) = 'canceled'"
 )
 SQL = {"CreateCertificate": CREATE_SQL, "CommitCertificate": COMMIT_SQL, "JobExecutionTerminal": TERMINAL_SQL}
 JOB_DOCUMENT = '{"operation":"ROTATE_CERTIFICATE"}'
@@ -59,6 +60,7 @@ ARN_PREFIX = "arn:${AWS::Partition}:iot:${AWS::Region}:${AWS::AccountId}:"
 THINGS = ARN_PREFIX + "thing/*"
 CERTS = ARN_PREFIX + "cert/*"
 SHADOWS = ARN_PREFIX + "thing/*/AWSLabsCertificateRotator"
+JOBS = ARN_PREFIX + "job/*"
 PCA_ARN = (
     f"arn:${{AWS::Partition}}:acm-pca:${{AWS::Region}}:${{AWS::AccountId}}:certificate-authority/{CA_ID}"
 )
@@ -145,17 +147,78 @@ def test_timeouts(synth: Synth) -> None:
         assert resource["Properties"]["Timeout"] == seconds, function
 
 
-def test_no_async_retries_and_a_60_second_event_age(synth: Synth) -> None:
-    configs = synth.resources("AWS::Lambda::EventInvokeConfig")
-    targets = set()
-    for config in configs.values():
+def event_invoke_configs(synth: Synth) -> dict[str, dict[str, Any]]:
+    """Function name -> its asynchronous invocation configuration."""
+    by_function = {}
+    for config in synth.resources("AWS::Lambda::EventInvokeConfig").values():
         props = config["Properties"]
-        assert props["MaximumRetryAttempts"] == 0
-        assert props["MaximumEventAgeInSeconds"] == 60
         assert props["Qualifier"] == "$LATEST"
-        targets.add(render(props["FunctionName"]))
-    functions = {"${" + function_by_name(synth.json, f"{stack_name(synth)}{f}")[0] + "}" for f in FUNCTIONS}
-    assert targets == functions
+        target = render(props["FunctionName"])
+        (name,) = [
+            f
+            for f in FUNCTIONS
+            if target == "${" + function_by_name(synth.json, f"{stack_name(synth)}{f}")[0] + "}"
+        ]
+        by_function[name] = props
+    assert sorted(by_function) == sorted(FUNCTIONS)
+    return by_function
+
+
+def test_create_and_commit_are_not_retried_and_drop_events_older_than_60_seconds(synth: Synth) -> None:
+    """A late create or commit would act on a rotation the device already gave up on."""
+    configs = event_invoke_configs(synth)
+    for function in ("CreateCertificate", "CommitCertificate"):
+        assert configs[function] == {
+            "FunctionName": configs[function]["FunctionName"],
+            "Qualifier": "$LATEST",
+            "MaximumRetryAttempts": 0,
+            "MaximumEventAgeInSeconds": 60,
+        }
+
+
+def test_terminal_is_retried_and_what_still_fails_is_queued(synth: Synth) -> None:
+    """At least once: two retries, events kept up to 6 hours (the maximum), then the failure queue."""
+    props = event_invoke_configs(synth)["JobExecutionTerminal"]
+    assert props["MaximumRetryAttempts"] == 2
+    assert props["MaximumEventAgeInSeconds"] == 6 * 3600
+    queue_id = logical_id(synth, "AWS::SQS::Queue")
+    destination = props["DestinationConfig"]
+    assert destination == {"OnFailure": {"Destination": {"Fn::GetAtt": [queue_id, "Arn"]}}}
+    # the function may send there (Lambda sends as the function's role), and nothing more on the queue
+    _, terminal = function_by_name(synth.json, f"{stack_name(synth)}JobExecutionTerminal")
+    role_id = render(terminal["Properties"]["Role"]).strip("${}").removesuffix(".Arn")
+    queue_arn = "${" + queue_id + ".Arn}"
+    assert {a for a, r in grants(role_statements(synth.json, role_id)) if r == queue_arn} == {
+        "sqs:SendMessage",
+        "sqs:GetQueueAttributes",
+        "sqs:GetQueueUrl",
+    }
+
+
+def test_the_failure_queue_is_encrypted_tls_only_and_kept_14_days(synth: Synth) -> None:
+    queue_id, queue = only(synth.resources("AWS::SQS::Queue"))
+    assert queue["Properties"]["SqsManagedSseEnabled"] is True
+    assert queue["Properties"]["MessageRetentionPeriod"] == 14 * 24 * 3600
+    _, policy = only(synth.resources("AWS::SQS::QueuePolicy"))
+    (statement,) = policy["Properties"]["PolicyDocument"]["Statement"]
+    assert statement["Effect"] == "Deny"
+    assert statement["Condition"] == {"Bool": {"aws:SecureTransport": "false"}}
+    assert statement["Principal"] == {"AWS": "*"}
+    assert render(policy["Properties"]["Queues"][0]) == "${" + queue_id + "}"
+
+
+def test_a_message_in_the_failure_queue_raises_the_alarm_on_the_notification_topic(synth: Synth) -> None:
+    _, alarm = only(synth.resources("AWS::CloudWatch::Alarm"))
+    props = alarm["Properties"]
+    queue_id = logical_id(synth, "AWS::SQS::Queue")
+    assert props["AlarmName"] == f"{stack_name(synth)}TerminalFailures"
+    assert props["Namespace"] == "AWS/SQS"
+    assert props["MetricName"] == "ApproximateNumberOfMessagesVisible"
+    assert props["Dimensions"] == [{"Name": "QueueName", "Value": {"Fn::GetAtt": [queue_id, "QueueName"]}}]
+    assert (props["ComparisonOperator"], props["Threshold"]) == ("GreaterThanThreshold", 0)
+    assert (props["Statistic"], props["Period"], props["EvaluationPeriods"]) == ("Maximum", 300, 1)
+    assert props["TreatMissingData"] == "notBreaching"
+    assert props["AlarmActions"] == [{"Ref": logical_id(synth, "AWS::SNS::Topic")}]
 
 
 def test_structured_json_logs_in_a_log_group_kept_a_year(synth: Synth) -> None:
@@ -241,6 +304,8 @@ def test_three_topic_rules_with_the_exact_sql_and_an_error_action(synth: Synth) 
         assert payload["AwsIotSqlVersion"] == "2016-03-23"
         assert payload["RuleDisabled"] is False
         assert payload["Actions"] == [{"Lambda": {"FunctionArn": {"Fn::GetAtt": [fn_id, "Arn"]}}}]
+        if function == "JobExecutionTerminal":
+            continue  # its error action queues the event: test_the_terminal_rule_queues_what_it_cannot_deliver
         error = payload["ErrorAction"]["CloudwatchLogs"]
         group = synth.json["Resources"][render(error["LogGroupName"]).strip("${}")]
         assert group["Type"] == "AWS::Logs::LogGroup"
@@ -251,22 +316,34 @@ def test_three_topic_rules_with_the_exact_sql_and_an_error_action(synth: Synth) 
         ) in grants(role_statements(synth.json, role_id))
 
 
-def test_rule_error_role_is_for_this_accounts_rules_only(synth: Synth) -> None:
+def rule_payload(synth: Synth, function: str) -> dict[str, Any]:
+    name = f"{stack_name(synth).replace('-', '_')}{function}"
     rules = synth.resources("AWS::IoT::TopicRule")
+    (rule,) = [r for r in rules.values() if r["Properties"]["RuleName"] == name]
+    payload: dict[str, Any] = rule["Properties"]["TopicRulePayload"]
+    return payload
+
+
+def trust_statement(synth: Synth, role_id: str) -> dict[str, Any]:
+    (statement,) = synth.json["Resources"][role_id]["Properties"]["AssumeRolePolicyDocument"]["Statement"]
+    return dict(statement)
+
+
+def test_rule_error_role_is_for_this_accounts_rules_only(synth: Synth) -> None:
+    logging_rules = ("CreateCertificate", "CommitCertificate")
     role_ids = {
-        render(r["Properties"]["TopicRulePayload"]["ErrorAction"]["CloudwatchLogs"]["RoleArn"]).strip("${}")
-        for r in rules.values()
+        render(rule_payload(synth, f)["ErrorAction"]["CloudwatchLogs"]["RoleArn"]).strip("${}")
+        for f in logging_rules
     }
     (role_id,) = {r.removesuffix(".Arn") for r in role_ids}
-    (statement,) = synth.json["Resources"][role_id]["Properties"]["AssumeRolePolicyDocument"]["Statement"]
+    statement = trust_statement(synth, role_id)
     assert statement["Principal"] == {"Service": "iot.amazonaws.com"}
     assert render(statement["Condition"]["StringEquals"]["aws:SourceAccount"]) == "${AWS::AccountId}"
     prefix = stack_name(synth).replace("-", "_")
     assert [render(a) for a in statement["Condition"]["ArnEquals"]["aws:SourceArn"]] == [
         f"arn:${{AWS::Partition}}:iot:${{AWS::Region}}:${{AWS::AccountId}}:rule/{prefix}{function}"
-        for function in FUNCTIONS
+        for function in logging_rules
     ]
-    assert {r["Properties"]["RuleName"] for r in rules.values()} == {f"{prefix}{f}" for f in FUNCTIONS}
     (group,) = {
         r.removeprefix("${").removesuffix(".Arn}") for _, r in grants(role_statements(synth.json, role_id))
     }
@@ -274,6 +351,31 @@ def test_rule_error_role_is_for_this_accounts_rules_only(synth: Synth) -> None:
     assert grants(role_statements(synth.json, role_id)) == {
         ("logs:CreateLogStream", "${" + group + ".Arn}"),
         ("logs:PutLogEvents", "${" + group + ".Arn}"),
+    }
+
+
+def test_the_terminal_rule_queues_what_it_cannot_deliver(synth: Synth) -> None:
+    """A terminal event the rule could not hand to the function (e.g. invoke throttled) goes to the
+    failure queue, raw JSON, with a role only that rule of this account may assume and that may only send
+    to that queue."""
+    action = rule_payload(synth, "JobExecutionTerminal")["ErrorAction"]
+    assert list(action) == ["Sqs"]
+    queue_id = logical_id(synth, "AWS::SQS::Queue")
+    assert action["Sqs"]["QueueUrl"] == {"Ref": queue_id}
+    assert action["Sqs"]["UseBase64"] is False
+    role_id = render(action["Sqs"]["RoleArn"]).strip("${}").removesuffix(".Arn")
+    statement = trust_statement(synth, role_id)
+    assert statement["Principal"] == {"Service": "iot.amazonaws.com"}
+    assert render(statement["Condition"]["StringEquals"]["aws:SourceAccount"]) == "${AWS::AccountId}"
+    prefix = stack_name(synth).replace("-", "_")
+    assert render(statement["Condition"]["ArnEquals"]["aws:SourceArn"]) == (
+        f"arn:${{AWS::Partition}}:iot:${{AWS::Region}}:${{AWS::AccountId}}:rule/{prefix}JobExecutionTerminal"
+    )
+    queue_arn = "${" + queue_id + ".Arn}"
+    assert grants(role_statements(synth.json, role_id)) == {
+        ("sqs:SendMessage", queue_arn),
+        ("sqs:GetQueueAttributes", queue_arn),
+        ("sqs:GetQueueUrl", queue_arn),
     }
 
 
@@ -325,32 +427,61 @@ def test_job_template(synth: Synth) -> None:
 # ------------------------------------------------------------------------------------- SNS topic
 
 
-def test_topic_encrypted_with_the_aws_managed_key(synth: Synth) -> None:
+def test_topic_encrypted_with_a_rotating_key_the_alarm_may_use(synth: Synth) -> None:
+    """Not the AWS managed alias/aws/sns: CloudWatch alarms cannot publish to a topic under it."""
     _, topic = only(synth.resources("AWS::SNS::Topic"))
     assert topic["Properties"]["TopicName"] == f"{stack_name(synth)}Notification"
-    assert render(topic["Properties"]["KmsMasterKeyId"]).endswith(":alias/aws/sns")
+    key_id, key = only(synth.resources("AWS::KMS::Key"))
+    assert topic["Properties"]["KmsMasterKeyId"] == {"Fn::GetAtt": [key_id, "Arn"]}
+    assert key["Properties"]["EnableKeyRotation"] is True
+    statements = key["Properties"]["KeyPolicy"]["Statement"]
+    (cloudwatch,) = [s for s in statements if s.get("Sid") == "CloudWatchAlarmsPublish"]
+    assert cloudwatch["Principal"] == {"Service": "cloudwatch.amazonaws.com"}
+    assert sorted(as_list(cloudwatch["Action"])) == ["kms:Decrypt", "kms:GenerateDataKey"]
+    assert render(cloudwatch["Condition"]["StringEquals"]["aws:SourceAccount"]) == "${AWS::AccountId}"
 
 
-def test_only_the_terminal_function_may_publish(synth: Synth) -> None:
+def test_only_the_rotator_and_its_alarm_may_publish(synth: Synth) -> None:
     topic_id, _ = only(synth.resources("AWS::SNS::Topic"))
     _, policy = only(synth.resources("AWS::SNS::TopicPolicy"))
-    _, terminal = function_by_name(synth.json, f"{stack_name(synth)}JobExecutionTerminal")
-    terminal_role = render(terminal["Properties"]["Role"])
+    role_of = {
+        f: render(function_by_name(synth.json, f"{stack_name(synth)}{f}")[1]["Properties"]["Role"])
+        for f in FUNCTIONS
+    }
     statements = {s["Sid"]: s for s in policy["Properties"]["PolicyDocument"]["Statement"]}
-    assert statements.keys() == {"AllowPublishThroughSSLOnly", "OnlyTheTerminalFunctionPublishes"}
-    deny = statements["OnlyTheTerminalFunctionPublishes"]
+    assert statements.keys() == {
+        "AllowPublishThroughSSLOnly",
+        "OnlyTheRotatorPublishes",
+        "TheFailureAlarmPublishes",
+    }
+    deny = statements["OnlyTheRotatorPublishes"]
     assert (deny["Effect"], deny["Principal"], deny["Action"]) == ("Deny", {"AWS": "*"}, "sns:Publish")
-    assert render(deny["Condition"]["ArnNotEquals"]["aws:PrincipalArn"]) == terminal_role
+    assert [render(r) for r in deny["Condition"]["ArnNotEquals"]["aws:PrincipalArn"]] == [
+        role_of["CreateCertificate"],
+        role_of["JobExecutionTerminal"],
+    ]
+    assert deny["Condition"]["StringNotEquals"] == {"aws:PrincipalServiceName": "cloudwatch.amazonaws.com"}
     assert render(deny["Resource"]) == "${" + topic_id + "}"
+    alarm = statements["TheFailureAlarmPublishes"]
+    assert (alarm["Effect"], alarm["Principal"], alarm["Action"]) == (
+        "Allow",
+        {"Service": "cloudwatch.amazonaws.com"},
+        "sns:Publish",
+    )
+    alarm_id = logical_id(synth, "AWS::CloudWatch::Alarm")
+    assert alarm["Condition"]["ArnEquals"]["aws:SourceArn"] == {"Fn::GetAtt": [alarm_id, "Arn"]}
+    assert render(alarm["Condition"]["StringEquals"]["aws:SourceAccount"]) == "${AWS::AccountId}"
     tls = statements["AllowPublishThroughSSLOnly"]
     assert (tls["Effect"], tls["Condition"]) == ("Deny", {"Bool": {"aws:SecureTransport": "false"}})
-    # and the terminal function's role is the only one granted sns:Publish
-    publishers = [
+    # and those two roles are the only ones granted sns:Publish (and the key to encrypt with)
+    publishers = sorted(
         role_id
-        for role_id, role in synth.resources("AWS::IAM::Role").items()
+        for role_id in synth.resources("AWS::IAM::Role")
         if any(a == "sns:Publish" for a, _ in grants(role_statements(synth.json, role_id)))
-    ]
-    assert ["${" + r + ".Arn}" for r in publishers] == [terminal_role]
+    )
+    assert sorted("${" + r + ".Arn}" for r in publishers) == sorted(
+        [role_of["CreateCertificate"], role_of["JobExecutionTerminal"]]
+    )
 
 
 # --------------------------------------------------------------------------------- state key secret
@@ -385,6 +516,8 @@ def test_only_the_three_functions_read_the_secret_and_only_its_value(synth: Synt
 
 def expected_grants(synth: Synth, function: str, log_group_arn: str) -> set[tuple[str, str]]:
     topic = "${" + logical_id(synth, "AWS::SNS::Topic") + "}"
+    key = "${" + logical_id(synth, "AWS::KMS::Key") + ".Arn}"
+    notify = {("sns:Publish", topic), ("kms:GenerateDataKey", key), ("kms:Decrypt", key)}
     secret = "${" + logical_id(synth, "AWS::SecretsManager::Secret") + "}"
     common = {
         ("logs:CreateLogStream", log_group_arn),
@@ -394,6 +527,8 @@ def expected_grants(synth: Synth, function: str, log_group_arn: str) -> set[tupl
     }
     custody = {
         ("iotjobsdata:DescribeJobExecution", THINGS),
+        ("iot:DescribeJobExecution", THINGS),  # an execution the data plane no longer describes
+        ("iot:DescribeJobExecution", JOBS),
         ("iot:ListThingPrincipals", THINGS),
         ("iot:ListThingPrincipalsV2", THINGS),
     }
@@ -424,6 +559,7 @@ def expected_grants(synth: Synth, function: str, log_group_arn: str) -> set[tupl
             | remove
             | shadow("Get", "Update", "Delete")
             | replies("create")
+            | notify  # a certificate withdrawn because the execution ended meanwhile
             | {
                 ("iot:DescribeCertificate", CERTS),
                 ("iot:ListAttachedPolicies", "*"),
@@ -433,7 +569,9 @@ def expected_grants(synth: Synth, function: str, log_group_arn: str) -> set[tupl
         )
     if function == "CommitCertificate":
         return common | custody | shadow("Get", "Update") | replies("commit")
-    return common | remove | shadow("Get", "Delete") | {("sns:Publish", topic)}
+    terminal = common | remove | shadow("Get", "Update") | notify | {("iot:GetJobDocument", JOBS)}
+    queue = "${" + logical_id(synth, "AWS::SQS::Queue") + ".Arn}"  # its on-failure destination
+    return terminal | {(a, queue) for a in ("sqs:SendMessage", "sqs:GetQueueAttributes", "sqs:GetQueueUrl")}
 
 
 @pytest.mark.parametrize("function", FUNCTIONS)
@@ -486,6 +624,7 @@ def test_outputs_for_operators(synth: Synth) -> None:
     }
     for function in FUNCTIONS:
         assert f"{function}FunctionName" in outputs
+    assert outputs["TerminalFailureQueueUrl"]["Value"] == {"Ref": logical_id(synth, "AWS::SQS::Queue")}
 
 
 def test_private_ca_given_by_arn_is_used_as_given(tmp_path: Path, code_dir: Path) -> None:
