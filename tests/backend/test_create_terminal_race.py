@@ -306,3 +306,61 @@ def test_two_creates_for_one_job_at_once(world: World) -> None:
     assert world.state.states["dev1"] == RotationState(world.job_id, world.cert_id, second_id, P.CREATED)
     Terminal(world)()
     assert_settled(world)
+
+
+def test_a_withdrawal_that_fails_leaves_the_record_for_the_terminal_handler(world: World) -> None:
+    """The execution ended while issuing and create cannot delete what it issued (throttled): it tells the
+    operator, and leaves `created` so that the terminal event, when it comes, deletes the certificate."""
+
+    def device_gives_up() -> None:  # the execution times out; its event has not been handled yet
+        world.end_execution(S.TIMED_OUT)
+
+    around(world.issuer, "issue", before=device_gives_up)
+    original = world.registry.delete_certificate
+    refusals: list[str] = []
+
+    def throttled_once(thing: str, certificate_id: str) -> None:
+        if not refusals:
+            refusals.append(certificate_id)
+            raise RuntimeError("ThrottlingException")
+        original(thing, certificate_id)
+
+    world.registry.delete_certificate = throttled_once  # type: ignore[method-assign]
+
+    result = create(world)
+
+    assert result.outcome == "rejected"
+    (new_id,) = world.issuer.issued
+    assert refusals == [new_id]
+    assert world.state.states["dev1"] == RotationState(world.job_id, world.cert_id, new_id, P.CREATED)
+    (note,) = world.notifier.notifications
+    assert note.status == "TIMED_OUT" and "could not be withdrawn" in note.outcome
+    assert note.action == f"delete certificate {new_id} and detach it from dev1"
+
+    ended = handle_job_execution_terminal(world.terminal_event(S.TIMED_OUT), world.ports)
+    assert ended.outcome == "timed_out"
+    assert world.registry.deleted == [new_id]
+    assert_settled(world)
+
+
+def test_create_withdraws_when_its_last_look_cannot_be_taken(world: World) -> None:
+    """Not knowing whether the execution is still IN_PROGRESS counts as ended: the certificate is
+    withdrawn before the device has it, never handed out unrecorded."""
+
+    def unavailable(thing: str, job_id: str) -> None:
+        raise RuntimeError("ServiceUnavailableException")
+
+    around(
+        world.registry,
+        "attach_exclusive",
+        after=lambda: setattr(world.jobs, "describe_execution", unavailable),
+    )
+
+    result = create(world)
+
+    assert result.outcome == "rejected"
+    assert world.registry.deleted == world.issuer.issued
+    assert world.registry.things["dev1"] == [world.cert_id]
+    assert world.state.states["dev1"].progress is P.TERMINATED
+    (note,) = world.notifier.notifications
+    assert note.status == "UNKNOWN"

@@ -201,11 +201,16 @@ class _LastLook:
 
 
 def _last_look(ports: Ports, thing: str, job_id: str) -> _LastLook:
-    state = ports.state.load(thing)
+    # Not knowing counts against the rotation: withdrawing a certificate is always safe before the
+    # device has it, handing one out that the terminal handler may never learn of is not.
+    try:
+        state = ports.state.load(thing)
+    except Exception:
+        log.exception("could not read the rotation state of %s; taking it as replaced", thing)
+        state = None
     try:
         execution = ports.jobs.describe_execution(thing, job_id)
     except Exception:
-        # Not knowing counts as ended: withdrawing a certificate is always safe before the device has it.
         log.exception("could not check the execution of %s on %s; taking it as ended", job_id, thing)
         return _LastLook(state, None, True)
     ended = execution is None or execution.status is not JobExecutionStatus.IN_PROGRESS
@@ -229,9 +234,10 @@ def _withdraw(ports: Ports, thing: str, mine: RotationState, now: _LastLook) -> 
         action = f"delete certificate {certificate} and detach it from {thing}"
     plan = decisions.withdrawal(now.state, mine, now.ended)
     try:
-        if plan.mark_terminated:
+        # Not withdrawn: the `created` record stays, for the terminal handler (or reconcile) to act on.
+        if withdrawn and plan.mark_terminated:
             ports.state.save(thing, mine.advanced(RotationProgress.TERMINATED))
-        elif not now.ended and now.state == mine and withdrawn:
+        elif withdrawn and not now.ended and now.state == mine:
             ports.state.clear(thing)  # set-up failed while the job goes on: as if nothing was issued
     except Exception:
         log.exception("could not settle the rotation state of %s after withdrawing %s", thing, certificate)
