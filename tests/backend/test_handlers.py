@@ -493,6 +493,16 @@ def test_device_failure_reason_reaches_the_operator(world: World) -> None:
     assert world.notifier.notifications[0].details[FAILURE_REASON_KEY].startswith("commit rejected")
 
 
+def test_a_commit_while_create_is_still_issuing_is_rejected(world: World) -> None:
+    _, new_id = created(world)
+    world.state.states["dev1"] = RotationState(world.job_id, world.cert_id, "", P.ISSUING)
+    result = handle_commit_certificate(*world.commit_request(new_id), world.ports)
+    assert (result.outcome, result.reason) == (
+        "rejected",
+        f"no certificate was created for job {world.job_id!r}",
+    )
+
+
 def test_a_commit_after_the_rotation_ended_is_rejected(world: World) -> None:
     _, new_id = created(world)
     world.state.states["dev1"] = world.state.states["dev1"].advanced(P.TERMINATED)
