@@ -28,7 +28,7 @@ from pkcs11.exceptions import DeviceError
 from certrotator import crypto
 from certrotator.crypto import KeyAlgorithm, SigningAlgorithm
 from certrotator.device import journal
-from certrotator.device.keystores.base import KeyStoreError
+from certrotator.device.keystores.base import KeyStoreError, TransientKeyStoreError
 from certrotator.device.keystores.pkcs11 import store as store_module
 from certrotator.device.keystores.pkcs11.location import (
     P521_REFUSAL,
@@ -43,6 +43,7 @@ from certrotator.device.keystores.pkcs11.store import (
     store_from_greengrass,
     store_from_settings,
 )
+from certrotator.device.keystores.pkcs11.token import token_error
 
 from .softhsm import (
     CERT_LABEL,
@@ -613,7 +614,7 @@ def test_token_selection_by_slot_and_errors(ec_device: Device) -> None:
         user_pin="1",
         token_label="nope",
     )
-    with pytest.raises(KeyStoreError, match="has no token labelled 'nope'"):
+    with pytest.raises(TransientKeyStoreError, match="has no token labelled 'nope'"):  # may be plugged in
         Pkcs11KeyStore(missing, ec_device.journal, ec_device.cert_file).current_certificate()
     wrong_label = Pkcs11Config(
         library=SOFTHSM_MODULE,
@@ -624,6 +625,58 @@ def test_token_selection_by_slot_and_errors(ec_device: Device) -> None:
     )
     with pytest.raises(KeyStoreError, match="0 certificate objects labelled 'c'"):
         Pkcs11KeyStore(wrong_label, ec_device.journal, ec_device.cert_file).current_certificate()
+
+
+def test_a_token_hidden_at_start_up_is_found_by_a_later_recover(ec_device: Device) -> None:
+    """SoftHSM keeps the view of its token directory it took at C_Initialize: a token another process
+    hid from it then (or one plugged in later) stays invisible until the library is re-initialised.
+    recover() is retried by the agent at start-up; after a transient failure it starts afresh."""
+    tokens = ec_device.hsm.directory / "tokens"
+    hidden = tokens.with_name("tokens-hidden")
+    tokens.rename(hidden)
+    tokens.mkdir(mode=0o700)
+    pkcs11.lib(str(SOFTHSM_MODULE)).reinitialize()  # this process now sees an empty store
+    store = ec_device.store()
+    with pytest.raises(TransientKeyStoreError, match="has no token labelled"):
+        store.recover()
+    tokens.rmdir()
+    hidden.rename(tokens)
+    store.recover()  # would still see no token without the re-initialisation
+    assert store.current_certificate() == ec_device.initial
+    assert not store.has_backup()
+
+
+def test_a_wrong_pin_is_not_transient(ec_device: Device) -> None:
+    wrong = Pkcs11Config(
+        library=SOFTHSM_MODULE,
+        key_label=KEY_LABEL,
+        certificate_label=CERT_LABEL,
+        user_pin="0000",
+        token_label=ec_device.hsm.token_label,
+    )
+    ec_device.close()  # a login held by another store of this process would hide the wrong PIN
+    store = Pkcs11KeyStore(wrong, ec_device.journal, ec_device.cert_file)
+    with pytest.raises(KeyStoreError, match="PinIncorrect") as raised:
+        store.recover()
+    assert not isinstance(raised.value, TransientKeyStoreError)
+    store.close()
+
+
+@pytest.mark.parametrize(
+    ("error", "transient"),
+    [
+        (pkcs11.exceptions.GeneralError(), True),
+        (pkcs11.exceptions.DeviceRemoved(), True),
+        (pkcs11.exceptions.TokenNotPresent(), True),
+        (pkcs11.exceptions.SessionHandleInvalid(), True),
+        (pkcs11.exceptions.PinIncorrect(), False),
+        (pkcs11.exceptions.MechanismInvalid(), False),
+        (pkcs11.exceptions.TemplateIncomplete(), False),
+    ],
+)
+def test_token_errors_that_may_pass_are_transient(error: Exception, transient: bool) -> None:
+    assert isinstance(error, pkcs11.exceptions.PKCS11Error)
+    assert isinstance(token_error("x", error), TransientKeyStoreError) is transient
 
 
 def test_store_survives_a_library_reinitialisation(ec_device: Device) -> None:
