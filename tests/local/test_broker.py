@@ -7,6 +7,7 @@ issue. Each checks what a client observes, so an amqtt upgrade that undoes a fix
 from __future__ import annotations
 
 import contextlib
+import queue
 import socket
 import ssl
 import time
@@ -18,6 +19,7 @@ import pytest
 
 from certrotator.local.broker import Connection
 from certrotator.local.ca import IssuerName, LocalCa
+from certrotator.local.topic_tree import SubscriptionIndex, filter_matches
 from certrotator.protocol import Topics
 
 from .conftest import BrokerHarness, MemoryAuthorizer, write_device
@@ -496,6 +498,89 @@ def test_message_handler_failures_are_contained(
     assert broker.next_message()[1] == b"x"
     assert_next_payload(client, b"x")
     assert not client.disconnected.is_set()
+
+
+# --------------------------------------------------------------- told of subscriptions (issue 12)
+
+
+def test_the_subscription_hook_hears_what_was_granted_and_what_a_resumed_session_brings_back(
+    broker: BrokerHarness, make_device: MakeDevice, clients: Clients
+) -> None:
+    heard: queue.Queue[tuple[str, list[str]]] = queue.Queue()
+    broker.on_loop(lambda: broker.broker.on_subscribed(lambda c, f: heard.put((c.client_id, f))))
+    alpha = make_device("alpha")
+    client = clients.paho(broker.port, alpha, clean_session=False)
+    client.connect()
+    mine, denied, other = Topics.notify_next("alpha"), Topics.notify_next("beta"), Topics.create("alpha")
+    assert [r.value for r in client.subscribe(mine, denied, other)] == [1, SUBACK_FAILURE, 1]
+    assert heard.get(timeout=WAIT) == ("alpha", [mine, other])  # the denied filter is not among them
+    client.close()
+    assert broker.call(broker.broker.wait_closed(alpha.principal))
+    # a resumed persistent session holds its filters again without any SUBSCRIBE
+    resumed = clients.paho(broker.port, alpha, clean_session=False)
+    resumed.connect()
+    assert heard.get(timeout=WAIT) == ("alpha", sorted([mine, other]))
+    # a clean session starts with none: nothing to hear until it subscribes
+    fresh = clients.paho(broker.port, alpha, clean_session=True)
+    fresh.connect()
+    fresh.subscribe(other)
+    assert heard.get(timeout=WAIT) == ("alpha", [other])
+
+
+def test_what_the_subscription_hook_publishes_reaches_that_client_only_after_its_suback(
+    broker: BrokerHarness, make_device: MakeDevice, clients: Clients
+) -> None:
+    topic = Topics.notify_next("alpha")
+
+    def tell(connection: Connection, filters: list[str]) -> None:
+        assert broker.broker.publish_to(connection.client_id, topic, f"to {connection.client_id}".encode(), 0)
+
+    def failing(_connection: Connection, _filters: list[str]) -> None:
+        raise RuntimeError("hook bug")  # contained: the other hook still runs, the connection stays
+
+    broker.on_loop(lambda: broker.broker.on_subscribed(failing))
+    broker.on_loop(lambda: broker.broker.on_subscribed(tell))
+    alpha = make_device("alpha")
+    main = clients.paho(broker.port, alpha)
+    main.connect()
+    main.subscribe(topic)
+    assert_next_payload(main, b"to alpha")
+    component = clients.paho(broker.port, alpha, client_id="alpha#component")
+    component.connect()
+    component.subscribe(topic)
+    assert_next_payload(component, b"to alpha#component")
+    broker.publish(topic, b"to both", qos=0)
+    assert_next_payload(main, b"to both")  # main got nothing when the component subscribed
+    assert_next_payload(component, b"to both")
+    # nobody subscribed, no such client: nothing is sent
+    assert not broker.on_loop(lambda: broker.broker.publish_to("alpha", Topics.create("alpha"), b"x", 0))
+    assert not broker.on_loop(lambda: broker.broker.publish_to("nobody", topic, b"x", 0))
+    assert not main.disconnected.is_set() and not component.disconnected.is_set()
+
+
+@pytest.mark.parametrize(
+    "topic_filter",
+    [
+        "$aws/things/alpha/jobs/notify-next",
+        "$aws/things/alpha/jobs/#",
+        "$aws/things/+/jobs/notify-next",
+        "$aws/things/alpha/jobs/notify-next/#",
+        "#",
+        "+/things/alpha/jobs/notify-next",
+        "$aws/things/alpha/jobs",
+        "$aws/things/alpha/jobs/+",
+        "$aws/things/alpha/jobs/notify-next/+",
+        "$aws/things/beta/jobs/notify-next",
+    ],
+)
+@pytest.mark.parametrize("topic", ["$aws/things/alpha/jobs/notify-next", "a/b", "a"])
+def test_filter_matches_agrees_with_the_subscription_index(topic_filter: str, topic: str) -> None:
+    index: SubscriptionIndex[Connection] = SubscriptionIndex({})
+    subscriber = Connection("alpha", "0" * 64, "alpha")
+    for f in (topic_filter, topic_filter.replace("$aws/things/alpha/jobs", "a/b")):
+        index.clear()
+        index.add(f, subscriber, 1)
+        assert filter_matches(f, topic) == ("alpha" in index.match(topic)), (f, topic)
 
 
 # ------------------------------------------------------------------------------ kicking clients

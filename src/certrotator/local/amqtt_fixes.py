@@ -56,6 +56,10 @@ MAX_OFFLINE_MESSAGES: Final = 100
 CONNECTION_ATTRIBUTE: Final = "certrotator.connection"
 
 ClientPublishHook = Callable[[str, bytes, Connection], None]
+# Told which topic filters a connection now holds: those a SUBACK just granted, and those a resumed
+# persistent session brought back (no SUBSCRIBE is sent for them). Runs on the broker's loop, after the
+# SUBACK / CONNACK went out, so what the hook sends reaches a client that is already subscribed.
+SubscribedHook = Callable[[Connection, list[str]], None]
 
 
 class SessionStates:
@@ -171,11 +175,16 @@ class GuardedHandler(BrokerProtocolHandler):  # type: ignore[misc]
 
 class GuardedBroker(Broker):  # type: ignore[misc]
     def __init__(
-        self, config: dict[str, Any], authorizer: ConnectionAuthorizer, on_client_publish: ClientPublishHook
+        self,
+        config: dict[str, Any],
+        authorizer: ConnectionAuthorizer,
+        on_client_publish: ClientPublishHook,
+        on_subscribed: SubscribedHook | None = None,
     ) -> None:
         super().__init__(config)
         self._authorizer = authorizer
         self._on_client_publish = on_client_publish
+        self._on_subscribed = on_subscribed
         self.index: SubscriptionIndex[Session] = SubscriptionIndex(self._subscriptions)
         self._live: dict[str, set[GuardedHandler]] = {}  # principal -> its live connections
         self._client_locks = _KeyedLocks()
@@ -237,6 +246,8 @@ class GuardedBroker(Broker):  # type: ignore[misc]
             if handler.kicked:  # kicked before start() created the disconnect waiter
                 handler.kick()
             await self._publish_session_retained_messages(session)  # QoS 1 queued while offline
+            if session.parent == 1:  # a resumed persistent session: its filters came back without SUBSCRIBE
+                self._subscribed(connection, sorted(self.index.filters_of(connection.client_id)))
             await self._client_message_loop(session, handler)
         except (OSError, EOFError, AMQTTError, MQTTError, NoDataError) as exc:
             log.info("connection %s ended: %r", handler.connection if handler else "(unauthenticated)", exc)
@@ -460,6 +471,21 @@ class GuardedBroker(Broker):  # type: ignore[misc]
             self.index.add(topic_filter, client_session, granted)
             codes.append(granted)
         await handler.mqtt_acknowledge_subscription(subscription.packet_id, codes)
+        if connection is not None:
+            filters = [
+                f
+                for (f, _qos), code in zip(subscription.topics, codes, strict=True)
+                if code != SUBACK_FAILURE
+            ]
+            self._subscribed(connection, filters)
+
+    def _subscribed(self, connection: Connection, filters: list[str]) -> None:
+        if self._on_subscribed is None or not filters:
+            return
+        try:
+            self._on_subscribed(connection, filters)
+        except Exception:
+            log.exception("subscription hook failed for %s", connection.client_id)
 
     async def add_subscription(self, subscription: tuple[str, int], session: Session) -> int:
         """In-process subscription (amqtt's BrokerContext); kept consistent with our index."""
@@ -501,21 +527,32 @@ class GuardedBroker(Broker):  # type: ignore[misc]
     def route(self, topic: str, data: bytes, qos: int | None) -> None:
         """Deliver to every subscriber: O(topic depth + matching subscribers), never O(fleet)."""
         for session, granted in self.index.match(topic).values():
-            # FIX 4: deliver at min(publish QoS, granted QoS). amqtt uses the subscription's QoS, so a
-            # QoS 0 message reaches a QoS 1 subscriber at QoS 1 (and a forced QoS overrides the grant).
-            delivery_qos = granted if qos is None else min(qos, granted)
-            connection: Connection | None = session.attributes.get(CONNECTION_ATTRIBUTE)
-            if connection is None or not self._may(connection.thing, topic, "receive"):
-                continue
-            if session.transitions.state != "connected":
-                # MQTT-3.1.2-5: queue QoS 1 for an offline persistent session (bounded, unlike amqtt).
-                queue = session.retained_messages
-                if not session.clean_session and delivery_qos > 0 and queue.qsize() < MAX_OFFLINE_MESSAGES:
-                    queue.put_nowait(RetainedApplicationMessage(None, topic, data, delivery_qos))
-                continue
-            handler = self._sessions.get(session.client_id, (None, None))[1]
-            if handler is not None:
-                self._deliver(handler, topic, data, delivery_qos)
+            self._route_to(session, granted, topic, data, qos)
+
+    def route_to(self, client_id: str, topic: str, data: bytes, qos: int | None) -> bool:
+        """Deliver to one client, if it is subscribed to `topic` and may receive it; False if not."""
+        match = self.index.match(topic).get(client_id)
+        return match is not None and self._route_to(match[0], match[1], topic, data, qos)
+
+    def _route_to(self, session: Session, granted: int, topic: str, data: bytes, qos: int | None) -> bool:
+        # FIX 4: deliver at min(publish QoS, granted QoS). amqtt uses the subscription's QoS, so a
+        # QoS 0 message reaches a QoS 1 subscriber at QoS 1 (and a forced QoS overrides the grant).
+        delivery_qos = granted if qos is None else min(qos, granted)
+        connection: Connection | None = session.attributes.get(CONNECTION_ATTRIBUTE)
+        if connection is None or not self._may(connection.thing, topic, "receive"):
+            return False
+        if session.transitions.state != "connected":
+            # MQTT-3.1.2-5: queue QoS 1 for an offline persistent session (bounded, unlike amqtt).
+            queue = session.retained_messages
+            if not session.clean_session and delivery_qos > 0 and queue.qsize() < MAX_OFFLINE_MESSAGES:
+                queue.put_nowait(RetainedApplicationMessage(None, topic, data, delivery_qos))
+                return True
+            return False
+        handler = self._sessions.get(session.client_id, (None, None))[1]
+        if handler is None:
+            return False
+        self._deliver(handler, topic, data, delivery_qos)
+        return True
 
     async def _publish_session_retained_messages(self, session: Session) -> None:
         """FIX: amqtt sends the messages queued for an offline persistent session with RETAIN=1

@@ -28,6 +28,7 @@ __all__ = [
     "ConnectionAuthorizer",
     "LocalBroker",
     "MessageHandler",
+    "SubscribedHandler",
     "TopicAction",
     "default_topic_policy",
 ]
@@ -37,6 +38,11 @@ log = logging.getLogger("certrotator.local.broker")
 # Called for every PUBLISH a client was allowed to make, on the broker's loop, in arrival order per
 # connection. A coroutine result runs as a task; exceptions are logged at ERROR and never reach the broker.
 MessageHandler = Callable[[str, bytes, Connection], Awaitable[None] | None]
+
+# Called with a connection and the topic filters it now holds (just granted, or back with a resumed
+# persistent session), on the broker's loop once the client has its SUBACK / CONNACK. Exceptions are
+# logged at ERROR and never reach the broker.
+SubscribedHandler = Callable[[Connection, list[str]], None]
 
 # AWS IoT's default persistent-session expiry.
 SESSION_EXPIRY_SECONDS = 3600
@@ -67,6 +73,7 @@ class LocalBroker:
         self._authorizer = authorizer
         self._session_expiry = session_expiry_seconds
         self._handlers: list[MessageHandler] = []
+        self._subscribed_handlers: list[SubscribedHandler] = []
         self._tasks: set[asyncio.Task[Any]] = set()
         self._amqtt: GuardedBroker | None = None
         self._port: int | None = None
@@ -87,6 +94,10 @@ class LocalBroker:
         """Register a handler for messages published by clients (after the topic policy allowed them)."""
         self._handlers.append(callback)
 
+    def on_subscribed(self, callback: SubscribedHandler) -> None:
+        """Register a handler told of the topic filters a client has just been granted (or got back)."""
+        self._subscribed_handlers.append(callback)
+
     async def start(self) -> None:
         if self._amqtt is not None:
             raise RuntimeError("broker already started")
@@ -105,7 +116,7 @@ class LocalBroker:
             "plugins": {},  # no amqtt plugins: GuardedBroker asks our authorizer directly
             "session_expiry_interval": self._session_expiry,
         }
-        broker = GuardedBroker(config, self._authorizer, self._client_published)
+        broker = GuardedBroker(config, self._authorizer, self._client_published, self._client_subscribed)
         await broker.start()
         self._amqtt = broker
         server = broker._servers["default"].instance
@@ -133,6 +144,13 @@ class LocalBroker:
         if qos not in (0, 1):
             raise ValueError(f"qos must be 0 or 1 (AWS IoT has no QoS 2), got {qos}")
         self._require().route(topic, bytes(payload), qos)
+
+    def publish_to(self, client_id: str, topic: str, payload: bytes, qos: int = 1) -> bool:
+        """Publish to one client only, if it is subscribed to `topic` and may receive it (the policy's
+        receive check, as for any delivery); False if it is not."""
+        if qos not in (0, 1):
+            raise ValueError(f"qos must be 0 or 1 (AWS IoT has no QoS 2), got {qos}")
+        return self._require().route_to(client_id, topic, bytes(payload), qos)
 
     async def disconnect(self, principal: str) -> int:
         """Close every live connection authenticated by the certificate `principal`; returns how many.
@@ -178,6 +196,13 @@ class LocalBroker:
                 task = asyncio.ensure_future(result)
                 self._tasks.add(task)
                 task.add_done_callback(self._handler_done)
+
+    def _client_subscribed(self, connection: Connection, filters: list[str]) -> None:
+        for handler in self._subscribed_handlers:
+            try:
+                handler(connection, filters)
+            except Exception:
+                log.exception("subscription handler failed for %s", connection.client_id)
 
     def _handler_done(self, task: asyncio.Task[Any]) -> None:
         self._tasks.discard(task)

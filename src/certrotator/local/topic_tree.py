@@ -38,6 +38,19 @@ def valid_topic_name(topic: str) -> bool:
     return bool(topic) and "+" not in topic and "#" not in topic and "\0" not in topic
 
 
+def filter_matches(topic_filter: str, topic: str) -> bool:
+    """Does the filter match the topic name (MQTT 3.1.1 §4.7, as `SubscriptionIndex.match`)? Pure."""
+    if topic.startswith("$") and topic_filter[:1] in ("+", "#"):
+        return False  # MQTT-4.7.2-1
+    levels, wanted = topic_filter.split("/"), topic.split("/")
+    for depth, level in enumerate(levels):
+        if level == "#":
+            return True  # "a/#" also matches "a"
+        if depth >= len(wanted) or (level != "+" and level != wanted[depth]):
+            return False
+    return len(levels) == len(wanted)
+
+
 class _Node(Generic[S]):
     __slots__ = ("children", "subscribers")
 
