@@ -63,6 +63,14 @@ MIGRATIONS: list[str] = [
     CREATE INDEX job_executions_by_job_status ON job_executions(job_id, status);
     CREATE INDEX policy_attachments_by_certificate ON policy_attachments(certificate_id);
     """,
+    # Terminal executions whose terminal handling has not finished (local/terminal_work.py): written
+    # with the status change, deleted with the handler's changes.
+    """
+    CREATE TABLE terminal_work (
+        thing_name TEXT NOT NULL, job_id TEXT NOT NULL, status TEXT NOT NULL,
+        status_details TEXT NOT NULL, recorded REAL NOT NULL, attempts INTEGER NOT NULL,
+        last_error TEXT, PRIMARY KEY (thing_name, job_id));
+    """,
 ]
 
 

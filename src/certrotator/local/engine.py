@@ -3,9 +3,14 @@
 This module wires the parts together and runs their lifecycle. Messages from devices arrive through the
 broker's callback, already authenticated (`authorizer`), and are handled one unit of work at a time:
 Jobs API topics go to `jobs_api`, the create/commit topics through their rules (`rules`) to the shared
-backend handlers; an execution that ends goes through the terminal rule to the terminal handler.
-Timers (rollout in `rollout`, in-progress timeouts here) are scheduled for the moment they are due;
-nothing polls.
+backend handlers; an execution that ends is recorded with its status change and goes through the
+terminal rule to the terminal handler once that has committed, at least once (`terminal_work`).
+Timers (rollout in `rollout`, in-progress timeouts and periodic tasks here) are scheduled for the moment
+they are due; nothing polls.
+
+A client that subscribes to its thing's notify-next is sent its current head execution at once (AWS IoT
+does not do this; it makes the engine at least as forgiving: a notify-next sent while the device was
+away, or at QoS 0 while the engine restarted, is not lost to a device that only resubscribes).
 """
 
 from __future__ import annotations
@@ -15,9 +20,9 @@ import gc
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
-from contextlib import suppress
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
@@ -43,7 +48,9 @@ from certrotator.local.operations import JobRequest
 from certrotator.local.registry import LocalRegistry
 from certrotator.local.rollout import ADMISSION_WINDOW_S, RolloutScheduler
 from certrotator.local.rules import Rules
-from certrotator.protocol import ParsedTopic, ProtocolError, TopicKind, Topics, parse_topic
+from certrotator.local.terminal_work import RetryPolicy, TerminalWork, TerminalWorker, TerminalWorkStore
+from certrotator.local.topic_tree import filter_matches
+from certrotator.protocol import ParsedTopic, ProtocolError, TopicKind, Topics, encode, parse_topic
 
 log = logging.getLogger("certrotator.local")
 
@@ -62,6 +69,7 @@ class EngineConfig:
     webhook_url: str | None = None
     max_in_flight: int | None = DEFAULT_MAX_IN_FLIGHT  # None = release as fast as the rollout rate allows
     admission_window_s: float = ADMISSION_WINDOW_S  # longest an execution holds its admission slot
+    terminal_retry: RetryPolicy = field(default_factory=RetryPolicy)  # a failing terminal handler
 
     def __post_init__(self) -> None:
         if self.max_in_flight is not None and self.max_in_flight < 1:
@@ -93,6 +101,7 @@ class LocalIoTCore:
             authorizer=RegistryAuthorizer(self.registry),
         )
         self.broker.on_message(self._on_message)
+        self.broker.on_subscribed(self._subscribed)
         self.outbox = Outbox(self.broker.publish_nowait)
         self.notifier = LocalNotifier(self.registry, config.data_dir, config.webhook_url)
         self.ports = Ports(
@@ -103,7 +112,14 @@ class LocalIoTCore:
             publisher=self.outbox,
             notifier=self.notifier,
         )
-        self.rules = Rules(self.registry, self.ports)
+        self.rules = Rules(self.registry, self.ports, lambda _thing, job_id: self.jobs.document(job_id))
+        self.terminal_work = TerminalWorker(
+            TerminalWorkStore(self.db),
+            self._terminal,
+            self._unit_of_work,
+            self.notifier,
+            config.terminal_retry,
+        )
         self.rollout = RolloutScheduler(
             self.jobs, config.max_in_flight, self._released, config.admission_window_s
         )
@@ -113,6 +129,8 @@ class LocalIoTCore:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._inbox: deque[tuple[str, Connection, Callable[[], None]]] = deque()  # device messages to handle
         self._worker: asyncio.Task[None] | None = None
+        self._periodic: dict[str, tuple[float, Callable[[], object]]] = {}
+        self._periodic_timers: dict[str, asyncio.TimerHandle] = {}
         self._stopping = False
 
     @property
@@ -124,8 +142,14 @@ class LocalIoTCore:
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         await self.broker.start()
+        # Before any device message is handled (nothing has yielded to the broker's tasks yet): finish
+        # the terminal handling the last run left, then release and expire what fell due meanwhile.
+        self.terminal_work.start(self._loop)
         self.rollout.start(self._loop)
         self._expire_due(time.time())  # also those that timed out while the engine was down
+        self.terminal_work.run_due()
+        for name in self._periodic:
+            self._arm_periodic(name)
         log.info(
             "local IoT Core listening on %s:%d (data in %s)",
             self.config.host,
@@ -135,8 +159,12 @@ class LocalIoTCore:
 
     async def stop(self) -> None:
         self.rollout.stop()
+        self.terminal_work.stop()  # what is left is finished at the next start
         if self._timeout_timer:
             self._timeout_timer.cancel()
+        for timer in self._periodic_timers.values():
+            timer.cancel()
+        self._periodic_timers.clear()
         # Stop handling messages before the broker goes: a unit of work finishing during broker.stop()
         # would publish through a broker that is gone. Messages not handled yet are dropped, as
         # messages in flight are.
@@ -177,9 +205,36 @@ class LocalIoTCore:
     async def cancel_job(self, job_id: str, force: bool = False) -> None:
         for execution in self.jobs.cancel(job_id, force, time.time()):
             self._execution_changed(execution)
+        self.terminal_work.run_due()
 
     def connections(self) -> list[Connection]:
         return self.broker.connections()
+
+    def add_periodic(self, name: str, interval_s: float, task: Callable[[], object]) -> None:
+        """Run `task` every `interval_s` seconds on the engine's loop, as one unit of work (one
+        transaction), from start until stop; an exception is logged and the next run still comes.
+        The CLI adds `local up --reconcile-every` this way (the engine knows nothing of ops/)."""
+        if interval_s <= 0:
+            raise ValueError(f"the interval of {name} must be positive, not {interval_s}")
+        self._periodic[name] = (interval_s, task)
+        if self._loop is not None and not self._stopping:
+            self._arm_periodic(name)
+
+    def _arm_periodic(self, name: str) -> None:
+        assert self._loop is not None
+        interval_s, _task = self._periodic[name]
+        self._periodic_timers[name] = self._loop.call_later(interval_s, self._run_periodic, name)
+
+    def _run_periodic(self, name: str) -> None:
+        _interval, task = self._periodic[name]
+        try:
+            with self._unit_of_work():
+                task()
+        except Exception:
+            log.exception("periodic task %s failed", name)
+        self.terminal_work.run_due()
+        if not self._stopping:
+            self._arm_periodic(name)
 
     # ------------------------------------------------------------------------ executions, timers
 
@@ -202,8 +257,23 @@ class LocalIoTCore:
         now = time.time()
         head = self.jobs.next_execution(execution.thing)
         self.outbox.publish(Topics.notify_next(execution.thing), notify_next_message(head, now))
-        self.rules.execution_ended(execution)
+        # Recorded with the status change (JobStore.save_execution); handled once that has committed.
+        self.terminal_work.due(execution.thing, execution.job_id)
         self.rollout.execution_ended(execution.job_id, now)
+
+    def _terminal(self, work: TerminalWork) -> None:
+        self.rules.execution_ended(work.event())
+
+    def _subscribed(self, connection: Connection, filters: list[str]) -> None:
+        """A client now holds these filters: if one takes its thing's notify-next, tell it its current
+        job (the SUBACK has gone out). No head execution: nothing to say."""
+        topic = Topics.notify_next(connection.thing)
+        if self._stopping or not any(filter_matches(f, topic) for f in filters):
+            return
+        head = self.jobs.next_execution(connection.thing)
+        if head is not None:
+            message = encode(notify_next_message(head, time.time()))
+            self.broker.publish_to(connection.client_id, topic, message, qos=0)
 
     def _add_timeout(self, at: float) -> None:
         """Make sure the timer fires by `at`; one timer serves all executions (the DB knows the rest)."""
@@ -218,6 +288,7 @@ class LocalIoTCore:
     def _on_timeout_timer(self) -> None:
         self._timeout_timer = None
         self._expire_due(time.time())
+        self.terminal_work.run_due()
 
     def _expire_due(self, now: float) -> None:
         for execution in self.jobs.expire_timeouts(now):
@@ -258,12 +329,18 @@ class LocalIoTCore:
                 self._unit(*self._inbox.popleft())
             await asyncio.sleep(0)  # let the rest of this turn's I/O run
 
+    @contextmanager
+    def _unit_of_work(self) -> Iterator[None]:
+        """Everything changed inside is one transaction (Database.batch; see docs/performance.md, fix 6),
+        and what is published goes out once that transaction has committed (Outbox.holding), or not at
+        all if the block or the commit fails."""
+        with self.outbox.holding(), self.db.batch():
+            yield
+
     def _unit(self, topic: str, connection: Connection, handle: Callable[[], None]) -> None:
-        """Handle one message as one unit of work: everything it changes is one transaction
-        (Database.batch; see docs/performance.md, fix 6), and what it publishes goes out once that
-        transaction has committed (Outbox.holding), or not at all if the commit fails."""
+        """Handle one message as one unit of work, then the terminal work it recorded (committed now)."""
         try:
-            with self.outbox.holding(), self.db.batch():
+            with self._unit_of_work():
                 try:
                     handle()
                 except Exception:
@@ -271,6 +348,7 @@ class LocalIoTCore:
                     log.exception("handling %s from %s failed", topic, connection.client_id)
         except Exception:
             log.exception("committing what %s from %s changed failed", topic, connection.client_id)
+        self.terminal_work.run_due()
 
     def _jobs_request(self, topic: str, parsed: ParsedTopic, payload: bytes) -> None:
         outcome = handle_jobs_request(self.jobs, topic, parsed, payload, time.time())

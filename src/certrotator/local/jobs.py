@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from certrotator.local.db import Database
+from certrotator.local.terminal_work import record_terminal
 from certrotator.protocol import (
     ACTIVE_EXECUTION_STATUSES,
     JOB_DOCUMENT,
@@ -159,6 +160,7 @@ class JobStore:
         self.db = db
         # A job's configuration never changes, and every device update needs it: parsed once per job.
         self._configs: dict[str, JobConfig] = {}
+        self._documents: dict[str, dict[str, Any]] = {}
 
     # -------------------------------------------------------------------------------- templates
 
@@ -237,6 +239,16 @@ class JobStore:
                 return None
             config = self._configs[job_id] = JobConfig.from_json(rows[0]["config"])
         return config
+
+    def document(self, job_id: str) -> dict[str, Any] | None:
+        """The job's document (immutable after creation), or None if there is no such job."""
+        document = self._documents.get(job_id)
+        if document is None:
+            rows = self.db.query("SELECT document FROM jobs WHERE job_id=?", (job_id,))
+            if not rows:
+                return None
+            document = self._documents[job_id] = json.loads(rows[0]["document"])
+        return dict(document)
 
     def jobs(self) -> list[dict[str, Any]]:
         ids = [r["job_id"] for r in self.db.query("SELECT job_id FROM jobs ORDER BY created")]
@@ -343,7 +355,8 @@ class JobStore:
         return [_execution(r) for r in rows]
 
     def save_execution(self, execution: Execution, expected_version: int) -> None:
-        """Optimistic write: fails with VersionMismatch if someone else updated it meanwhile."""
+        """Optimistic write: fails with VersionMismatch if someone else updated it meanwhile. A terminal
+        status also records the terminal work, in the same transaction (local/terminal_work.py)."""
         with self.db.transaction() as conn:
             changed = conn.execute(
                 "UPDATE job_executions SET status=?, status_details=?, version=?, started_at=?, updated_at=?, "
@@ -360,6 +373,15 @@ class JobStore:
                     expected_version,
                 ),
             ).rowcount
+            if changed and execution.status.is_terminal:
+                record_terminal(
+                    conn,
+                    execution.thing,
+                    execution.job_id,
+                    execution.status,
+                    execution.status_details,
+                    execution.updated_at,
+                )
         if not changed:
             raise JobError("VersionMismatch", "the job execution changed meanwhile; get it and retry")
 
@@ -403,6 +425,7 @@ class JobStore:
                     "WHERE job_id=? AND thing_name=?",
                     (S.CANCELED, now, job_id, e.thing),
                 )
+                record_terminal(conn, e.thing, job_id, S.CANCELED, e.status_details, now)
             conn.execute(
                 "UPDATE jobs SET status=?, completed=? WHERE job_id=?", (JobStatus.CANCELED, now, job_id)
             )

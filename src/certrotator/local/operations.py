@@ -6,8 +6,9 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-from certrotator.local.jobs import DEFAULT_TEMPLATE, JobConfig, JobError, JobStore
+from certrotator.local.jobs import DEFAULT_CONFIG, DEFAULT_TEMPLATE, JobConfig, JobError, JobStore
 from certrotator.local.registry import LocalRegistry, RegistryError
+from certrotator.protocol import is_rotation_document
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,4 +89,16 @@ def create_job(registry: LocalRegistry, store: JobStore, request: JobRequest) ->
     document, base = found
     targets = [f"thing/{t}" for t in request.things] + [f"thinggroup/{g}" for g in request.groups]
     things = resolve_targets(registry, request.things, request.groups)
-    store.create_job(request.job_id, document, things, job_config(base, request), targets)
+    config = job_config(base, request)
+    if config.in_progress_timeout_s is None and is_rotation_document(document):
+        # An IN_PROGRESS rotation that nobody finishes would stay the thing's head execution, and block
+        # its later jobs, for ever: every rotation job ends by a timeout (the default template's).
+        config = replace(config, in_progress_timeout_s=default_in_progress_timeout_s(store))
+    store.create_job(request.job_id, document, things, config, targets)
+
+
+def default_in_progress_timeout_s(store: JobStore) -> float:
+    """The default template's in-progress timeout, or the seed's (5 minutes) if that template has none."""
+    template = store.template(DEFAULT_TEMPLATE)
+    timeout_s = template[1].in_progress_timeout_s if template is not None else None
+    return timeout_s if timeout_s is not None else float(DEFAULT_CONFIG.in_progress_timeout_s or 300.0)

@@ -1,6 +1,7 @@
 """The local IoT Core's three rules, as AWS IoT rules feed the Lambda functions: `create` and `commit`
-route a device's certificate requests to the backend handlers, `terminal` routes every job execution
-that ends with the rotation's statusDetails key to the terminal handler.
+route a device's certificate requests to the backend handlers, `terminal` routes the end of every job
+execution to the terminal handler, which tells rotation jobs apart by their document and decides from
+the backend's own rotation state (never from what the device wrote in statusDetails).
 
 A rule can be disabled and enabled (the registry keeps the switch across restarts; it is cached here
 because every request asks). What the broker knows of the connection becomes the handlers'
@@ -19,11 +20,10 @@ from certrotator.backend.handlers import (
     reject_malformed_request,
 )
 from certrotator.backend.ports import Ports
-from certrotator.local.jobs import Execution
+from certrotator.backend.rotation_jobs import DocumentLookup, RotationJobs
 from certrotator.local.policy import Connection
 from certrotator.local.registry import LocalRegistry
 from certrotator.protocol import (
-    STATUS_DETAILS_KEY,
     BrokerContext,
     CommitCertificateRequest,
     CreateCertificateRequest,
@@ -41,8 +41,11 @@ _KEEP_RESULTS = 10_000
 
 
 class Rules:
-    def __init__(self, registry: LocalRegistry, ports: Ports) -> None:
+    def __init__(self, registry: LocalRegistry, ports: Ports, job_document: DocumentLookup) -> None:
+        """`job_document(thing, job_id)` is the job's document (the local job store has it at hand)."""
         self.registry, self.ports = registry, ports
+        # Which jobs are rotations, as the Lambda remembers it: one look at a job's document per job.
+        self.rotation_jobs = RotationJobs(job_document)
         self.results: list[HandlerResult] = []
         self._enabled: dict[str, bool] = {}
 
@@ -78,14 +81,13 @@ class Rules:
             result = reject_malformed_request(kind, parsed.thing, str(exc), self.ports)
         self._record(result)
 
-    def execution_ended(self, execution: Execution) -> None:
-        """A job execution reached a terminal status (whatever ended it: device, timeout, cancel)."""
-        if STATUS_DETAILS_KEY not in execution.status_details or not self.enabled(TERMINAL_RULE):
+    def execution_ended(self, event: JobExecutionEvent) -> None:
+        """A job execution reached a terminal status (whatever ended it: device, timeout, cancel), any
+        job's. What the handler raises propagates: the caller keeps the work and tries again."""
+        if not self.enabled(TERMINAL_RULE):
+            log.info("rule %s disabled: dropped the end of %s / %s", TERMINAL_RULE, event.thing, event.job_id)
             return
-        event = JobExecutionEvent(
-            execution.thing, execution.job_id, execution.status, dict(execution.status_details)
-        )
-        self._record(handle_job_execution_terminal(event, self.ports))
+        self._record(handle_job_execution_terminal(event, self.ports, self.rotation_jobs))
 
     def _record(self, result: HandlerResult) -> None:
         self.results.append(result)
