@@ -20,6 +20,7 @@ PCA_VALIDITY_KEY: Final = "PcaValidityInDays"
 PCA_SIGNING_ALGORITHM_KEY: Final = "PcaSigningAlgorithm"
 POWERTOOLS_LAYER_ARN_KEY: Final = "PowertoolsLayerArn"
 LAMBDA_DEPENDENCIES_KEY: Final = "LambdaDependenciesDir"
+RECONCILE_SCHEDULE_KEY: Final = "ReconcileSchedule"
 
 DEFAULT_STACK_NAME: Final = "AWSLabsCertificateRotator"
 DEFAULT_PCA_VALIDITY_DAYS: Final = 7
@@ -50,6 +51,14 @@ _CA_ARN_RE: Final = re.compile(
     r"^arn:aws(-[a-z]+)*:acm-pca:[a-z]{2}(-[a-z]+)+-\d:\d{12}:certificate-authority/"
     r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"
 )
+# EventBridge schedule expressions (rate and cron, as EventBridge rules take them). A scheduled reconcile
+# visits every thing of the account (about seven API calls each) and acts only on rotation states older
+# than its grace period, and one run may take up to the function's 15 minutes: runs at most hourly.
+_RATE_RE: Final = re.compile(r"^rate\(([0-9]+) (minutes?|hours?|days?)\)$")
+_RATE_UNIT_MINUTES: Final = {"minute": 1, "hour": 60, "day": 24 * 60}
+MIN_RECONCILE_INTERVAL_MINUTES: Final = 60
+_CRON_RE: Final = re.compile(r"^cron\((.*)\)$")
+_CRON_FIELD_RE: Final = re.compile(r"^[0-9A-Za-z*?,/#-]+$")
 _LAYER_ARN_RE: Final = re.compile(
     r"^arn:aws(-[a-z]+)*:lambda:[a-z]{2}(-[a-z]+)+-\d:\d{12}:layer:[A-Za-z0-9_-]{1,140}:[1-9]\d*$"
 )
@@ -76,6 +85,7 @@ class RotatorConfig:
     pca_signing_algorithm: str = DEFAULT_PCA_SIGNING_ALGORITHM
     powertools_layer_arn: str | None = None  # None: the public layer, looked up at deploy time
     lambda_dependencies_dir: str = DEFAULT_LAMBDA_DEPENDENCIES_DIR
+    reconcile_schedule: str | None = None  # None: no scheduled reconcile (the default)
 
     @classmethod
     def from_context(cls, get: Callable[[str], Any]) -> RotatorConfig:
@@ -88,6 +98,7 @@ class RotatorConfig:
             powertools_layer_arn=parse_layer_arn(get(POWERTOOLS_LAYER_ARN_KEY)),
             lambda_dependencies_dir=_text(get(LAMBDA_DEPENDENCIES_KEY), LAMBDA_DEPENDENCIES_KEY)
             or DEFAULT_LAMBDA_DEPENDENCIES_DIR,
+            reconcile_schedule=parse_reconcile_schedule(get(RECONCILE_SCHEDULE_KEY)),
         )
 
 
@@ -165,3 +176,53 @@ def parse_layer_arn(value: Any) -> str | None:
             f" got {arn!r}"
         )
     return arn
+
+
+_SCHEDULE_HELP: Final = (
+    f"context variable {RECONCILE_SCHEDULE_KEY} must be empty (no scheduled reconcile, the default) or an"
+    " EventBridge schedule expression that runs at most hourly: rate(N hours) or rate(N days) (singular"
+    " unit for 1, e.g. rate(1 hour), rate(6 hours)), or cron(minute hour day-of-month month day-of-week year)"
+    " with a single minute and '?' in one of the two day fields, e.g. cron(0 3 * * ? *)"
+)
+
+
+def parse_reconcile_schedule(value: Any) -> str | None:
+    """The EventBridge schedule of the scheduled reconcile, or None (off)."""
+    expression = _text(value, RECONCILE_SCHEDULE_KEY)
+    if not expression:
+        return None
+    problem = _rate_problem(expression) if expression.startswith("rate(") else _cron_problem(expression)
+    if problem is not None:
+        raise ContextError(f"{_SCHEDULE_HELP}; got {expression!r} ({problem})")
+    return expression
+
+
+def _rate_problem(expression: str) -> str | None:
+    match = _RATE_RE.match(expression)
+    if match is None:
+        return "not rate(<whole number> <unit>)"
+    count, unit = int(match[1]), match[2]
+    if count < 1:
+        return "the value must be at least 1"
+    # EventBridge's rule: singular unit for 1, plural for more (rate(1 hours) is refused at deploy time)
+    if (count == 1) == unit.endswith("s"):
+        return f"use {'the singular' if count == 1 else 'a plural'} unit with {count}"
+    minutes = count * _RATE_UNIT_MINUTES[unit.removesuffix("s")]
+    if minutes < MIN_RECONCILE_INTERVAL_MINUTES:
+        return f"every {minutes} minutes is more often than hourly"
+    return None
+
+
+def _cron_problem(expression: str) -> str | None:
+    match = _CRON_RE.match(expression)
+    if match is None:
+        return "neither rate(...) nor cron(...)"
+    fields = match[1].split(" ")
+    if len(fields) != 6 or not all(_CRON_FIELD_RE.match(f) for f in fields):
+        return "a cron expression has six fields separated by single spaces"
+    minute, _, day_of_month, _, day_of_week, _ = fields
+    if not (minute.isascii() and minute.isdigit() and int(minute) <= 59):
+        return "the minute field must be one minute, 0-59, so that runs are at least an hour apart"
+    if (day_of_month == "?") == (day_of_week == "?"):
+        return "exactly one of day-of-month and day-of-week must be '?'"
+    return None

@@ -36,6 +36,7 @@ def test_cdk_json_defaults() -> None:
     assert context["PcaValidityInDays"] == 7
     assert context["PcaSigningAlgorithm"] == "SHA256WITHRSA"
     assert context["StackName"] == "AWSLabsCertificateRotator"
+    assert context["ReconcileSchedule"] == ""  # the scheduled reconcile is off unless asked for
     assert context["@aws-cdk/core:validateAgainstDefaultRules"] is True
     assert config_of({}) == RotatorConfig(
         stack_name="AWSLabsCertificateRotator",
@@ -44,6 +45,7 @@ def test_cdk_json_defaults() -> None:
         pca_signing_algorithm="SHA256WITHRSA",
         powertools_layer_arn=None,
         lambda_dependencies_dir="build/lambda-deps",
+        reconcile_schedule=None,
     )
 
 
@@ -73,6 +75,16 @@ def test_the_six_signing_algorithms_are_the_backends() -> None:
         ({"StackName": "Rotator-Prod-2"}, {"stack_name": "Rotator-Prod-2"}),
         ({"StackName": ""}, {"stack_name": "AWSLabsCertificateRotator"}),
         ({"PowertoolsLayerArn": ""}, {"powertools_layer_arn": None}),
+        ({"ReconcileSchedule": ""}, {"reconcile_schedule": None}),  # off, as cdk.json ships
+        ({"ReconcileSchedule": "rate(6 hours)"}, {"reconcile_schedule": "rate(6 hours)"}),
+        ({"ReconcileSchedule": " rate(1 hour) "}, {"reconcile_schedule": "rate(1 hour)"}),
+        ({"ReconcileSchedule": "rate(1 day)"}, {"reconcile_schedule": "rate(1 day)"}),
+        ({"ReconcileSchedule": "rate(90 minutes)"}, {"reconcile_schedule": "rate(90 minutes)"}),
+        ({"ReconcileSchedule": "cron(0 3 * * ? *)"}, {"reconcile_schedule": "cron(0 3 * * ? *)"}),
+        (
+            {"ReconcileSchedule": "cron(15 */6 ? * MON-FRI *)"},
+            {"reconcile_schedule": "cron(15 */6 ? * MON-FRI *)"},
+        ),
     ],
 )
 def test_accepted_values(overrides: dict[str, Any], expected: dict[str, Any]) -> None:
@@ -108,6 +120,20 @@ def test_accepted_values(overrides: dict[str, Any], expected: dict[str, Any]) ->
         ("StackName", "R" * 45),
         ("PowertoolsLayerArn", "arn:aws:lambda:eu-west-1:017000801446:function:x"),
         ("PowertoolsLayerArn", "arn:aws:lambda:eu-west-1:017000801446:layer:AWSLambdaPowertoolsPythonV3"),
+        ("ReconcileSchedule", "every 6 hours"),
+        ("ReconcileSchedule", "rate(6 hour)"),  # EventBridge: plural unit above 1
+        ("ReconcileSchedule", "rate(1 hours)"),  # and singular for 1
+        ("ReconcileSchedule", "rate(0 hours)"),
+        ("ReconcileSchedule", "rate(30 minutes)"),  # more often than hourly
+        ("ReconcileSchedule", "rate(6 Hours)"),
+        ("ReconcileSchedule", "rate(٦ hours)"),  # a digit, but not an ASCII one
+        ("ReconcileSchedule", "cron(0 3 * * * *)"),  # day-of-month and day-of-week both set
+        ("ReconcileSchedule", "cron(0 3 ? * ? *)"),
+        ("ReconcileSchedule", "cron(*/5 * * * ? *)"),  # every five minutes
+        ("ReconcileSchedule", "cron(0,30 * * * ? *)"),
+        ("ReconcileSchedule", "cron(0 3 * * ?)"),  # five fields
+        ("ReconcileSchedule", "rate(6 hours); rm -rf /"),
+        ("ReconcileSchedule", 6),
     ],
 )
 def test_invalid_context_is_rejected_at_synthesis_with_a_clear_message(
@@ -121,6 +147,8 @@ def test_invalid_context_is_rejected_at_synthesis_with_a_clear_message(
     assert repr(value) in message or repr(str(value).strip()) in message
     if key == "PcaSigningAlgorithm" and isinstance(value, str):
         assert ", ".join(PCA_SIGNING_ALGORITHMS) in message  # says what it accepts
+    if key == "ReconcileSchedule" and isinstance(value, str):
+        assert "rate(6 hours)" in message and "cron(0 3 * * ? *)" in message  # says what it accepts
     assert not list(tmp_path.iterdir()), "nothing synthesised"
 
 
@@ -157,4 +185,12 @@ def test_app_refuses_to_synthesise_without_the_lambda_dependencies(tmp_path: Pat
     assert result.returncode == 1
     assert "error: the Lambda dependencies are missing" in result.stderr
     assert "build_lambda_deps.py" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_app_reports_a_bad_schedule_as_one_line_error(tmp_path: Path) -> None:
+    result = run_app(tmp_path, {"ReconcileSchedule": "rate(5 minutes)"})
+    assert result.returncode == 1
+    assert result.stderr.startswith("error: context variable ReconcileSchedule must be empty")
+    assert "(every 5 minutes is more often than hourly)" in result.stderr
     assert "Traceback" not in result.stderr
