@@ -4,7 +4,9 @@ Bundling in Docker is not an option here, so the asset is a plain directory asse
 time without network access:
 
 * the `certrotator` modules the Lambda entry points import (`crypto`, `protocol`, `backend/**`),
-  copied from `src/` — the same handler code the local engine runs;
+  copied from `src/` — the same handler code the local engine runs — and those of the scheduled
+  reconcile (`ops/reconcile/{aws,policy,runner}.py`, `ops/aws/clients.py`), the same code as
+  `certrotator reconcile --aws`;
 * `cryptography` (with `cffi` and `pycparser`) built for the Lambda platform (CPython 3.14 on
   arm64 / Amazon Linux 2023), prepared once with network access by `build_lambda_deps.py`
   (`pip install --target ... --platform ... --only-binary=:all:`) into `build/lambda-deps`;
@@ -36,8 +38,22 @@ LAMBDA_ARCHITECTURE: Final = "arm64"
 # literally, so the older manylinux levels that wheels are still published for are listed too.
 PIP_PLATFORMS: Final = ("manylinux_2_34_aarch64", "manylinux_2_28_aarch64", "manylinux2014_aarch64")
 
-# What the entry points in certrotator.backend.aws.lambdas import, relative to the package.
-PACKAGE_SOURCES: Final = ("__init__.py", "algorithms.py", "crypto.py", "protocol.py", "backend")
+# What the entry points (certrotator.backend.aws.lambdas, certrotator.ops.reconcile.aws.scheduled_handler)
+# import, relative to the package: only these of ops/, whose other modules need the CLI's dependencies.
+PACKAGE_SOURCES: Final = (
+    "__init__.py",
+    "algorithms.py",
+    "crypto.py",
+    "protocol.py",
+    "backend",
+    "ops/__init__.py",
+    "ops/aws/__init__.py",
+    "ops/aws/clients.py",
+    "ops/reconcile/__init__.py",
+    "ops/reconcile/aws.py",
+    "ops/reconcile/policy.py",
+    "ops/reconcile/runner.py",
+)
 # Core dependencies of certrotator that the Lambda needs and the runtime does not provide.
 LAMBDA_DEPENDENCIES: Final = ("cryptography",)
 DEPENDENCY_MARKER: Final = ".certrotator-lambda-deps.json"
@@ -168,6 +184,6 @@ def stage_lambda_code(dest: Path, *, dependencies: Path | None, package_dir: Pat
                 copy.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(path, copy)
         else:
-            target.mkdir(parents=True, exist_ok=True)
+            (target / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(source, target / name)
     return dest

@@ -40,6 +40,8 @@ from typing import Final
 
 from aws_cdk import ArnFormat, Stack
 
+from certrotator.ops.reconcile.aws import ANNOUNCE_SHADOW_NAME
+
 SHADOW_NAME: Final = "AWSLabsCertificateRotator"  # = certrotator.backend.aws.adapters.DEFAULT_SHADOW_NAME
 
 
@@ -87,6 +89,9 @@ THINGS: Final = IotResource("thing/*")
 CERTIFICATES: Final = IotResource("cert/*")
 JOBS: Final = IotResource("job/*")
 STATE_SHADOWS: Final = IotResource(f"thing/*/{SHADOW_NAME}")
+ANNOUNCE_SHADOWS: Final = IotResource(f"thing/*/{ANNOUNCE_SHADOW_NAME}")
+# The announcement rule republishes to each thing's announcement shadow (the topic's thing level is `*`).
+ANNOUNCE_SHADOW_UPDATES: Final = IotResource(f"topic/$aws/things/*/shadow/name/{ANNOUNCE_SHADOW_NAME}/update")
 
 _ANY_THING: Final = (
     "any thing of the fleet may be in a rotation job, and the thing name is only known from the MQTT"
@@ -233,4 +238,60 @@ def function_grants(
         remove_certificate,
         _state_shadow("Get", "Update", sid="RotationState"),
         *notify,
+    ]
+
+
+def reconcile_grants(*, secret_arn: str, topic_arn: str, topic_key_arn: str) -> list[Grant]:
+    """The statements of the scheduled reconcile's role: the calls of certrotator.ops.reconcile.aws
+    (facts per thing, then retiring through the backend's IotRegistry and ShadowStateStore, notifying
+    through SnsNotifier). It only reads the announcement shadow, and only reads or deletes the state
+    shadow (clearing a leftover state deletes it); STS GetCallerIdentity needs no permission."""
+    return [
+        Grant("DataPlaneEndpoints", ("iot:DescribeEndpoint",), (ALL,), _ENDPOINTS),
+        Grant("StateKey", ("secretsmanager:GetSecretValue",), (secret_arn,)),
+        Grant(
+            "EveryThing",
+            ("iot:ListThings",),
+            (ALL,),
+            "iot:ListThings supports no resource-level permissions (Service Authorization Reference);"
+            " the scheduled reconcile looks at every thing of the account",
+        ),
+        Grant(
+            "ThingFacts",
+            ("iot:ListThingPrincipals", "iot:ListThingPrincipalsV2", "iot:ListJobExecutionsForThing"),
+            (THINGS,),
+            f"reconcile reads each thing's certificates and active job executions; {_ANY_THING}",
+        ),
+        Grant(
+            "RotationJobs",
+            ("iot:GetJobDocument",),
+            (JOBS,),
+            f"reconcile reads the document of each active job (once per run) to tell rotations from other"
+            f" jobs; {_ANY_JOB}",
+        ),
+        Grant("ReadCertificate", ("iot:DescribeCertificate",), (CERTIFICATES,), _ANY_CERTIFICATE),
+        Grant(
+            "CertificateOwners",
+            ("iot:ListPrincipalThings",),
+            (ALL,),
+            "iot:ListPrincipalThings is granted on all resources: the Service Authorization Reference gives"
+            " it no resource type; reconcile asks which thing holds a certificate the rotation state names"
+            " but this thing does not, so it never retires another thing's certificate",
+        ),
+        Grant(
+            "RemoveCertificate",
+            ("iot:UpdateCertificate", "iot:DetachThingPrincipal", "iot:DeleteCertificate"),
+            (CERTIFICATES,),
+            f"the certificate reconcile retires (the one the device is proven not to use); {_ANY_CERTIFICATE}",
+        ),
+        _state_shadow("Get", "Delete", sid="RotationState"),
+        Grant(
+            "Announcements",
+            ("iot:GetThingShadow",),
+            (ANNOUNCE_SHADOWS,),
+            f"only the announcement shadow '{ANNOUNCE_SHADOW_NAME}' of each thing (the evidence of the"
+            f" certificate a device uses); {_ANY_THING}",
+        ),
+        Grant("Notify", ("sns:Publish",), (topic_arn,)),
+        Grant("NotificationKey", ("kms:GenerateDataKey", "kms:Decrypt"), (topic_key_arn,)),
     ]

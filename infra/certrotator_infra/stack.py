@@ -28,7 +28,7 @@ from aws_cdk import custom_resources as cr
 from constructs import Construct, IConstruct
 
 from certrotator.protocol import TERMINAL_EXECUTION_STATUSES
-from certrotator_infra import failures
+from certrotator_infra import announce, failures, reconcile
 from certrotator_infra.config import RotatorConfig
 from certrotator_infra.lambda_asset import LAMBDA_ARCHITECTURE, LAMBDA_PYTHON_VERSION, powertools_version
 from certrotator_infra.permissions import ALL, SHADOW_NAME, Function, Grant, IotResource, function_grants
@@ -111,8 +111,11 @@ class RotatorFunction:
 
 
 class CertificateRotatorStack(Stack):
-    """Three Lambda functions behind three IoT rules, the rotation job template, the notification
-    topic, the rotation-state key and the account's job execution events."""
+    """Three Lambda functions behind three IoT rules, the announcement rule, the rotation job template,
+    the notification topic, the rotation-state key, the account's job execution events, and the scheduled
+    reconcile when the context asks for it."""
+
+    log_retention: Final = LOG_RETENTION
 
     def __init__(self, scope: Construct, config: RotatorConfig, *, code_dir: Path, **kwargs: Any) -> None:
         super().__init__(
@@ -170,12 +173,19 @@ class CertificateRotatorStack(Stack):
         code = lambda_.Code.from_asset(str(code_dir))
         environment = self._environment()
         self.functions = {function: self._function(function, code, environment) for function in Function}
-        self.terminal_failures_alarm = failures.failure_alarm(self, name, self.terminal_failures, self.topic)
-        failures.restrict_topic(
-            self.topic,
-            [self.functions[Function.CREATE].role, self.functions[Function.TERMINAL].role],
-            self.terminal_failures_alarm,
+        self.announce_rule = announce.announcement_rule(
+            self, self.rule_name(announce.RULE_SUFFIX), IOT_SQL_VERSION, self._log_rule_errors(), ack
         )
+        self.reconcile = (
+            reconcile.scheduled_reconcile(self, code, config.reconcile_schedule)
+            if config.reconcile_schedule
+            else None
+        )
+        self.terminal_failures_alarm = failures.failure_alarm(self, name, self.terminal_failures, self.topic)
+        publishers = [self.functions[Function.CREATE].role, self.functions[Function.TERMINAL].role]
+        if self.reconcile is not None:
+            publishers.append(self.reconcile.role)
+        failures.restrict_topic(self.topic, publishers, self.terminal_failures_alarm)
         self.job_template = iot.CfnJobTemplate(
             self,
             "JobTemplate",
@@ -233,34 +243,42 @@ class CertificateRotatorStack(Stack):
             topic_key_arn=self.topic_key.key_arn,
             ca_arn=self.ca_arn,
         )
-        self._grant(role, grants)
+        self.grant(role, grants)
         timeout = {
             Function.CREATE: CREATE_TIMEOUT if self.ca_arn is None else CREATE_TIMEOUT_PRIVATE_CA,
             Function.COMMIT: COMMIT_TIMEOUT,
             Function.TERMINAL: TERMINAL_TIMEOUT,
         }[function]
-        fn = lambda_.Function(
-            self,
-            f"{function}Function",
+        fn = self.lambda_function(
+            function,
             function_name=f"{self.config.stack_name}{function}",
             description=DESCRIPTIONS[function],
-            runtime=RUNTIME,
-            architecture=ARCHITECTURE,
             code=code,
             handler=HANDLERS[function],
-            layers=[self.powertools_layer],
-            memory_size=MEMORY_MB,
             timeout=timeout,
             environment=environment,
             role=role,
             log_group=log_group,
-            logging_format=lambda_.LoggingFormat.JSON,
-            application_log_level_v2=lambda_.ApplicationLogLevel.INFO,
-            system_log_level_v2=lambda_.SystemLogLevel.WARN,
+            layers=[self.powertools_layer],
             **self._async_invocation(function),
         )
         rule = self._rule(function, fn)
         return RotatorFunction(fn, role, log_group, rule)
+
+    def lambda_function(self, id_prefix: str, **props: Any) -> lambda_.Function:
+        """A function on the stack's runtime, architecture, memory size and JSON logging; `props` are the
+        rest of lambda_.Function's properties (name, code, handler, timeout, role, ...)."""
+        return lambda_.Function(
+            self,
+            f"{id_prefix}Function",
+            runtime=RUNTIME,
+            architecture=ARCHITECTURE,
+            memory_size=MEMORY_MB,
+            logging_format=lambda_.LoggingFormat.JSON,
+            application_log_level_v2=lambda_.ApplicationLogLevel.INFO,
+            system_log_level_v2=lambda_.SystemLogLevel.WARN,
+            **props,
+        )
 
     def _async_invocation(self, function: Function) -> dict[str, Any]:
         """IoT rules invoke asynchronously. A retried or long-queued create/commit would arrive after the
@@ -275,7 +293,7 @@ class CertificateRotatorStack(Stack):
             "on_failure": destinations.SqsDestination(self.terminal_failures),
         }
 
-    def _grant(self, role: iam.Role, grants: list[Grant]) -> None:
+    def grant(self, role: iam.Role, grants: list[Grant]) -> None:
         """Add the statements to the role, and acknowledge each cdk-nag wildcard finding once, with the
         reasons of every statement that contributes to it."""
         reasons: dict[str, list[str]] = {}
@@ -304,9 +322,9 @@ class CertificateRotatorStack(Stack):
     # ---------------------------------------------------------------------------------------- rules
 
     def _rule_errors(self) -> tuple[logs.LogGroup, iam.Role]:
-        """Where the create and commit rules log a failed action (e.g. the function could not be
-        invoked), and the role they log with: rule failures are otherwise silent. (The terminal rule
-        queues its failures instead, see `_rule_error_action`.)"""
+        """Where the create, commit and announcement rules log a failed action (e.g. the function could
+        not be invoked, the shadow update was refused), and the role they log with: rule failures are
+        otherwise silent. (The terminal rule queues its failures instead, see `_rule_error_action`.)"""
         log_group = logs.LogGroup(
             self, "RuleErrors", retention=LOG_RETENTION, removal_policy=RemovalPolicy.RETAIN
         )
@@ -317,12 +335,11 @@ class CertificateRotatorStack(Stack):
                 "iot.amazonaws.com",
                 conditions={
                     "StringEquals": {"aws:SourceAccount": Aws.ACCOUNT_ID},
-                    # the two rules by name (their ARN attributes would make a dependency cycle)
+                    # the three rules by name (their ARN attributes would make a dependency cycle)
                     "ArnEquals": {
                         "aws:SourceArn": [
-                            self.format_arn(service="iot", resource="rule", resource_name=self.rule_name(f))
-                            for f in Function
-                            if f is not Function.TERMINAL
+                            self.format_arn(service="iot", resource="rule", resource_name=self.rule_name(r))
+                            for r in (Function.CREATE, Function.COMMIT, announce.RULE_SUFFIX)
                         ]
                     },
                 },
@@ -332,15 +349,19 @@ class CertificateRotatorStack(Stack):
         log_group.grant_write(role)
         return log_group, role
 
-    def rule_name(self, function: Function) -> str:
-        # Rule names allow [a-zA-Z0-9_] only; stack names may contain hyphens.
-        return f"{self.config.stack_name.replace('-', '_')}{function}"
+    def rule_name(self, suffix: str) -> str:
+        """`suffix` is a Function or the announcement rule's. Rule names allow [a-zA-Z0-9_] only; stack
+        names may contain hyphens."""
+        return f"{self.config.stack_name.replace('-', '_')}{suffix}"
 
     def _rule_error_action(self, function: Function) -> iot.CfnTopicRule.ActionProperty:
         """Create and commit log a failed action (the device times out and fails the job anyway); the
         terminal rule queues the event, where it raises the alarm and waits to be replayed."""
         if function is Function.TERMINAL:
             return failures.rule_error_action(self, self.rule_name(function), self.terminal_failures)
+        return self._log_rule_errors()
+
+    def _log_rule_errors(self) -> iot.CfnTopicRule.ActionProperty:
         return iot.CfnTopicRule.ActionProperty(
             cloudwatch_logs=iot.CfnTopicRule.CloudwatchLogsActionProperty(
                 log_group_name=self.rule_errors_log.log_group_name, role_arn=self.rule_errors_role.role_arn
@@ -440,3 +461,10 @@ class CertificateRotatorStack(Stack):
         )
         for function, parts in self.functions.items():
             CfnOutput(self, f"{function}FunctionName", value=parts.function.function_name)
+        if self.reconcile is not None:
+            CfnOutput(
+                self,
+                "ReconcileFunctionName",
+                value=self.reconcile.function.function_name,
+                description='The scheduled reconcile; invoke it with {"dryRun": true} to see what it would do',
+            )

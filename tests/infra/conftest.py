@@ -13,7 +13,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.infra.support import INFRA_DIR, PCA_CONTEXT, Synth, synthesise_and_read
+from tests.infra.support import (
+    INFRA_DIR,
+    PCA_CONTEXT,
+    PCA_RECONCILE_CONTEXT,
+    RECONCILE_CONTEXT,
+    Synth,
+    synthesise_and_read,
+)
 
 # Before jsii starts its Node process: Node 20 is past end of life and jsii says so on every start.
 os.environ.setdefault("JSII_SILENCE_WARNING_END_OF_LIFE_NODE_VERSION", "20")
@@ -38,3 +45,15 @@ def iot_synth(tmp_path_factory: pytest.TempPathFactory, code_dir: Path) -> Synth
 @pytest.fixture(scope="session")
 def pca_synth(tmp_path_factory: pytest.TempPathFactory, code_dir: Path) -> Synth:
     return synthesise_and_read(tmp_path_factory, code_dir, PCA_CONTEXT)
+
+
+@pytest.fixture(scope="session")
+def iot_reconcile_synth(tmp_path_factory: pytest.TempPathFactory, code_dir: Path) -> Synth:
+    """AWS IoT issues; the scheduled reconcile runs every 6 hours."""
+    return synthesise_and_read(tmp_path_factory, code_dir, RECONCILE_CONTEXT)
+
+
+@pytest.fixture(scope="session")
+def pca_reconcile_synth(tmp_path_factory: pytest.TempPathFactory, code_dir: Path) -> Synth:
+    """A Private CA issues; the scheduled reconcile runs daily at 03:00 UTC."""
+    return synthesise_and_read(tmp_path_factory, code_dir, PCA_RECONCILE_CONTEXT)

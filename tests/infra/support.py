@@ -31,6 +31,10 @@ PCA_CONTEXT: dict[str, Any] = {
     "PcaSigningAlgorithm": "SHA384WITHECDSA",
     "PowertoolsLayerArn": LAYER_ARN,
 }
+# The scheduled reconcile, off unless the context sets a schedule: once with each issuer mode.
+RECONCILE_SCHEDULE = "rate(6 hours)"
+RECONCILE_CONTEXT: dict[str, Any] = {"ReconcileSchedule": RECONCILE_SCHEDULE}
+PCA_RECONCILE_CONTEXT: dict[str, Any] = PCA_CONTEXT | {"ReconcileSchedule": "cron(0 3 * * ? *)"}
 
 
 @dataclass

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import tomllib
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -16,7 +17,7 @@ from tests.infra.support import CDK_MISSING
 
 pytest.importorskip("aws_cdk", reason=CDK_MISSING)
 
-from certrotator_infra import lambda_asset, stack
+from certrotator_infra import lambda_asset, reconcile, stack
 from certrotator_infra.lambda_asset import (
     DEPENDENCY_MARKER,
     LambdaAssetError,
@@ -73,7 +74,18 @@ def test_stack_constants_agree_with_the_package() -> None:
         assert callable(getattr(lambdas, name))
 
 
-def test_staged_code_holds_only_the_backend_modules(code_dir: Path) -> None:
+OPS_FILES = {
+    "certrotator/ops/__init__.py",
+    "certrotator/ops/aws/__init__.py",
+    "certrotator/ops/aws/clients.py",
+    "certrotator/ops/reconcile/__init__.py",
+    "certrotator/ops/reconcile/aws.py",
+    "certrotator/ops/reconcile/policy.py",
+    "certrotator/ops/reconcile/runner.py",
+}
+
+
+def test_staged_code_holds_only_the_backend_and_reconcile_modules(code_dir: Path) -> None:
     files = {p.relative_to(code_dir).as_posix() for p in code_dir.rglob("*") if p.is_file()}
     assert "certrotator/backend/aws/lambdas.py" in files
     assert {
@@ -82,6 +94,7 @@ def test_staged_code_holds_only_the_backend_modules(code_dir: Path) -> None:
         "certrotator/crypto.py",
         "certrotator/protocol.py",
     } <= files
+    assert files >= OPS_FILES  # and none of ops/'s CLI modules, which need typer and rich
     assert all(
         f.startswith(
             (
@@ -92,34 +105,84 @@ def test_staged_code_holds_only_the_backend_modules(code_dir: Path) -> None:
                 "certrotator/backend/",
             )
         )
+        or f in OPS_FILES
         for f in files
     ), files
     assert all(f.endswith(".py") for f in files)
 
 
-def test_staged_code_imports_on_its_own(code_dir: Path, tmp_path: Path) -> None:
-    """Every module the entry points import was staged: the import is served from the staged copy
-    (the project's src/ is not on the path), third-party packages from the environment."""
-    script = (
-        "import certrotator, certrotator.backend.aws.lambdas as m;"
-        "print(certrotator.__file__); print(m.__file__);"
-        "print(callable(m.create_certificate) and callable(m.commit_certificate) and callable(m.job_execution_terminal))"
+# Runs in a fresh interpreter with only the staged code on the path: importing a module that is neither
+# the standard library, nor staged, nor what the Lambda provides fails, and every certrotator module
+# must come from the staged copy.
+IMPORT_CHECK = """
+import importlib, importlib.abc, json, sys
+allowed, entry_points = set(sys.argv[1].split(",")), sys.argv[2].split(",")
+
+class OnlyWhatTheLambdaHas(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        top = name.partition(".")[0]
+        if top in sys.stdlib_module_names or top in allowed:
+            return None
+        raise ImportError(f"{name} is not available in the Lambda function")
+
+sys.meta_path.insert(0, OnlyWhatTheLambdaHas())
+found = {}
+for entry_point in entry_points:
+    module_name, _, attribute = entry_point.rpartition(".")
+    found[entry_point] = callable(getattr(importlib.import_module(module_name), attribute))
+ours = {n: getattr(m, "__file__", None) for n, m in sys.modules.items() if n.split(".")[0] == "certrotator"}
+print(json.dumps({"entry_points": found, "ours": ours}))
+"""
+# boto3 and its dependencies come with the Lambda runtime; cryptography (+ cffi) is staged from
+# build/lambda-deps; Powertools comes from the layer, which only the three handler functions have.
+RUNTIME_MODULES = {"boto3", "botocore", "s3transfer", "jmespath", "dateutil", "six", "urllib3"}
+DEPENDENCY_MODULES = {"cryptography", "cffi", "_cffi_backend", "pycparser"}
+POWERTOOLS_MODULES = {"aws_lambda_powertools", "typing_extensions", "jmespath"}
+
+
+def import_staged(code_dir: Path, cwd: Path, entry_points: list[str], *, powertools: bool) -> dict[str, Any]:
+    allowed = (
+        {"certrotator"} | RUNTIME_MODULES | DEPENDENCY_MODULES | (POWERTOOLS_MODULES if powertools else set())
     )
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"PYTHONPATH": str(code_dir)}
     result = subprocess.run(
-        [sys.executable, "-c", script],
+        [sys.executable, "-c", IMPORT_CHECK, ",".join(sorted(allowed)), ",".join(entry_points)],
         check=False,
-        cwd=tmp_path,
+        cwd=cwd,
         env=env,
         capture_output=True,
         text=True,
         timeout=60,
     )
     assert result.returncode == 0, result.stderr
-    package_file, module_file, ok = result.stdout.split()
-    assert Path(package_file).is_relative_to(code_dir)
-    assert Path(module_file).is_relative_to(code_dir)
-    assert ok == "True"
+    answer: dict[str, Any] = json.loads(result.stdout)
+    assert all(answer["entry_points"].values()), answer["entry_points"]
+    for name, file in answer["ours"].items():
+        assert file is not None and Path(file).is_relative_to(code_dir), (name, file)
+    return answer
+
+
+def test_the_three_handlers_import_from_the_staged_code(code_dir: Path, tmp_path: Path) -> None:
+    answer = import_staged(code_dir, tmp_path, list(stack.HANDLERS.values()), powertools=True)
+    assert "certrotator.backend.aws.lambdas" in answer["ours"]
+
+
+def test_the_scheduled_reconcile_imports_from_the_staged_code_without_powertools(
+    code_dir: Path, tmp_path: Path
+) -> None:
+    answer = import_staged(code_dir, tmp_path, [reconcile.HANDLER], powertools=False)
+    assert {"certrotator.ops.reconcile.aws", "certrotator.ops.aws.clients"} <= answer["ours"].keys()
+
+
+def test_the_import_check_refuses_what_the_lambda_lacks(code_dir: Path, tmp_path: Path) -> None:
+    """The check can fail: the reconcile command's module is not staged, and typer (which it needs) is
+    installed here but not in the function."""
+    with pytest.raises(AssertionError, match=r"No module named 'certrotator\.ops\.reconcile\.cli'"):
+        import_staged(
+            code_dir, tmp_path, ["certrotator.ops.reconcile.cli.reconcile_command"], powertools=False
+        )
+    with pytest.raises(AssertionError, match="typer is not available in the Lambda function"):
+        import_staged(code_dir, tmp_path, ["typer.run"], powertools=False)
 
 
 def write_marker(directory: Path, **overrides: object) -> None:

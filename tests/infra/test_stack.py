@@ -1,4 +1,6 @@
-"""The synthesised stack, in both issuer modes: every resource and property the backend relies on."""
+"""The synthesised stack, in both issuer modes, with and without the scheduled reconcile: every resource
+and property the backend relies on. (The announcement rule and the scheduled reconcile themselves:
+test_reconcile.py.)"""
 
 from __future__ import annotations
 
@@ -66,9 +68,9 @@ PCA_ARN = (
 )
 
 
-@pytest.fixture(params=["iot", "pca"])
+@pytest.fixture(params=["iot", "pca", "iot_reconcile", "pca_reconcile"])
 def synth(request: pytest.FixtureRequest) -> Synth:
-    """Both configurations, each synthesised once per session."""
+    """The four configurations, each synthesised once per session."""
     result: Synth = request.getfixturevalue(f"{request.param}_synth")
     return result
 
@@ -79,6 +81,21 @@ def stack_name(synth: Synth) -> str:
 
 def is_pca(synth: Synth) -> bool:
     return synth.stack.ca_arn is not None
+
+
+def has_reconcile(synth: Synth) -> bool:
+    return synth.stack.reconcile is not None
+
+
+def with_reconcile(synth: Synth) -> tuple[str, ...]:
+    """The functions of the configuration: the three handlers, and the scheduled reconcile if it is on."""
+    return (*FUNCTIONS, "Reconcile") if has_reconcile(synth) else FUNCTIONS
+
+
+def role_of(synth: Synth, function: str) -> str:
+    """The role's logical id."""
+    _, resource = function_by_name(synth.json, f"{stack_name(synth)}{function}")
+    return render(resource["Properties"]["Role"]).strip("${}").removesuffix(".Arn")
 
 
 def logical_id(synth: Synth, kind: str) -> str:
@@ -104,7 +121,8 @@ def test_stack_names(iot_synth: Synth, pca_synth: Synth) -> None:
 
 
 def test_three_functions_packaged_from_our_package(synth: Synth) -> None:
-    synth.template.resource_count_is("AWS::Lambda::Function", 4)  # + the custom resource's provider
+    # + the custom resource's provider, + the scheduled reconcile if it is on
+    synth.template.resource_count_is("AWS::Lambda::Function", 5 if has_reconcile(synth) else 4)
     layer = LAYER_ARN if is_pca(synth) else None
     for function in FUNCTIONS:
         _, resource = function_by_name(synth.json, f"{stack_name(synth)}{function}")
@@ -128,12 +146,13 @@ def test_three_functions_packaged_from_our_package(synth: Synth) -> None:
 def test_one_code_asset_shared_by_the_functions_holds_the_handlers(synth: Synth) -> None:
     keys = {
         function_by_name(synth.json, f"{stack_name(synth)}{f}")[1]["Properties"]["Code"]["S3Key"]
-        for f in FUNCTIONS
+        for f in with_reconcile(synth)
     }
     (key,) = keys
     asset = synth.outdir / f"asset.{key.removesuffix('.zip')}"
     assert (asset / "certrotator" / "backend" / "aws" / "lambdas.py").is_file()
     assert (asset / "certrotator" / "backend" / "handlers.py").is_file()
+    assert (asset / "certrotator" / "ops" / "reconcile" / "aws.py").is_file()
 
 
 def test_timeouts(synth: Synth) -> None:
@@ -156,11 +175,11 @@ def event_invoke_configs(synth: Synth) -> dict[str, dict[str, Any]]:
         target = render(props["FunctionName"])
         (name,) = [
             f
-            for f in FUNCTIONS
+            for f in with_reconcile(synth)
             if target == "${" + function_by_name(synth.json, f"{stack_name(synth)}{f}")[0] + "}"
         ]
         by_function[name] = props
-    assert sorted(by_function) == sorted(FUNCTIONS)
+    assert sorted(by_function) == sorted(with_reconcile(synth))
     return by_function
 
 
@@ -222,7 +241,7 @@ def test_a_message_in_the_failure_queue_raises_the_alarm_on_the_notification_top
 
 
 def test_structured_json_logs_in_a_log_group_kept_a_year(synth: Synth) -> None:
-    for function in FUNCTIONS:
+    for function in with_reconcile(synth):
         _, resource = function_by_name(synth.json, f"{stack_name(synth)}{function}")
         logging = resource["Properties"]["LoggingConfig"]
         assert logging["LogFormat"] == "JSON"
@@ -290,9 +309,9 @@ def test_the_handlers_accept_the_environment(synth: Synth) -> None:
 # ---------------------------------------------------------------------------------------- the rules
 
 
-def test_three_topic_rules_with_the_exact_sql_and_an_error_action(synth: Synth) -> None:
+def test_three_function_rules_with_the_exact_sql_and_an_error_action(synth: Synth) -> None:
     rules = synth.resources("AWS::IoT::TopicRule")
-    assert len(rules) == 3
+    assert len(rules) == 4  # + the announcement rule
     prefix = stack_name(synth).replace("-", "_")
     for function in FUNCTIONS:
         fn_id, _ = function_by_name(synth.json, f"{stack_name(synth)}{function}")
@@ -330,7 +349,7 @@ def trust_statement(synth: Synth, role_id: str) -> dict[str, Any]:
 
 
 def test_rule_error_role_is_for_this_accounts_rules_only(synth: Synth) -> None:
-    logging_rules = ("CreateCertificate", "CommitCertificate")
+    logging_rules = ("CreateCertificate", "CommitCertificate", "CertificateAnnounce")
     role_ids = {
         render(rule_payload(synth, f)["ErrorAction"]["CloudwatchLogs"]["RoleArn"]).strip("${}")
         for f in logging_rules
@@ -380,9 +399,17 @@ def test_the_terminal_rule_queues_what_it_cannot_deliver(synth: Synth) -> None:
 
 
 def test_each_rule_may_invoke_only_its_function_from_this_account(synth: Synth) -> None:
-    permissions = synth.resources("AWS::Lambda::Permission")
-    rules = synth.resources("AWS::IoT::TopicRule")
-    assert len(permissions) == 3
+    permissions = {
+        k: v
+        for k, v in synth.resources("AWS::Lambda::Permission").items()
+        if v["Properties"]["Principal"] != "events.amazonaws.com"  # the schedule's: test_reconcile.py
+    }
+    rules = {
+        k: v
+        for k, v in synth.resources("AWS::IoT::TopicRule").items()
+        if "Lambda" in v["Properties"]["TopicRulePayload"]["Actions"][0]
+    }
+    assert len(permissions) == len(rules) == 3
     pairs = set()
     for permission in permissions.values():
         props = permission["Properties"]
@@ -442,12 +469,13 @@ def test_topic_encrypted_with_a_rotating_key_the_alarm_may_use(synth: Synth) -> 
 
 
 def test_only_the_rotator_and_its_alarm_may_publish(synth: Synth) -> None:
+    """Create, terminal, and the scheduled reconcile if it is on."""
     topic_id, _ = only(synth.resources("AWS::SNS::Topic"))
     _, policy = only(synth.resources("AWS::SNS::TopicPolicy"))
-    role_of = {
-        f: render(function_by_name(synth.json, f"{stack_name(synth)}{f}")[1]["Properties"]["Role"])
-        for f in FUNCTIONS
-    }
+    role_arns = {f: "${" + role_of(synth, f) + ".Arn}" for f in with_reconcile(synth)}
+    allowed = [role_arns["CreateCertificate"], role_arns["JobExecutionTerminal"]]
+    if has_reconcile(synth):
+        allowed.append(role_arns["Reconcile"])
     statements = {s["Sid"]: s for s in policy["Properties"]["PolicyDocument"]["Statement"]}
     assert statements.keys() == {
         "AllowPublishThroughSSLOnly",
@@ -456,10 +484,7 @@ def test_only_the_rotator_and_its_alarm_may_publish(synth: Synth) -> None:
     }
     deny = statements["OnlyTheRotatorPublishes"]
     assert (deny["Effect"], deny["Principal"], deny["Action"]) == ("Deny", {"AWS": "*"}, "sns:Publish")
-    assert [render(r) for r in deny["Condition"]["ArnNotEquals"]["aws:PrincipalArn"]] == [
-        role_of["CreateCertificate"],
-        role_of["JobExecutionTerminal"],
-    ]
+    assert [render(r) for r in deny["Condition"]["ArnNotEquals"]["aws:PrincipalArn"]] == allowed
     assert deny["Condition"]["StringNotEquals"] == {"aws:PrincipalServiceName": "cloudwatch.amazonaws.com"}
     assert render(deny["Resource"]) == "${" + topic_id + "}"
     alarm = statements["TheFailureAlarmPublishes"]
@@ -473,15 +498,13 @@ def test_only_the_rotator_and_its_alarm_may_publish(synth: Synth) -> None:
     assert render(alarm["Condition"]["StringEquals"]["aws:SourceAccount"]) == "${AWS::AccountId}"
     tls = statements["AllowPublishThroughSSLOnly"]
     assert (tls["Effect"], tls["Condition"]) == ("Deny", {"Bool": {"aws:SecureTransport": "false"}})
-    # and those two roles are the only ones granted sns:Publish (and the key to encrypt with)
+    # and those roles are the only ones granted sns:Publish (and the key to encrypt with)
     publishers = sorted(
         role_id
         for role_id in synth.resources("AWS::IAM::Role")
         if any(a == "sns:Publish" for a, _ in grants(role_statements(synth.json, role_id)))
     )
-    assert sorted("${" + r + ".Arn}" for r in publishers) == sorted(
-        [role_of["CreateCertificate"], role_of["JobExecutionTerminal"]]
-    )
+    assert sorted("${" + r + ".Arn}" for r in publishers) == sorted(allowed)
 
 
 # --------------------------------------------------------------------------------- state key secret
@@ -495,19 +518,14 @@ def test_state_key_secret_is_generated_and_long_enough(synth: Synth) -> None:
     assert "SecretString" not in secret["Properties"]
 
 
-def test_only_the_three_functions_read_the_secret_and_only_its_value(synth: Synth) -> None:
+def test_only_the_functions_read_the_secret_and_only_its_value(synth: Synth) -> None:
     secret_ref = "${" + logical_id(synth, "AWS::SecretsManager::Secret") + "}"
     readers = {}
     for role_id in synth.resources("AWS::IAM::Role"):
         actions = {a for a, r in grants(role_statements(synth.json, role_id)) if r == secret_ref}
         if actions:
             readers[role_id] = actions
-    function_roles = {
-        render(function_by_name(synth.json, f"{stack_name(synth)}{f}")[1]["Properties"]["Role"])
-        .strip("${}")
-        .removesuffix(".Arn")
-        for f in FUNCTIONS
-    }
+    function_roles = {role_of(synth, f) for f in with_reconcile(synth)}
     assert readers == {role: {"secretsmanager:GetSecretValue"} for role in function_roles}
 
 
@@ -625,6 +643,7 @@ def test_outputs_for_operators(synth: Synth) -> None:
     for function in FUNCTIONS:
         assert f"{function}FunctionName" in outputs
     assert outputs["TerminalFailureQueueUrl"]["Value"] == {"Ref": logical_id(synth, "AWS::SQS::Queue")}
+    assert ("ReconcileFunctionName" in outputs) == has_reconcile(synth)
 
 
 def test_private_ca_given_by_arn_is_used_as_given(tmp_path: Path, code_dir: Path) -> None:
