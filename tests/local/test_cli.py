@@ -14,7 +14,10 @@ from certrotator import crypto
 from certrotator.backend.ports import CertificateStatus
 from certrotator.cli import app
 from certrotator.local.engine import EngineConfig
+from certrotator.local.handles.process import EngineProcess, RemoteEngine
 from certrotator.local.handles.thread import EngineThread
+
+from .mqtt_clients import Device, PahoClient
 
 runner = CliRunner()
 
@@ -248,3 +251,90 @@ def test_expiry_report_lists_certificates_by_days_left(data_dir: Path, tmp_path:
     assert 360 < soon[0]["daysLeft"] <= 365
     everything = json.loads(cli("local", "certificates", "--json", "--data-dir", str(data_dir))[1])
     assert [c["thing"] for c in everything] == ["pca-dev", "iot-dev"]  # soonest first
+
+
+def _flat(output: str) -> str:
+    """The console wraps long lines: compare words."""
+    return " ".join(output.split())
+
+
+def _provision(data_dir: Path, tmp_path: Path, thing: str) -> str:
+    code, output = cli(
+        "local", "provision", thing, "--out", str(tmp_path / thing), "--data-dir", str(data_dir)
+    )
+    assert code == 0, output
+    return crypto.certificate_id((tmp_path / thing / "device.pem.crt").read_bytes())
+
+
+def test_certificate_detach_and_delete_for_what_reconcile_leaves_to_an_operator(
+    data_dir: Path, tmp_path: Path
+) -> None:
+    kept, spare = _provision(data_dir, tmp_path, "dev1"), _provision(data_dir, tmp_path, "dev2")
+    d = ("--data-dir", str(data_dir))
+    # an ACTIVE attached certificate may be the device's only working one
+    code, output = cli("local", "certificate", "delete", spare, *d)
+    assert code == 2 and "ACTIVE and attached to 'dev2'" in _flat(output) and "--force" in _flat(output)
+    code, output = cli("local", "certificate", "detach", spare, "--thing", "dev1", *d)
+    assert code == 2 and "not attached to 'dev1'" in _flat(output)
+    code, output = cli("local", "certificate", "detach", spare, "--thing", "dev2", *d)
+    assert code == 0, output
+    code, output = cli("local", "certificate", "delete", spare, *d)  # detached: allowed
+    assert code == 0 and f"deleted {spare}" in _flat(output)
+    code, output = cli("local", "certificate", "delete", spare, *d)
+    assert code == 2 and "does not exist" in _flat(output)
+    code, output = cli("local", "certificate", "delete", kept, "--force", *d)
+    assert code == 0, output
+    things = json.loads(cli("local", "things", "--json", *d)[1])
+    assert [(t["thing"], t["certificates"]) for t in things] == [("dev1", ""), ("dev2", "")]
+    certificates = json.loads(cli("local", "certificates", "--json", *d)[1])
+    assert certificates == []
+
+
+def test_local_up_reconcile_every_runs_reconcile_inside_the_engine(data_dir: Path, tmp_path: Path) -> None:
+    """A thing left with no certificate (an operator detached it) is reported by the engine's own
+    periodic reconcile, without anyone running `certrotator reconcile`."""
+    lonely = _provision(data_dir, tmp_path, "lonely")
+    assert (
+        cli("local", "certificate", "detach", lonely, "--thing", "lonely", "--data-dir", str(data_dir))[0]
+        == 0
+    )
+    with EngineProcess(data_dir, ["--reconcile-every", "0.1"]) as engine:
+        remote = RemoteEngine(data_dir)
+        try:
+
+            def reported() -> bool:
+                return any(n.get("thingName") == "lonely" for n in remote.notifications())
+
+            assert remote.wait_for(reported, 30), engine.log.read_text()[-2000:]
+            (note,) = [n for n in remote.notifications() if n.get("thingName") == "lonely"]
+            assert "no-certificate" in json.dumps(note)
+        finally:
+            remote.close()
+
+
+def test_deleting_a_certificate_in_use_through_the_running_engine_cuts_its_connection(
+    running: EngineThread, data_dir: Path, tmp_path: Path
+) -> None:
+    cert_id = _provision(data_dir, tmp_path, "inuse")
+    device = Device(
+        "inuse",
+        tmp_path / "inuse" / "device.pem.crt",
+        tmp_path / "inuse" / "private.pem.key",
+        tmp_path / "inuse" / "AmazonRootCA1.pem",
+        cert_id,
+    )
+    client = PahoClient(running.port, device)
+    try:
+        assert client.connect() == 0
+        code, output = cli(
+            "local", "certificate", "detach", cert_id, "--thing", "inuse", "--data-dir", str(data_dir)
+        )
+        assert code == 0, output
+        code, output = cli("local", "certificate", "delete", cert_id, "--data-dir", str(data_dir))
+        assert code == 2 and "in use by inuse" in _flat(output)  # detached, but the device is still connected
+        code, output = cli("local", "certificate", "delete", cert_id, "--force", "--data-dir", str(data_dir))
+        assert code == 0, output
+        assert client.disconnected.wait(10)
+        assert running.call(lambda e: e.registry.certificate(cert_id)) is None
+    finally:
+        client.close()

@@ -112,9 +112,17 @@ def up(
             min=0,
         ),
     ] = DEFAULT_MAX_IN_FLIGHT,
+    reconcile_every: Annotated[
+        float | None,
+        typer.Option(
+            help="Also run `certrotator reconcile` inside the engine every this many seconds "
+            "(off by default; it acts only on settled evidence, see docs/reliability.md).",
+            min=0.001,
+        ),
+    ] = None,
 ) -> None:
     """Run the local IoT Core in the foreground (Ctrl-C stops it cleanly)."""
-    from certrotator.local.engine import EngineConfig, serve  # the broker is imported only here
+    from certrotator.local.engine import EngineConfig, LocalIoTCore, serve  # the broker only here
 
     try:
         config = EngineConfig(
@@ -138,7 +146,12 @@ def up(
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
 
-        def ready(engine: Any) -> None:
+        def ready(engine: LocalIoTCore) -> None:
+            if reconcile_every is not None:
+                # ops/ builds on local/, not the other way: the engine is handed the task to run.
+                from certrotator.ops.reconcile.local import EngineReconciler
+
+                engine.add_periodic("reconcile", reconcile_every, EngineReconciler(engine).run)
             console.print(
                 f"local IoT Core on [bold]{host}:{engine.port}[/bold] — data in {data_dir} — Ctrl-C stops"
             )
@@ -208,6 +221,52 @@ def set_status(
         except RegistryError as exc:
             raise _fail(str(exc)) from None
     console.print(f"certificate {certificate_id} is {status}")
+
+
+@certificate_app.command("detach")
+def certificate_detach(
+    certificate_id: Annotated[str, typer.Argument(help="Certificate id (64 hex).")],
+    thing: Annotated[str, typer.Option("--thing", help="The thing it is attached to.")],
+    data_dir: DataDir = DEFAULT_DATA_DIR,
+) -> None:
+    """End a certificate's exclusive attachment to a thing (status and policies stay; new connections
+    with it are refused, live ones are not cut). For what `reconcile` leaves to an operator."""
+    from certrotator.ops.reconcile.local import detach_certificate
+
+    try:
+        console.print(detach_certificate(data_dir, thing, certificate_id))
+    except (ValueError, RegistryError) as exc:
+        raise _fail(str(exc)) from None
+
+
+@certificate_app.command("delete")
+def certificate_delete(
+    certificate_id: Annotated[str, typer.Argument(help="Certificate id (64 hex).")],
+    force: Annotated[
+        bool,
+        typer.Option(help="Delete even an ACTIVE attached certificate, or one a device is connected with."),
+    ] = False,
+    data_dir: DataDir = DEFAULT_DATA_DIR,
+) -> None:
+    """Retire a certificate as the backend does: INACTIVE (its connections are cut), detached from its
+    thing and policies, deleted. An ACTIVE certificate still attached may be the device's only working
+    one: refused unless --force (detach it or set it INACTIVE first)."""
+    from certrotator.ops.reconcile.local import delete_certificate
+
+    if not force:
+        registry, _ = _open(data_dir)
+        cert = registry.certificate(certificate_id)
+        registry.db.close()
+        if cert is not None and cert.status is CertificateStatus.ACTIVE and cert.thing is not None:
+            raise _fail(
+                f"certificate {certificate_id} is ACTIVE and attached to {cert.thing!r}: it may be the only "
+                "one the device can connect with. Detach it (`certrotator local certificate detach "
+                f"{certificate_id} --thing {cert.thing}`) or set it INACTIVE first, or add --force"
+            )
+    try:
+        console.print(delete_certificate(data_dir, certificate_id, force))
+    except (ValueError, RegistryError, admin.AdminError) as exc:
+        raise _fail(str(exc)) from None
 
 
 def _set_rule(name: str, enabled: bool, data_dir: Path) -> None:
