@@ -276,9 +276,7 @@ TERMINAL_WINDOW_S = (
 )
 
 
-def test_the_terminal_function_may_act_up_to_6_h_5_min_30_s_after_the_state_was_written() -> (
-    None
-):
+def test_the_terminal_window_is_6_h_5_min_30_s_after_the_state_was_written() -> None:
     assert TERMINAL_WINDOW_S == 6 * 3600 + 30 + 5 * 60 == 21_930
 
 
