@@ -1,4 +1,6 @@
-"""Least-privilege IAM for the three functions, derived from the AWS calls each handler makes.
+"""Least-privilege IAM for the three functions and the scheduled reconcile, derived from the AWS calls
+each makes (the reconcile role is checked against scheduled_handler's recorded calls,
+tests/infra/test_reconcile_calls.py).
 
 Which calls (src/certrotator/backend/handlers.py and backend/aws/*):
 
@@ -22,6 +24,13 @@ Which calls (src/certrotator/backend/handlers.py and backend/aws/*):
 | iot:DeleteThingShadow                               | x (undo) |      |          |
 | iot:Publish (replies to the device)                 | create/* | commit/* |        |
 | sns:Publish + kms:GenerateDataKey/Decrypt (notify)  | x (withdrawn) |  | x        |
+
+The scheduled reconcile (`reconcile_grants`) lists every thing (iot:ListThings), reads each thing's
+principals, active job executions (iot:ListJobExecutionsForThing), certificates, the documents of active
+jobs, who holds a certificate the rotation state names (iot:ListPrincipalThings), the state shadow and the
+announcement shadow; it retires a certificate as the terminal function does, deletes a leftover state
+shadow, and notifies. It never writes the announcement shadow: the announcement rule does, with its own
+role that may only publish to those shadows' update topics (ANNOUNCE_SHADOW_UPDATES).
 
 Resource scoping follows the Service Authorization Reference: DescribeEndpoint, CreateCertificateFromCsr,
 RegisterCertificateWithoutCA and ListAttachedPolicies support no resource-level permissions (`*`);
