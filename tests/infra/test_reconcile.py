@@ -280,11 +280,5 @@ def test_the_terminal_window_is_6_h_5_min_30_s_after_the_state_was_written() -> 
     assert TERMINAL_WINDOW_S == 6 * 3600 + 30 + 5 * 60 == 21_930
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="src/certrotator/ops/reconcile/policy.py HANDLER_GRACE_S is 6 h (21,600 s), not longer than the"
-    " terminal function's window (6 h event age + 30 s timeout + 5 min in-progress timeout = 21,930 s):"
-    " it must be at least 7 h (25,200 s, the rest a margin for delivery and clock skew); then remove this mark",
-)
 def test_reconcile_waits_longer_than_the_terminal_function_may_still_act() -> None:
     assert HANDLER_GRACE_S > TERMINAL_WINDOW_S

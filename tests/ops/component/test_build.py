@@ -65,6 +65,7 @@ def test_access_control_grants_exactly_the_protocol_topics(recipe: dict[str, Any
         Topics.next_get(THING),
         Topics.create(THING),
         Topics.commit(THING),
+        Topics.announce(THING),
     ]
     assert by_operation["aws.greengrass#SubscribeToIoTCore"] == Topics.device_subscriptions(THING)
     assert set(by_operation) == {"aws.greengrass#PublishToIoTCore", "aws.greengrass#SubscribeToIoTCore"}

@@ -40,10 +40,12 @@ from certrotator.protocol import JobExecutionStatus, RotationProgress
 # start and clock skew. A connection (or announcement) younger than this does not count yet.
 DEFAULT_SETTLE_S: Final = 120.0
 
-# How long a backend handler may still act on a rotation state after its execution ended: a Lambda runs
-# at most 15 minutes, and an asynchronously retried terminal event arrives within its maximum event age
-# (the stack sets it). Older states with no execution active are leftovers.
-HANDLER_GRACE_S: Final = 6 * 3600.0
+# How long a backend handler may still act on a rotation state after it was last written: the terminal
+# function's maximum event age (6 h, retries included) + its timeout + the job's in-progress timeout
+# (the state is written up to that long before the execution ends) = 21,930 s with the stack's
+# defaults; 7 h leaves a margin for delivery and clock skew (tests/infra checks it against the stack).
+# Older states with no execution active are leftovers.
+HANDLER_GRACE_S: Final = 7 * 3600.0
 
 
 class Finding(StrEnum):
