@@ -669,6 +669,7 @@ def test_a_wrong_pin_is_not_transient(ec_device: Device) -> None:
         (pkcs11.exceptions.DeviceRemoved(), True),
         (pkcs11.exceptions.TokenNotPresent(), True),
         (pkcs11.exceptions.SessionHandleInvalid(), True),
+        (pkcs11.exceptions.UserPinNotInitialized(), True),  # seen from a busy SoftHSM store
         (pkcs11.exceptions.PinIncorrect(), False),
         (pkcs11.exceptions.MechanismInvalid(), False),
         (pkcs11.exceptions.TemplateIncomplete(), False),

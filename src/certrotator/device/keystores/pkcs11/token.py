@@ -38,6 +38,7 @@ from pkcs11.exceptions import (
     TokenNotPresent,
     TokenNotRecognised,
     UserAlreadyLoggedIn,
+    UserPinNotInitialized,
 )
 from pkcs11.util.ec import encode_ec_public_key, encode_named_curve_parameters
 
@@ -62,7 +63,9 @@ KEY_CLASSES = (ObjectClass.PRIVATE_KEY, ObjectClass.PUBLIC_KEY)
 
 # Errors a token or its library may report while busy, short of memory or (re)plugged: they may pass by
 # themselves. Measured with SoftHSM2's file store: processes opening one token directory together get
-# CKR_GENERAL_ERROR, or no token at all. A wrong PIN, a missing object, a refused mechanism do not pass.
+# CKR_GENERAL_ERROR, no token at all, or CKR_USER_PIN_NOT_INITIALIZED (the token's flags read while
+# another process rewrites them). A missing object or a refused mechanism do not pass, and a wrong PIN
+# is never tried again: tokens lock the user PIN after a few wrong tries.
 TRANSIENT_ERRORS: tuple[type[PKCS11Error], ...] = (
     GeneralError,
     DeviceError,
@@ -76,6 +79,7 @@ TRANSIENT_ERRORS: tuple[type[PKCS11Error], ...] = (
     SessionHandleInvalid,
     TokenNotPresent,
     TokenNotRecognised,
+    UserPinNotInitialized,
 )
 
 
