@@ -30,6 +30,7 @@ _LAZY_GROUPS: dict[str, tuple[str, str]] = {
 # Single commands, the same way: (module, function with typer annotations).
 _LAZY_COMMANDS: dict[str, tuple[str, str]] = {
     "reconcile": ("certrotator.ops.reconcile.cli", "reconcile_command"),
+    "schedule": ("certrotator.ops.schedule.cli", "schedule_command"),
 }
 
 
