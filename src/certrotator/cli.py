@@ -31,6 +31,7 @@ _LAZY_GROUPS: dict[str, tuple[str, str]] = {
 _LAZY_COMMANDS: dict[str, tuple[str, str]] = {
     "reconcile": ("certrotator.ops.reconcile.cli", "reconcile_command"),
     "schedule": ("certrotator.ops.schedule.cli", "schedule_command"),
+    "report": ("certrotator.ops.report.cli", "report_command"),
 }
 
 
