@@ -363,7 +363,10 @@ def test_fix5_publish_to_another_things_topic_disconnects_and_is_not_delivered(
 
     info = attacker.publish(forged_topic, b'{"certificatePem":"forged"}', qos=1)
     assert attacker.disconnected.wait(WAIT)
-    assert not info.is_published()  # no PUBACK for a denied message
+    # No PUBACK for a denied message. Not `info.is_published()`: once paho notices the connection is
+    # gone it marks the in-flight message failed and is_published() raises instead of answering, a
+    # race with the disconnect event this test waits for (paho 2.2, pinned).
+    assert not info._published
     assert broker.messages.empty()  # the engine never saw it
     broker.publish(forged_topic, b"marker")
     assert_next_payload(victim, b"marker")  # the forged message was not delivered before it
