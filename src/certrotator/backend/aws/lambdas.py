@@ -29,6 +29,7 @@ import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any, Final
 
 from aws_lambda_powertools import Logger, Metrics
@@ -65,8 +66,13 @@ from certrotator.protocol import (
     validate_thing_name,
 )
 
-logger = Logger(service=os.environ.get("POWERTOOLS_SERVICE_NAME") or "certificate-rotator")
-metrics = Metrics(namespace=os.environ.get("POWERTOOLS_METRICS_NAMESPACE") or "CertificateRotator")
+SERVICE: Final = os.environ.get("POWERTOOLS_SERVICE_NAME") or "certificate-rotator"
+logger = Logger(service=SERVICE)
+# The namespace is the stack's MetricsNamespace context (POWERTOOLS_METRICS_NAMESPACE); every metric
+# carries the `service` dimension, which the stack's alarm names.
+metrics = Metrics(
+    namespace=os.environ.get("POWERTOOLS_METRICS_NAMESPACE") or "CertificateRotator", service=SERVICE
+)
 
 
 class ConfigError(ValueError):
@@ -246,17 +252,55 @@ def _configure_logging() -> None:
     copy_config_to_registered_loggers(source_logger=logger, include={"certrotator"})
 
 
-# Metric per handler outcome; outcomes not listed (ignored, ...) count nothing. A job execution that
-# ends REJECTED, CANCELED or REMOVED is handled as FAILED (decisions.terminal_plan) and counted so;
-# "Rejections" are the backend's own refusals of create/commit requests.
-_CREATE_METRICS: Final = {"accepted": "RotationsCreated", "rejected": "Rejections"}
-_COMMIT_METRICS: Final = {"accepted": "RotationsCommitted", "rejected": "Rejections"}
-# The terminal handler's outcome is the execution's status in lower case.
-_TERMINAL_METRICS: Final = {
-    **{status.value.lower(): "RotationsFailed" for status in UNSUCCESSFUL_EXECUTION_STATUSES},
-    JobExecutionStatus.SUCCEEDED.value.lower(): "RotationsSucceeded",
-    JobExecutionStatus.TIMED_OUT.value.lower(): "RotationsTimedOut",
+# Metrics (EMF, namespace POWERTOOLS_METRICS_NAMESPACE, dimension `service`): one count per handler
+# outcome, the outcome parsed into an enum first (never the handler's free text). Each metric is also
+# published with the dimensions Handler and Outcome: the same counters the local IoT Core exports to
+# Prometheus (certrotator_rotations_total{outcome}, certrotator_requests_total{handler,outcome}).
+# A job execution that ends REJECTED, CANCELED or REMOVED is handled as FAILED (decisions.terminal_plan)
+# and counted as RotationsFailed with its own Outcome; "Rejections" are the backend's own refusals of
+# create/commit requests. Outcomes that are no rotation's end (ignored, duplicate) count nothing.
+# Handler time is Lambda's own Duration metric (AWS/Lambda, per function).
+HANDLER_DIMENSION: Final = "Handler"
+OUTCOME_DIMENSION: Final = "Outcome"
+
+
+class RequestOutcome(StrEnum):
+    """A create or commit request's outcome (= certrotator.local.metrics.RequestOutcome)."""
+
+    ACCEPTED = "accepted"
+    REJECTED = "rejected"
+
+
+ROTATION_METRICS: Final[dict[JobExecutionStatus, str]] = {
+    **{status: "RotationsFailed" for status in UNSUCCESSFUL_EXECUTION_STATUSES},
+    JobExecutionStatus.SUCCEEDED: "RotationsSucceeded",
+    JobExecutionStatus.TIMED_OUT: "RotationsTimedOut",
 }
+REQUEST_METRICS: Final[dict[tuple[str, RequestOutcome], str]] = {
+    (handlers.CREATE, RequestOutcome.ACCEPTED): "RotationsCreated",
+    (handlers.COMMIT, RequestOutcome.ACCEPTED): "RotationsCommitted",
+    (handlers.CREATE, RequestOutcome.REJECTED): "Rejections",
+    (handlers.COMMIT, RequestOutcome.REJECTED): "Rejections",
+}
+# What the stack's alarm watches: a rotation that did not end in SUCCEEDED.
+FAILED_ROTATION_METRICS: Final = ("RotationsFailed", "RotationsTimedOut")
+
+
+def outcome_metric(result: handlers.HandlerResult) -> tuple[str, str] | None:
+    """(metric name, Outcome dimension) for a handler's result; None if it counts nothing."""
+    if result.handler == handlers.TERMINAL:
+        try:
+            status = JobExecutionStatus(result.outcome.upper())  # the terminal outcome is the status
+        except ValueError:
+            return None
+        name = ROTATION_METRICS.get(status)
+        return None if name is None else (name, status.value)
+    try:
+        outcome = RequestOutcome(result.outcome)
+    except ValueError:
+        return None
+    request = REQUEST_METRICS.get((result.handler, outcome))
+    return None if request is None else (request, outcome.value)
 
 
 # ------------------------------------------------------------------------------- event dicts -> typed
@@ -304,32 +348,33 @@ def _terminal_event(event: dict[str, Any], parts: Container) -> handlers.Handler
 
 def _run(
     handler: Callable[[dict[str, Any], Container], handlers.HandlerResult],
-    outcome_metrics: Mapping[str, str],
     event: dict[str, Any],
     context: Any,
 ) -> dict[str, Any]:
     # Exceptions propagate: Lambda then retries an asynchronous invocation (the terminal function has
     # retries and an on-failure queue; create and commit have none, the device's timeouts cover them).
     result = handler(event, container(context))
-    name = outcome_metrics.get(result.outcome)
-    if name is not None:
+    counted = outcome_metric(result)
+    if counted is not None:
+        name, outcome = counted
         metrics.add_metric(name=name, unit=MetricUnit.Count, value=1)
+        metrics.add_dimensions(**{HANDLER_DIMENSION: result.handler, OUTCOME_DIMENSION: outcome})
     return result.to_dict()
 
 
 @metrics.log_metrics
 @logger.inject_lambda_context
 def create_certificate(event: dict[str, Any], context: Any) -> dict[str, Any]:
-    return _run(lambda e, parts: create_certificate_event(e, parts.ports), _CREATE_METRICS, event, context)
+    return _run(lambda e, parts: create_certificate_event(e, parts.ports), event, context)
 
 
 @metrics.log_metrics
 @logger.inject_lambda_context
 def commit_certificate(event: dict[str, Any], context: Any) -> dict[str, Any]:
-    return _run(lambda e, parts: commit_certificate_event(e, parts.ports), _COMMIT_METRICS, event, context)
+    return _run(lambda e, parts: commit_certificate_event(e, parts.ports), event, context)
 
 
 @metrics.log_metrics
 @logger.inject_lambda_context
 def job_execution_terminal(event: dict[str, Any], context: Any) -> dict[str, Any]:
-    return _run(_terminal_event, _TERMINAL_METRICS, event, context)
+    return _run(_terminal_event, event, context)
