@@ -148,8 +148,12 @@ class GreengrassIpcStandIn:
                 self._connection = None
             self._connect()
             self.nucleus_restarts += 1
-            for topic_filter in list(self._mqtt_filters):
-                self._mqtt_subscribe(topic_filter).result(timeout=WAIT)
+            filters = list(self._mqtt_filters)
+        # Not under the lock: a message that arrives meanwhile (a broker may publish right after a
+        # SUBACK, e.g. the thing's current job) is delivered on the CRT's event-loop thread, which must
+        # not wait for this one while this one waits for the SUBACKs that thread would process.
+        for topic_filter in filters:
+            self._mqtt_subscribe(topic_filter).result(timeout=WAIT)
 
     def _mqtt_subscribe(self, topic_filter: str) -> Future[Any]:
         if self._connection is None:
