@@ -44,13 +44,22 @@ from certrotator.local.ca import IssuerName, LocalCa, ensure_local_ca
 from certrotator.local.db import Database
 from certrotator.local.jobs import DEFAULT_MAX_IN_FLIGHT, Execution, JobStore
 from certrotator.local.jobs_api import handle_jobs_request, notify_next_message
+from certrotator.local.metrics import EngineEvents, NullEvents
 from certrotator.local.operations import JobRequest
 from certrotator.local.registry import LocalRegistry
 from certrotator.local.rollout import ADMISSION_WINDOW_S, RolloutScheduler
 from certrotator.local.rules import Rules
 from certrotator.local.terminal_work import RetryPolicy, TerminalWork, TerminalWorker, TerminalWorkStore
 from certrotator.local.topic_tree import filter_matches
-from certrotator.protocol import ParsedTopic, ProtocolError, TopicKind, Topics, encode, parse_topic
+from certrotator.protocol import (
+    JobExecutionStatus,
+    ParsedTopic,
+    ProtocolError,
+    TopicKind,
+    Topics,
+    encode,
+    parse_topic,
+)
 
 log = logging.getLogger("certrotator.local")
 
@@ -112,7 +121,14 @@ class LocalIoTCore:
             publisher=self.outbox,
             notifier=self.notifier,
         )
-        self.rules = Rules(self.registry, self.ports, lambda _thing, job_id: self.jobs.document(job_id))
+        # Metrics, if any, are told only these events (local/metrics.py); the CLI sets a real sink.
+        self.events: EngineEvents = NullEvents()
+        self.rules = Rules(
+            self.registry,
+            self.ports,
+            lambda _thing, job_id: self.jobs.document(job_id),
+            lambda result, seconds: self.events.handled(result, seconds),  # noqa: PLW0108 -- late-bound
+        )
         self.terminal_work = TerminalWorker(
             TerminalWorkStore(self.db),
             self._terminal,
@@ -243,11 +259,13 @@ class LocalIoTCore:
         execution it now is."""
         now = time.time()
         for thing in things:
+            self.events.execution_changed(JobExecutionStatus.QUEUED)
             head = self.jobs.next_execution(thing)
             if head is not None and head.job_id == job_id:
                 self.outbox.publish(Topics.notify_next(thing), notify_next_message(head, now))
 
     def _execution_changed(self, execution: Execution) -> None:
+        self.events.execution_changed(execution.status)
         for listener in self.listeners:
             listener(execution)
         if execution.timeout_at is not None:

@@ -19,7 +19,8 @@ Series (the same counters the Lambda functions publish to CloudWatch, see backen
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import asyncio
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any, Final, Protocol
@@ -101,6 +102,42 @@ def read_expiries(db: Database) -> list[Expiry]:
         "JOIN certificates c ON c.id = p.certificate_id ORDER BY p.thing_name, c.id"
     )
     return [Expiry(r["thing_name"], r["id"], float(r["not_after"])) for r in rows]
+
+
+class EngineState(Protocol):
+    """What the scrape-time gauges read of `LocalIoTCore`."""
+
+    @property
+    def db(self) -> Database: ...
+
+    def connections(self) -> Sequence[object]: ...
+
+
+def engine_snapshot(
+    engine: EngineState, loop: asyncio.AbstractEventLoop, timeout_s: float = 10.0
+) -> Callable[[], Snapshot]:
+    """A `Snapshot` source for a scrape (on the HTTP server's thread) that reads on the engine's loop,
+    between two units of work, so connections and registry agree with each other."""
+
+    async def read() -> Snapshot:
+        return Snapshot(len(engine.connections()), read_expiries(engine.db))
+
+    def snapshot() -> Snapshot:
+        return asyncio.run_coroutine_threadsafe(read(), loop).result(timeout=timeout_s)
+
+    return snapshot
+
+
+class MeasuredEngine(EngineState, Protocol):
+    events: EngineEvents
+
+
+def attach(engine: MeasuredEngine, loop: asyncio.AbstractEventLoop, port: int) -> MetricsServer:
+    """`local up --metrics-port`: give the engine a Prometheus sink and serve it on 127.0.0.1:`port`
+    (0: a free port; the server says which). Call on the engine's loop, after it started."""
+    metrics = PrometheusMetrics(engine_snapshot(engine, loop))
+    engine.events = metrics
+    return metrics.serve(port, "127.0.0.1")
 
 
 class PrometheusMetrics:

@@ -11,6 +11,8 @@ because every request asks). What the broker knows of the connection becomes the
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Callable
 
 from certrotator.backend.handlers import (
     HandlerResult,
@@ -41,9 +43,16 @@ _KEEP_RESULTS = 10_000
 
 
 class Rules:
-    def __init__(self, registry: LocalRegistry, ports: Ports, job_document: DocumentLookup) -> None:
-        """`job_document(thing, job_id)` is the job's document (the local job store has it at hand)."""
-        self.registry, self.ports = registry, ports
+    def __init__(
+        self,
+        registry: LocalRegistry,
+        ports: Ports,
+        job_document: DocumentLookup,
+        on_result: Callable[[HandlerResult, float], None] | None = None,
+    ) -> None:
+        """`job_document(thing, job_id)` is the job's document (the local job store has it at hand);
+        `on_result(result, seconds)` is told each handler's decision and how long it took (metrics)."""
+        self.registry, self.ports, self.on_result = registry, ports, on_result
         # Which jobs are rotations, as the Lambda remembers it: one look at a job's document per job.
         self.rotation_jobs = RotationJobs(job_document)
         self.results: list[HandlerResult] = []
@@ -70,6 +79,7 @@ class Rules:
         # What the rule's SELECT adds in AWS (topic(3), topic(), clientid(), principal()), here straight
         # from the connection the broker authenticated.
         context = BrokerContext(parsed.thing, connection.client_id, connection.principal, topic)
+        started = time.perf_counter()
         try:
             if kind is TopicKind.CREATE:
                 create = CreateCertificateRequest.parse(payload)
@@ -79,7 +89,7 @@ class Rules:
                 result = handle_commit_certificate(context, commit, self.ports)
         except ProtocolError as exc:  # only the parse raises: the handlers answer every other problem
             result = reject_malformed_request(kind, parsed.thing, str(exc), self.ports)
-        self._record(result)
+        self._record(result, started)
 
     def execution_ended(self, event: JobExecutionEvent) -> None:
         """A job execution reached a terminal status (whatever ended it: device, timeout, cancel), any
@@ -87,9 +97,12 @@ class Rules:
         if not self.enabled(TERMINAL_RULE):
             log.info("rule %s disabled: dropped the end of %s / %s", TERMINAL_RULE, event.thing, event.job_id)
             return
-        self._record(handle_job_execution_terminal(event, self.ports, self.rotation_jobs))
+        started = time.perf_counter()
+        self._record(handle_job_execution_terminal(event, self.ports, self.rotation_jobs), started)
 
-    def _record(self, result: HandlerResult) -> None:
+    def _record(self, result: HandlerResult, started: float) -> None:
+        if self.on_result is not None:
+            self.on_result(result, time.perf_counter() - started)
         self.results.append(result)
         if len(self.results) > _KEEP_RESULTS:
             del self.results[: _KEEP_RESULTS // 2]

@@ -7,12 +7,18 @@ expiries afterwards."""
 from __future__ import annotations
 
 import json
+import signal
+import socket
+import subprocess
+import sys
 import time
-from collections.abc import Iterator
+import urllib.request
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from typer.testing import CliRunner
 
 from certrotator.cli import app
@@ -22,6 +28,7 @@ from certrotator.local.db import Database
 from certrotator.local.engine import EngineConfig
 from certrotator.local.handles.thread import EngineThread
 from certrotator.local.jobs import JobStore
+from certrotator.local.metrics import attach
 from certrotator.local.provision import CONFIG_FILE, ProvisionRequest, provision_thing
 from certrotator.local.registry import LocalRegistry
 from certrotator.ops.schedule.local import read_fleet
@@ -33,6 +40,17 @@ pytestmark = pytest.mark.timeout(180)
 
 runner = CliRunner()
 SHORT, LONG = 10, 365  # days of validity of the first certificates
+
+
+def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
 
 
 def cli(*args: str) -> tuple[int, str]:
@@ -126,10 +144,19 @@ def provision(fleet: SimulatedFleet[EngineThread], thing: str, validity_days: in
 
 def test_schedule_rotates_exactly_the_things_inside_the_window(fleet: SimulatedFleet[EngineThread]) -> None:
     data_dir = fleet.engine.config.data_dir
+    engine = fleet.engine
+    server = engine.call(lambda e: attach(e, engine.loop, 0))  # as `local up --metrics-port 0`
     short = [provision(fleet, f"short-{i}", SHORT) for i in range(3)]
     long = [provision(fleet, f"long-{i}", LONG) for i in range(3)]
     fleet.start_agents()
     before = {d.thing: d.certificate_id() for d in fleet.devices}
+    expiry = "certrotator_certificate_expiration_timestamp_seconds"
+    metrics = scrape(server.port)
+    assert metrics[("certrotator_connected_devices", ())] == 6
+    short_expiry = {
+        d.thing: metrics[(expiry, (("certificate_id", before[d.thing]), ("thing", d.thing)))] for d in short
+    }
+    assert all(abs(t - (time.time() + SHORT * DAY)) < 3600 for t in short_expiry.values())
 
     code, result = schedule_json(data_dir)
     assert code == 0, result
@@ -155,6 +182,23 @@ def test_schedule_rotates_exactly_the_things_inside_the_window(fleet: SimulatedF
     for device in long:
         assert rows[device.thing]["lastRotation"] is None and 360 < rows[device.thing]["daysLeft"] <= LONG
 
+    # and the metrics endpoint: the new certificates' expiries, the rotations and the requests
+    metrics = scrape(server.port)
+    server.close()
+    for device in short:
+        new_expiry = metrics[(expiry, (("certificate_id", device.certificate_id()), ("thing", device.thing)))]
+        assert new_expiry > time.time() + 5 * 365 * DAY
+        assert (expiry, (("certificate_id", before[device.thing]), ("thing", device.thing))) not in metrics
+    for device in long:
+        assert (expiry, (("certificate_id", before[device.thing]), ("thing", device.thing))) in metrics
+    assert metrics[("certrotator_rotations_total", (("outcome", "SUCCEEDED"),))] == 3
+    assert metrics[("certrotator_rotations_total", (("outcome", "FAILED"),))] == 0
+    for handler in ("create-certificate", "commit-certificate"):
+        assert metrics[("certrotator_requests_total", (("handler", handler), ("outcome", "accepted")))] == 3
+        assert metrics[("certrotator_handler_duration_seconds_count", (("handler", handler),))] == 3
+    assert metrics[("certrotator_job_executions_total", (("status", "SUCCEEDED"),))] == 3
+    assert metrics[("certrotator_connected_devices", ())] == 6
+
     # and a second run finds nothing due
     code, again = schedule_json(data_dir)
     assert code == 0 and again["created"] == [] and again["rotate"] == 0
@@ -172,3 +216,64 @@ def test_report_command_prints_the_table_histogram_and_writes_a_png(tmp_path: Pa
     code, out = cli("report", "--data-dir", str(data_dir), "--json", "--group", "lab")
     assert code == 0 and [r["thing"] for r in json.loads(out)["things"]] == ["elsewhere"]
     assert time.time() - started < 30
+
+
+def test_local_up_schedules_inside_the_engine_and_serves_metrics(tmp_path: Path) -> None:
+    """The shipped command: `local provision --validity-days`, then `local up --schedule ...
+    --metrics-port P` as its own process (no agents: the job's executions stay QUEUED)."""
+    data_dir = tmp_path / "engine"
+    for name, days in (("short-0", SHORT), ("short-1", SHORT), ("long-0", LONG)):
+        code, out = cli(
+            "local", "provision", name, "--out", str(tmp_path / name), "--data-dir", str(data_dir),
+            "--validity-days", str(days), "--group", "fleet",
+        )  # fmt: skip
+        assert code == 0, out
+    with socket.socket() as probe:  # a free loopback port for the metrics endpoint
+        probe.bind(("127.0.0.1", 0))
+        metrics_port = probe.getsockname()[1]
+    command = [
+        sys.executable, "-m", "certrotator.cli", "local", "up", "--data-dir", str(data_dir), "--port", "0",
+        "--schedule", "renew-before=30d,group=fleet,every=0.5s", "--metrics-port", str(metrics_port),
+    ]  # fmt: skip
+    log = (tmp_path / "engine.log").open("wb")
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    try:
+
+        def scheduled() -> bool:
+            db = Database(data_dir)
+            try:
+                return bool(JobStore(db).jobs())
+            finally:
+                db.close()
+
+        wait_for(scheduled, "the engine's scheduler to create a job", process)
+        db = Database(data_dir)
+        (job,) = JobStore(db).jobs()
+        db.close()
+        assert job["jobId"].startswith("renew-") and sorted(job["targets"]) == [
+            "thing/short-0",
+            "thing/short-1",
+        ]
+        metrics = scrape(metrics_port)
+        expiries = [k for k in metrics if k[0] == "certrotator_certificate_expiration_timestamp_seconds"]
+        assert len(expiries) == 3 and metrics[("certrotator_connected_devices", ())] == 0
+        queued = ("certrotator_job_executions_total", (("status", "QUEUED"),))
+        # the rollout releases the two executions (the template's rate): each counted once, QUEUED
+        wait_for(lambda: scrape(metrics_port)[queued] == 2, "both executions to be released", process)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0
+        log.close()
+    output = (tmp_path / "engine.log").read_text()
+    assert "renewal schedule: renew-before=30d,group=fleet, every 0.5 s" in output
+    assert f"metrics on http://127.0.0.1:{metrics_port}/metrics" in output
+
+
+def wait_for(
+    condition: Callable[[], bool], what: str, process: subprocess.Popen[bytes], timeout_s: float = 60
+) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert process.poll() is None, f"the engine exited ({process.returncode}) before {what}"
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)  # polling a file-backed condition across processes; the condition decides

@@ -56,6 +56,20 @@ def up(
             min=0.001,
         ),
     ] = None,
+    schedule: Annotated[
+        str | None,
+        typer.Option(
+            help="Also run `certrotator schedule` inside the engine: e.g. 'renew-before=30d' or "
+            "'renew-at-fraction=0.66', plus ',group=G', ',max-per-job=N', ',jitter=1d', ',every=1h' "
+            "(how often; default hourly, the first run one period after start).",
+        ),
+    ] = None,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(
+            help="Serve Prometheus metrics on http://127.0.0.1:PORT/metrics (0 = any free port).", min=0
+        ),
+    ] = None,
 ) -> None:
     """Run the local IoT Core in the foreground (Ctrl-C stops it cleanly)."""
     from certrotator.local.engine import EngineConfig, LocalIoTCore, serve  # the broker only here
@@ -75,6 +89,15 @@ def up(
         raise fail(str(exc)) from None
     if admin.running_engine(data_dir) is not None:
         raise fail(f"an engine is already running on {data_dir}")
+    renewal = None
+    if schedule is not None:
+        from certrotator.ops.schedule.policy import parse_spec  # ops/ is handed in, never imported by local/
+
+        try:
+            renewal = parse_spec(schedule, allow_every=True)
+        except ValueError as exc:
+            raise fail(str(exc)) from None
+    servers = []
 
     async def main() -> None:
         stop = asyncio.Event()
@@ -88,6 +111,17 @@ def up(
                 from certrotator.ops.reconcile.local import EngineReconciler
 
                 engine.add_periodic("reconcile", reconcile_every, EngineReconciler(engine).run)
+            if renewal is not None and renewal.every_s is not None:
+                from certrotator.ops.schedule.local import EngineScheduler, log_run
+
+                scheduler = EngineScheduler(engine, renewal.settings, on_run=log_run)
+                engine.add_periodic("schedule", renewal.every_s, scheduler.run)
+                console.print(f"renewal schedule: {renewal.settings.describe()}, every {renewal.every_s:g} s")
+            if metrics_port is not None:
+                from certrotator.local.metrics import attach
+
+                servers.append(attach(engine, loop, metrics_port))
+                console.print(f"metrics on http://127.0.0.1:{servers[-1].port}/metrics")
             console.print(
                 f"local IoT Core on [bold]{host}:{engine.port}[/bold] — data in {data_dir} — Ctrl-C stops"
             )
@@ -98,6 +132,9 @@ def up(
         asyncio.run(main())
     except (crypto.CryptoError, OSError) as exc:
         raise fail(str(exc)) from None
+    finally:
+        for server in servers:
+            server.close()
     console.print("stopped")
 
 
@@ -115,6 +152,10 @@ def provision(
     port: Annotated[
         int | None,
         typer.Option(help="Broker port for device.toml (default: the running engine's, else 8883)."),
+    ] = None,
+    validity_days: Annotated[
+        int | None,
+        typer.Option(help="Validity of the first certificate in days (default: the issuer's).", min=1),
     ] = None,
 ) -> None:
     """Create a thing with a certificate and write device.pem.crt, private.pem.key, AmazonRootCA1.pem, device.toml."""
@@ -134,6 +175,7 @@ def provision(
             key_algorithm=keys,
             signing_algorithm=signing,
             issuer=issuer,
+            validity_days=validity_days,
             host=host,
             port=mqtt_port,
         )

@@ -14,6 +14,7 @@ engine's admin endpoint (it schedules the rollout and notifies devices), or, wit
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
@@ -26,11 +27,12 @@ from certrotator.local.jobs import JobStore
 from certrotator.local.operations import JobRequest
 from certrotator.local.registry import LocalRegistry
 from certrotator.ops.schedule.facts import certificate_details
-from certrotator.ops.schedule.policy import CertificateFacts, Rotation, Settings, ThingFacts
+from certrotator.ops.schedule.policy import CertificateFacts, Rotation, Settings, ThingFacts, Verdict
 from certrotator.ops.schedule.runner import RunResult, run
 from certrotator.protocol import PENDING_ROLLOUT, is_rotation_document
 
 Clock = Callable[[], float]
+log = logging.getLogger("certrotator.schedule")
 
 
 def read_fleet(db: Database, group: str | None = None, *, details: bool = False) -> list[ThingFacts]:
@@ -139,6 +141,22 @@ class EngineParts(Protocol):
     def db(self) -> Database: ...
 
     def create_job(self, request: JobRequest) -> None: ...
+
+
+def log_run(result: RunResult) -> None:
+    """`local up --schedule`'s report of a run: what it created, what needs an operator."""
+    for job in result.jobs:
+        if job.job_id in result.created:
+            log.info("schedule: created rotation job %s for %d thing(s)", job.job_id, len(job.things))
+    for job_id, why in result.failed.items():
+        log.error("schedule: rotation job %s not created: %s", job_id, why)
+    blocked = [d.thing for d in result.decisions if d.verdict is Verdict.BLOCKED]
+    if blocked:
+        log.warning(
+            "schedule: %d thing(s) blocked (see `certrotator schedule --dry-run`): %s",
+            len(blocked),
+            blocked[:10],
+        )
 
 
 class EngineScheduler:
