@@ -9,8 +9,9 @@ The methods that return `cryptography` objects (`curve`, `hash()`, `rsa_padding(
 
 from __future__ import annotations
 
-from enum import StrEnum
 from typing import TYPE_CHECKING, TypeVar
+
+from certrotator.compat import StrEnum
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives import hashes

@@ -11,8 +11,9 @@ import math
 import re
 import unicodedata
 from dataclasses import dataclass
-from enum import StrEnum
 from typing import Any, Final
+
+from certrotator.compat import StrEnum
 
 JOB_DOCUMENT: Final[dict[str, str]] = {"operation": "ROTATE_CERTIFICATE"}
 

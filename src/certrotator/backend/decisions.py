@@ -8,12 +8,12 @@ Each check returns the reason it fails (sent to the authenticated device as `err
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import StrEnum
 
 from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 
 from certrotator import crypto
 from certrotator.backend.ports import CertificateRecord, CertificateStatus, JobExecution, RotationState
+from certrotator.compat import StrEnum
 from certrotator.protocol import (
     BrokerContext,
     JobExecutionStatus,

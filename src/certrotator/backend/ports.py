@@ -6,9 +6,9 @@ everywhere on this side of the ports; adapters translate to ARNs where their ser
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import StrEnum
 from typing import Any, Protocol
 
+from certrotator.compat import StrEnum
 from certrotator.protocol import JobExecutionStatus, RotationProgress
 
 

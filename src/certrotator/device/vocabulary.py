@@ -4,10 +4,10 @@ the agent feeds it and the actions it answers with. Plain frozen data, no behavi
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import StrEnum
 from typing import Any
 
 from certrotator.algorithms import KeyAlgorithm, SigningAlgorithm
+from certrotator.compat import StrEnum
 
 
 class Phase(StrEnum):

@@ -22,10 +22,10 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from enum import StrEnum
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from certrotator.backend.handlers import COMMIT, CREATE, TERMINAL, HandlerResult
+from certrotator.compat import StrEnum
 from certrotator.local.db import Database
 from certrotator.protocol import TERMINAL_EXECUTION_STATUSES, JobExecutionStatus
 

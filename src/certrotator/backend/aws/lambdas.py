@@ -29,7 +29,6 @@ import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from enum import StrEnum
 from typing import Any, Final
 
 from aws_lambda_powertools import Logger, Metrics
@@ -54,6 +53,7 @@ from certrotator.backend.aws.adapters import (
 from certrotator.backend.aws.clients import Clients, get_clients
 from certrotator.backend.ports import Issuer, Ports
 from certrotator.backend.rotation_jobs import RotationJobs
+from certrotator.compat import StrEnum
 from certrotator.protocol import (
     UNSUCCESSFUL_EXECUTION_STATUSES,
     BrokerContext,

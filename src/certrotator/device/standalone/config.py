@@ -3,7 +3,6 @@ setting and what would be valid."""
 
 from __future__ import annotations
 
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -11,6 +10,7 @@ from typing import Any
 from certrotator import algorithms  # not certrotator.crypto: the agent loads `cryptography` lazily
 from certrotator.device.settings import ConfigError, validate_algorithms
 from certrotator.device.startup import StartupRetry
+from certrotator.tomlcompat import tomllib
 
 
 @dataclass(frozen=True, slots=True)

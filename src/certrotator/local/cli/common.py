@@ -4,7 +4,7 @@ options and small helpers."""
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -12,6 +12,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from certrotator.compat import UTC
 from certrotator.local import admin
 from certrotator.local.db import Database
 from certrotator.local.jobs import JobStore

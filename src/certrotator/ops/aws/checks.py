@@ -8,12 +8,12 @@ import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from enum import StrEnum
 from functools import partial
 from typing import Any, Final
 
 from botocore.exceptions import ClientError
 
+from certrotator.compat import StrEnum
 from certrotator.ops.aws.clients import (
     ACCESS_DENIED_CODES,
     AwsClients,

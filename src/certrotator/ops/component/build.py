@@ -18,13 +18,13 @@ import hashlib
 import io
 import json
 import re
-import tomllib
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from certrotator.device.greengrass.runtime import RESTART_EXIT_CODE
+from certrotator.tomlcompat import tomllib
 
 ARTIFACT_NAME = "certrotator.zip"
 DEFAULT_COMPONENT_NAME = "aws.greengrass.labs.CertificateRotator"

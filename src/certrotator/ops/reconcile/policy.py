@@ -29,10 +29,10 @@ older than `HANDLER_GRACE_S`, and not at all when its age is unknown.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import StrEnum
 from typing import Any, Final
 
 from certrotator.backend.ports import CertificateStatus, RotationState
+from certrotator.compat import StrEnum
 from certrotator.protocol import JobExecutionStatus, RotationProgress
 
 # Longest a device's new credentials stay on trial after it connects with them: the `$next/get` and

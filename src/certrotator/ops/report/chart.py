@@ -4,9 +4,10 @@ and the rotations over time, succeeded and failed per day. matplotlib is the `re
 from __future__ import annotations
 
 from collections import Counter
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 
+from certrotator.compat import UTC
 from certrotator.ops.report.model import Report
 from certrotator.ops.schedule.policy import DAY
 

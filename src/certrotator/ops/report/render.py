@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import datetime
 
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from certrotator.compat import UTC
 from certrotator.ops.report.model import Report
 from certrotator.ops.schedule.policy import Verdict
 

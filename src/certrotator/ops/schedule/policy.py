@@ -29,10 +29,10 @@ import math
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
-from enum import StrEnum
+from datetime import datetime
 from typing import Any, Final
 
+from certrotator.compat import UTC, StrEnum
 from certrotator.protocol import (
     ACTIVE_EXECUTION_STATUSES,
     PENDING_ROLLOUT,
