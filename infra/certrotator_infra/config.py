@@ -21,11 +21,17 @@ PCA_SIGNING_ALGORITHM_KEY: Final = "PcaSigningAlgorithm"
 POWERTOOLS_LAYER_ARN_KEY: Final = "PowertoolsLayerArn"
 LAMBDA_DEPENDENCIES_KEY: Final = "LambdaDependenciesDir"
 RECONCILE_SCHEDULE_KEY: Final = "ReconcileSchedule"
+RENEWAL_SCHEDULE_KEY: Final = "RenewalSchedule"
+RENEWAL_POLICY_KEY: Final = "RenewalPolicy"
+RENEWAL_AUDIT_KEY: Final = "RenewalAuditFindings"
+METRICS_NAMESPACE_KEY: Final = "MetricsNamespace"
 
 DEFAULT_STACK_NAME: Final = "AWSLabsCertificateRotator"
 DEFAULT_PCA_VALIDITY_DAYS: Final = 7
 DEFAULT_PCA_SIGNING_ALGORITHM: Final = "SHA256WITHRSA"
 DEFAULT_LAMBDA_DEPENDENCIES_DIR: Final = "build/lambda-deps"
+DEFAULT_RENEWAL_POLICY: Final = "renew-before=30d"
+DEFAULT_METRICS_NAMESPACE: Final = "CertificateRotator"
 
 # AWS Private CA's IssueCertificate signing algorithms; the same six as
 # certrotator.crypto.CaSigningAlgorithm (a test keeps the two lists equal).
@@ -59,6 +65,8 @@ _RATE_UNIT_MINUTES: Final = {"minute": 1, "hour": 60, "day": 24 * 60}
 MIN_RECONCILE_INTERVAL_MINUTES: Final = 60
 _CRON_RE: Final = re.compile(r"^cron\((.*)\)$")
 _CRON_FIELD_RE: Final = re.compile(r"^[0-9A-Za-z*?,/#-]+$")
+# CloudWatch namespaces: 1-255 of alphanumerics and . - _ / # : (space too, left out here), not "AWS/...".
+_NAMESPACE_RE: Final = re.compile(r"^[A-Za-z0-9._/#:-]{1,255}$")
 _LAYER_ARN_RE: Final = re.compile(
     r"^arn:aws(-[a-z]+)*:lambda:[a-z]{2}(-[a-z]+)+-\d:\d{12}:layer:[A-Za-z0-9_-]{1,140}:[1-9]\d*$"
 )
@@ -86,6 +94,15 @@ class RotatorConfig:
     powertools_layer_arn: str | None = None  # None: the public layer, looked up at deploy time
     lambda_dependencies_dir: str = DEFAULT_LAMBDA_DEPENDENCIES_DIR
     reconcile_schedule: str | None = None  # None: no scheduled reconcile (the default)
+    renewal_schedule: str | None = None  # None: no scheduled renewal (the default)
+    renewal_policy: str = DEFAULT_RENEWAL_POLICY  # the `local up --schedule` spec, without every
+    renewal_audit_findings: bool = False  # Device Defender's expiring-certificate findings trigger renewal
+    metrics_namespace: str = DEFAULT_METRICS_NAMESPACE
+
+    @property
+    def renewal(self) -> bool:
+        """Whether the stack has the renewal function (a schedule, the audit trigger, or both)."""
+        return self.renewal_schedule is not None or self.renewal_audit_findings
 
     @classmethod
     def from_context(cls, get: Callable[[str], Any]) -> RotatorConfig:
@@ -99,6 +116,12 @@ class RotatorConfig:
             lambda_dependencies_dir=_text(get(LAMBDA_DEPENDENCIES_KEY), LAMBDA_DEPENDENCIES_KEY)
             or DEFAULT_LAMBDA_DEPENDENCIES_DIR,
             reconcile_schedule=parse_reconcile_schedule(get(RECONCILE_SCHEDULE_KEY)),
+            renewal_schedule=parse_schedule(
+                get(RENEWAL_SCHEDULE_KEY), RENEWAL_SCHEDULE_KEY, "scheduled renewal"
+            ),
+            renewal_policy=parse_renewal_policy(get(RENEWAL_POLICY_KEY)),
+            renewal_audit_findings=parse_flag(get(RENEWAL_AUDIT_KEY), RENEWAL_AUDIT_KEY),
+            metrics_namespace=parse_metrics_namespace(get(METRICS_NAMESPACE_KEY)),
         )
 
 
@@ -178,23 +201,62 @@ def parse_layer_arn(value: Any) -> str | None:
     return arn
 
 
-_SCHEDULE_HELP: Final = (
-    f"context variable {RECONCILE_SCHEDULE_KEY} must be empty (no scheduled reconcile, the default) or an"
-    " EventBridge schedule expression that runs at most hourly: rate(N hours) or rate(N days) (singular"
-    " unit for 1, e.g. rate(1 hour), rate(6 hours)), or cron(minute hour day-of-month month day-of-week year)"
-    " with a single minute and '?' in one of the two day fields, e.g. cron(0 3 * * ? *)"
-)
+def _schedule_help(key: str, what: str) -> str:
+    return (
+        f"context variable {key} must be empty (no {what}, the default) or an"
+        " EventBridge schedule expression that runs at most hourly: rate(N hours) or rate(N days) (singular"
+        " unit for 1, e.g. rate(1 hour), rate(6 hours)), or cron(minute hour day-of-month month day-of-week"
+        " year) with a single minute and '?' in one of the two day fields, e.g. cron(0 3 * * ? *)"
+    )
 
 
-def parse_reconcile_schedule(value: Any) -> str | None:
-    """The EventBridge schedule of the scheduled reconcile, or None (off)."""
-    expression = _text(value, RECONCILE_SCHEDULE_KEY)
+def parse_schedule(value: Any, key: str, what: str) -> str | None:
+    """An EventBridge schedule expression that runs at most hourly, or None (off)."""
+    expression = _text(value, key)
     if not expression:
         return None
     problem = _rate_problem(expression) if expression.startswith("rate(") else _cron_problem(expression)
     if problem is not None:
-        raise ContextError(f"{_SCHEDULE_HELP}; got {expression!r} ({problem})")
+        raise ContextError(f"{_schedule_help(key, what)}; got {expression!r} ({problem})")
     return expression
+
+
+def parse_reconcile_schedule(value: Any) -> str | None:
+    """The EventBridge schedule of the scheduled reconcile, or None (off)."""
+    return parse_schedule(value, RECONCILE_SCHEDULE_KEY, "scheduled reconcile")
+
+
+def parse_renewal_policy(value: Any) -> str:
+    """The renewal function's policy, in `certrotator local up --schedule`'s form (without every=):
+    checked by the same parser the function uses, and returned normalised."""
+    from certrotator.ops.schedule.policy import parse_spec
+
+    text = _text(value, RENEWAL_POLICY_KEY) or DEFAULT_RENEWAL_POLICY
+    try:
+        return parse_spec(text).settings.describe()
+    except ValueError as exc:
+        raise ContextError(
+            f"context variable {RENEWAL_POLICY_KEY} must be a renewal policy such as 'renew-before=30d' or"
+            f" 'renew-at-fraction=0.66', optionally with ',group=G', ',max-per-job=N', ',jitter=2d'; {exc}"
+        ) from None
+
+
+def parse_flag(value: Any, key: str) -> bool:
+    if value is None or value == "" or value is False or value == "false":
+        return False
+    if value is True or value == "true":
+        return True
+    raise ContextError(f"context variable {key} must be true or false; got {value!r}")
+
+
+def parse_metrics_namespace(value: Any) -> str:
+    namespace = _text(value, METRICS_NAMESPACE_KEY) or DEFAULT_METRICS_NAMESPACE
+    if not _NAMESPACE_RE.match(namespace) or namespace.startswith("AWS/"):
+        raise ContextError(
+            f"context variable {METRICS_NAMESPACE_KEY} must be a CloudWatch namespace: 1-255 letters, digits"
+            f" and . - _ / # :, not starting with AWS/; got {namespace!r}"
+        )
+    return namespace
 
 
 def _rate_problem(expression: str) -> str | None:

@@ -98,14 +98,15 @@ def failure_alarm(stack: Stack, name: str, queue: sqs.Queue, topic: sns.Topic) -
     return alarm
 
 
-def restrict_topic(topic: sns.Topic, publishers: list[iam.Role], alarm: cloudwatch.Alarm) -> None:
-    """Only the given roles (terminal, and create when it withdraws a certificate) and the failure alarm
-    may publish. The roles' own policies grant sns:Publish; the topic policy denies everyone else, which
+def restrict_topic(topic: sns.Topic, publishers: list[iam.Role], alarms: list[cloudwatch.Alarm]) -> None:
+    """Only the given roles (terminal, and create when it withdraws a certificate, and the scheduled
+    functions' failure records) and the stack's alarms (failure queue, failed rotations) may publish. The roles' own policies grant sns:Publish; the topic policy denies everyone else, which
     no identity policy in the account can override. (No Allow naming the roles: a resource policy naming
     a role created in the same deployment can fail IAM principal validation while the role propagates.)
     CloudWatch is a service principal, outside the account: it needs the Allow, for this alarm only, and
     is exempt from the Deny (a service's request carries aws:PrincipalServiceName, an IAM principal's
-    does not, and a missing key makes StringNotEquals true)."""
+    does not, and a missing key makes StringNotEquals true). CloudWatch needs the Allow for these alarms
+    only."""
     topic.add_to_resource_policy(
         iam.PolicyStatement(
             sid="OnlyTheRotatorPublishes",
@@ -121,13 +122,13 @@ def restrict_topic(topic: sns.Topic, publishers: list[iam.Role], alarm: cloudwat
     )
     topic.add_to_resource_policy(
         iam.PolicyStatement(
-            sid="TheFailureAlarmPublishes",
+            sid="TheAlarmsPublish",
             principals=[iam.ServicePrincipal(CLOUDWATCH)],
             actions=["sns:Publish"],
             resources=[topic.topic_arn],
             conditions={
                 "StringEquals": {"aws:SourceAccount": Aws.ACCOUNT_ID},
-                "ArnEquals": {"aws:SourceArn": alarm.alarm_arn},
+                "ArnEquals": {"aws:SourceArn": [alarm.alarm_arn for alarm in alarms]},
             },
         )
     )
@@ -157,3 +158,47 @@ def rule_error_action(stack: Stack, rule_name: str, queue: sqs.Queue) -> iot.Cfn
             queue_url=queue.queue_url, role_arn=role.role_arn, use_base64=False
         )
     )
+
+
+# The terminal function's metrics (certrotator.backend.aws.lambdas.FAILED_ROTATION_METRICS) that mean a
+# rotation did not end in SUCCEEDED, summed per period.
+FAILED_ROTATION_METRICS: Final = ("RotationsFailed", "RotationsTimedOut")
+ROTATION_ALARM_PERIOD: Final = Duration.minutes(5)
+
+
+def failed_rotations_alarm(
+    stack: Stack, name: str, namespace: str, service: str, topic: sns.Topic
+) -> cloudwatch.Alarm:
+    """Any failed or timed-out rotation in a 5-minute period notifies the topic (once, when the alarm
+    goes into ALARM; the terminal function's own notification names the thing and the reason)."""
+    using = {
+        f"m{i}": cloudwatch.Metric(
+            namespace=namespace,
+            metric_name=metric,
+            dimensions_map={"service": service},
+            statistic=cloudwatch.Stats.SUM,
+            period=ROTATION_ALARM_PERIOD,
+        )
+        for i, metric in enumerate(FAILED_ROTATION_METRICS)
+    }
+    alarm = cloudwatch.Alarm(
+        stack,
+        "FailedRotationsAlarm",
+        alarm_name=f"{name}FailedRotations",
+        alarm_description="Certificate rotator: a rotation job execution ended FAILED, TIMED_OUT, REJECTED,"
+        " CANCELED or REMOVED (the topic's notifications name the things; `certrotator aws describe-job`"
+        " lists the reasons).",
+        # FILL: a period with failures but no timeouts (or the other way round) still adds up
+        metric=cloudwatch.MathExpression(
+            expression=" + ".join(f"FILL({m}, 0)" for m in using),
+            using_metrics=using,
+            label="failed or timed-out rotations",
+            period=ROTATION_ALARM_PERIOD,
+        ),
+        threshold=0,
+        comparison_operator=cloudwatch.ComparisonOperator.GREATER_THAN_THRESHOLD,
+        evaluation_periods=1,
+        treat_missing_data=cloudwatch.TreatMissingData.NOT_BREACHING,
+    )
+    alarm.add_alarm_action(cloudwatch_actions.SnsAction(topic))
+    return alarm

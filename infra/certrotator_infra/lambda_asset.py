@@ -6,7 +6,8 @@ time without network access:
 * the `certrotator` modules the Lambda entry points import (`crypto`, `protocol`, `backend/**`),
   copied from `src/` — the same handler code the local engine runs — and those of the scheduled
   reconcile (`ops/reconcile/{aws,policy,runner}.py`, `ops/aws/clients.py`), the same code as
-  `certrotator reconcile --aws`;
+  `certrotator reconcile --aws`, and those of the renewal function (`ops/schedule/{aws,facts,policy,
+  runner}.py`, `ops/aws/jobs.py`), the same code as `certrotator schedule --aws`;
 * `cryptography` (with `cffi` and `pycparser`) built for the Lambda platform (CPython 3.14 on
   arm64 / Amazon Linux 2023), prepared once with network access by `build_lambda_deps.py`
   (`pip install --target ... --platform ... --only-binary=:all:`) into `build/lambda-deps`;
@@ -22,10 +23,11 @@ import re
 import shutil
 import subprocess
 import sys
-import tomllib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Final
+
+from certrotator.tomlcompat import tomllib
 
 REPO_ROOT: Final = Path(__file__).resolve().parents[2]
 PACKAGE_DIR: Final = REPO_ROOT / "src" / "certrotator"
@@ -38,21 +40,29 @@ LAMBDA_ARCHITECTURE: Final = "arm64"
 # literally, so the older manylinux levels that wheels are still published for are listed too.
 PIP_PLATFORMS: Final = ("manylinux_2_34_aarch64", "manylinux_2_28_aarch64", "manylinux2014_aarch64")
 
-# What the entry points (certrotator.backend.aws.lambdas, certrotator.ops.reconcile.aws.scheduled_handler)
-# import, relative to the package: only these of ops/, whose other modules need the CLI's dependencies.
+# What the entry points (certrotator.backend.aws.lambdas, certrotator.ops.reconcile.aws.scheduled_handler,
+# certrotator.ops.schedule.aws.scheduled_handler) import, relative to the package: only these of ops/,
+# whose other modules need the CLI's dependencies.
 PACKAGE_SOURCES: Final = (
     "__init__.py",
     "algorithms.py",
+    "compat.py",  # StrEnum and UTC on Python 3.10 too (the Lambda runs 3.14: the standard library's)
     "crypto.py",
     "protocol.py",
     "backend",
     "ops/__init__.py",
     "ops/aws/__init__.py",
     "ops/aws/clients.py",
+    "ops/aws/jobs.py",
     "ops/reconcile/__init__.py",
     "ops/reconcile/aws.py",
     "ops/reconcile/policy.py",
     "ops/reconcile/runner.py",
+    "ops/schedule/__init__.py",
+    "ops/schedule/aws.py",
+    "ops/schedule/facts.py",
+    "ops/schedule/policy.py",
+    "ops/schedule/runner.py",
 )
 # Core dependencies of certrotator that the Lambda needs and the runtime does not provide.
 LAMBDA_DEPENDENCIES: Final = ("cryptography",)

@@ -32,6 +32,12 @@ announcement shadow; it retires a certificate as the terminal function does, del
 shadow, and notifies. It never writes the announcement shadow: the announcement rule does, with its own
 role that may only publish to those shadows' update topics (ANNOUNCE_SHADOW_UPDATES).
 
+The renewal function (`renewal_grants`) reads each thing's principals, certificates, job executions
+and groups, the documents of jobs in its history and the job template, and creates rotation jobs from
+that template (iot:CreateJob, authorised on the job, every target thing and the template); with the
+Device Defender trigger it also lists an audit task's findings and the things holding the flagged
+certificates. Checked against its recorded calls (tests/infra/test_renewal_calls.py).
+
 Resource scoping follows the Service Authorization Reference: DescribeEndpoint, CreateCertificateFromCsr,
 RegisterCertificateWithoutCA and ListAttachedPolicies support no resource-level permissions (`*`);
 everything else is scoped to its resource type. Things, certificates and jobs are the whole fleet's
@@ -44,11 +50,11 @@ kms:GenerateDataKey and kms:Decrypt on that key.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import StrEnum
 from typing import Final
 
 from aws_cdk import ArnFormat, Stack
 
+from certrotator.compat import StrEnum
 from certrotator.ops.reconcile.aws import ANNOUNCE_SHADOW_NAME
 
 SHADOW_NAME: Final = "AWSLabsCertificateRotator"  # = certrotator.backend.aws.adapters.DEFAULT_SHADOW_NAME
@@ -304,3 +310,74 @@ def reconcile_grants(*, secret_arn: str, topic_arn: str, topic_key_arn: str) -> 
         Grant("Notify", ("sns:Publish",), (topic_arn,)),
         Grant("NotificationKey", ("kms:GenerateDataKey", "kms:Decrypt"), (topic_key_arn,)),
     ]
+
+
+def renewal_grants(*, template: IotResource, audit_findings: bool) -> list[Grant]:
+    """The statements of the renewal function's role: the calls of certrotator.ops.schedule.aws (facts
+    per thing, then ops.aws.jobs.create_job from the stack's job template), and with the audit trigger
+    the findings of an audit and the things that hold the flagged certificates. It creates jobs and
+    nothing else: no certificate, shadow or topic is touched."""
+    grants = [
+        Grant(
+            "EveryThing",
+            ("iot:ListThings",),
+            (ALL,),
+            "iot:ListThings supports no resource-level permissions (Service Authorization Reference);"
+            " a scheduled run looks at every thing of the account",
+        ),
+        Grant(
+            "GroupMembers",
+            ("iot:ListThingsInThingGroup",),
+            (IotResource("thinggroup/*"),),
+            "iot:ListThingsInThingGroup on the thing group the renewal policy names (group=...); the"
+            " policy is the function's configuration, so any group of the account may be named",
+        ),
+        Grant(
+            "ThingFacts",
+            (
+                "iot:ListThingPrincipals",
+                "iot:ListThingPrincipalsV2",
+                "iot:ListJobExecutionsForThing",
+                "iot:ListThingGroupsForThing",
+                "iot:DescribeThing",
+            ),
+            (THINGS,),
+            "renewal reads each thing's certificates, job executions (its rotation history) and groups,"
+            f" and iot:DescribeThing gives create_job the thing's ARN; {_ANY_THING}",
+        ),
+        Grant("ReadCertificate", ("iot:DescribeCertificate",), (CERTIFICATES,), _ANY_CERTIFICATE),
+        Grant(
+            "RotationJobs",
+            ("iot:GetJobDocument",),
+            (JOBS,),
+            f"renewal reads the document of each job in a thing's history (once per run) to tell rotations"
+            f" from other jobs; {_ANY_JOB}",
+        ),
+        Grant("JobTemplate", ("iot:DescribeJobTemplate",), (template,)),
+        Grant(
+            "CreateRotationJobs",
+            ("iot:CreateJob",),
+            (JOBS, THINGS, template),
+            "iot:CreateJob is authorised on the new job, each target thing and the template; the job ids"
+            f" are made at run time and the targets are whichever things are due; {_ANY_THING}",
+        ),
+    ]
+    if audit_findings:
+        grants += [
+            Grant(
+                "AuditFindings",
+                ("iot:ListAuditFindings",),
+                (ALL,),
+                "iot:ListAuditFindings requires * (Device Defender's audit permissions, Service"
+                " Authorization Reference); renewal reads the findings of the audit task the notification"
+                " names, for the expiring-certificate check only",
+            ),
+            Grant(
+                "CertificateOwners",
+                ("iot:ListPrincipalThings",),
+                (ALL,),
+                "iot:ListPrincipalThings is granted on all resources: the Service Authorization Reference"
+                " gives it no resource type; renewal asks which thing holds each flagged certificate",
+            ),
+        ]
+    return grants

@@ -28,7 +28,7 @@ from aws_cdk import custom_resources as cr
 from constructs import Construct, IConstruct
 
 from certrotator.protocol import TERMINAL_EXECUTION_STATUSES
-from certrotator_infra import announce, failures, reconcile
+from certrotator_infra import announce, failures, reconcile, renewal
 from certrotator_infra.config import RotatorConfig
 from certrotator_infra.lambda_asset import LAMBDA_ARCHITECTURE, LAMBDA_PYTHON_VERSION, powertools_version
 from certrotator_infra.permissions import ALL, SHADOW_NAME, Function, Grant, IotResource, function_grants
@@ -90,7 +90,6 @@ DESCRIPTIONS: Final = {
     Function.TERMINAL: "Certificate rotator: cleans up and notifies when a rotation job execution ends",
 }
 POWERTOOLS_SERVICE_NAME: Final = "certificate-rotator"
-POWERTOOLS_METRICS_NAMESPACE: Final = "CertificateRotator"
 # The public Powertools for AWS Lambda (Python) v3 layer ARNs, one SSM public parameter per
 # architecture, Python version and release (published by the Powertools project in every commercial
 # region and resolved by CloudFormation at deploy time).
@@ -181,11 +180,19 @@ class CertificateRotatorStack(Stack):
             if config.reconcile_schedule
             else None
         )
+        self.renewal = renewal.renewal(self, code, name) if config.renewal else None
         self.terminal_failures_alarm = failures.failure_alarm(self, name, self.terminal_failures, self.topic)
+        self.failed_rotations_alarm = failures.failed_rotations_alarm(
+            self, name, config.metrics_namespace, POWERTOOLS_SERVICE_NAME, self.topic
+        )
         publishers = [self.functions[Function.CREATE].role, self.functions[Function.TERMINAL].role]
         if self.reconcile is not None:
             publishers.append(self.reconcile.role)
-        failures.restrict_topic(self.topic, publishers, self.terminal_failures_alarm)
+        if self.renewal is not None:
+            publishers.append(self.renewal.role)  # its on-failure records
+        failures.restrict_topic(
+            self.topic, publishers, [self.terminal_failures_alarm, self.failed_rotations_alarm]
+        )
         self.job_template = iot.CfnJobTemplate(
             self,
             "JobTemplate",
@@ -213,7 +220,7 @@ class CertificateRotatorStack(Stack):
             "SHADOW_NAME": SHADOW_NAME,
             "JOB_DOCUMENT": JOB_DOCUMENT,
             "POWERTOOLS_SERVICE_NAME": POWERTOOLS_SERVICE_NAME,
-            "POWERTOOLS_METRICS_NAMESPACE": POWERTOOLS_METRICS_NAMESPACE,
+            "POWERTOOLS_METRICS_NAMESPACE": self.config.metrics_namespace,
         }
         if self.ca_arn is not None:
             environment |= {
@@ -461,6 +468,26 @@ class CertificateRotatorStack(Stack):
         )
         for function, parts in self.functions.items():
             CfnOutput(self, f"{function}FunctionName", value=parts.function.function_name)
+        if self.renewal is not None:
+            CfnOutput(
+                self,
+                "RenewalFunctionName",
+                value=self.renewal.function.function_name,
+                description='The renewal function; invoke it with {"dryRun": true} to see what it would do',
+            )
+        if self.renewal is not None and self.renewal.audit_topic is not None and self.renewal.audit_role:
+            CfnOutput(
+                self,
+                "AuditNotificationTopicArn",
+                value=self.renewal.audit_topic.topic_arn,
+                description="Set as the SNS target of the account's Device Defender audit configuration",
+            )
+            CfnOutput(
+                self,
+                "AuditNotificationRoleArn",
+                value=self.renewal.audit_role.role_arn,
+                description="The role Device Defender publishes audit notifications with",
+            )
         if self.reconcile is not None:
             CfnOutput(
                 self,

@@ -17,7 +17,9 @@ from tests.infra.support import (
     INFRA_DIR,
     PCA_CONTEXT,
     PCA_RECONCILE_CONTEXT,
+    PCA_RENEWAL_AUDIT_CONTEXT,
     RECONCILE_CONTEXT,
+    RENEWAL_CONTEXT,
     Synth,
     synthesise_and_read,
 )
@@ -57,3 +59,15 @@ def iot_reconcile_synth(tmp_path_factory: pytest.TempPathFactory, code_dir: Path
 def pca_reconcile_synth(tmp_path_factory: pytest.TempPathFactory, code_dir: Path) -> Synth:
     """A Private CA issues; the scheduled reconcile runs daily at 03:00 UTC."""
     return synthesise_and_read(tmp_path_factory, code_dir, PCA_RECONCILE_CONTEXT)
+
+
+@pytest.fixture(scope="session")
+def iot_renewal_synth(tmp_path_factory: pytest.TempPathFactory, code_dir: Path) -> Synth:
+    """AWS IoT issues; the renewal function runs daily (renew-before=30d); metrics namespace Fleet/Rotator."""
+    return synthesise_and_read(tmp_path_factory, code_dir, RENEWAL_CONTEXT)
+
+
+@pytest.fixture(scope="session")
+def pca_renewal_audit_synth(tmp_path_factory: pytest.TempPathFactory, code_dir: Path) -> Synth:
+    """A Private CA issues; renewal on a schedule and on Device Defender audit notifications."""
+    return synthesise_and_read(tmp_path_factory, code_dir, PCA_RENEWAL_AUDIT_CONTEXT)

@@ -35,6 +35,15 @@ PCA_CONTEXT: dict[str, Any] = {
 RECONCILE_SCHEDULE = "rate(6 hours)"
 RECONCILE_CONTEXT: dict[str, Any] = {"ReconcileSchedule": RECONCILE_SCHEDULE}
 PCA_RECONCILE_CONTEXT: dict[str, Any] = PCA_CONTEXT | {"ReconcileSchedule": "cron(0 3 * * ? *)"}
+# The renewal function, off unless a schedule or the audit trigger is set: the schedule alone (values as
+# cdk.json gives them), and both with a group-scoped policy in Private CA mode (values as -c gives them).
+RENEWAL_SCHEDULE = "rate(1 day)"
+RENEWAL_CONTEXT: dict[str, Any] = {"RenewalSchedule": RENEWAL_SCHEDULE, "MetricsNamespace": "Fleet/Rotator"}
+PCA_RENEWAL_AUDIT_CONTEXT: dict[str, Any] = PCA_CONTEXT | {
+    "RenewalSchedule": "cron(15 4 * * ? *)",
+    "RenewalPolicy": "renew-at-fraction=0.66,group=line-1,max-per-job=50",
+    "RenewalAuditFindings": "true",
+}
 
 
 @dataclass

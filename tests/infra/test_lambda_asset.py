@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +16,7 @@ from tests.infra.support import CDK_MISSING
 
 pytest.importorskip("aws_cdk", reason=CDK_MISSING)
 
-from certrotator_infra import lambda_asset, reconcile, stack
+from certrotator_infra import lambda_asset, reconcile, renewal, stack
 from certrotator_infra.lambda_asset import (
     DEPENDENCY_MARKER,
     LambdaAssetError,
@@ -31,6 +30,7 @@ from certrotator_infra.permissions import SHADOW_NAME
 
 from certrotator import protocol
 from certrotator.backend.aws.adapters import DEFAULT_SHADOW_NAME
+from certrotator.tomlcompat import tomllib
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -78,10 +78,16 @@ OPS_FILES = {
     "certrotator/ops/__init__.py",
     "certrotator/ops/aws/__init__.py",
     "certrotator/ops/aws/clients.py",
+    "certrotator/ops/aws/jobs.py",
     "certrotator/ops/reconcile/__init__.py",
     "certrotator/ops/reconcile/aws.py",
     "certrotator/ops/reconcile/policy.py",
     "certrotator/ops/reconcile/runner.py",
+    "certrotator/ops/schedule/__init__.py",
+    "certrotator/ops/schedule/aws.py",
+    "certrotator/ops/schedule/facts.py",
+    "certrotator/ops/schedule/policy.py",
+    "certrotator/ops/schedule/runner.py",
 }
 
 
@@ -91,6 +97,7 @@ def test_staged_code_holds_only_the_backend_and_reconcile_modules(code_dir: Path
     assert {
         "certrotator/__init__.py",
         "certrotator/algorithms.py",
+        "certrotator/compat.py",
         "certrotator/crypto.py",
         "certrotator/protocol.py",
     } <= files
@@ -100,6 +107,7 @@ def test_staged_code_holds_only_the_backend_and_reconcile_modules(code_dir: Path
             (
                 "certrotator/__init__",
                 "certrotator/algorithms",
+                "certrotator/compat",
                 "certrotator/crypto",
                 "certrotator/protocol",
                 "certrotator/backend/",
@@ -172,6 +180,15 @@ def test_the_scheduled_reconcile_imports_from_the_staged_code_without_powertools
 ) -> None:
     answer = import_staged(code_dir, tmp_path, [reconcile.HANDLER], powertools=False)
     assert {"certrotator.ops.reconcile.aws", "certrotator.ops.aws.clients"} <= answer["ours"].keys()
+
+
+def test_the_renewal_function_imports_from_the_staged_code_without_powertools(
+    code_dir: Path, tmp_path: Path
+) -> None:
+    answer = import_staged(code_dir, tmp_path, [renewal.HANDLER], powertools=False)
+    assert {"certrotator.ops.schedule.aws", "certrotator.ops.aws.jobs"} <= answer["ours"].keys()
+    # the report's certificate details load cryptography only when asked: not at import
+    assert "certrotator.crypto" not in answer["ours"]
 
 
 def test_the_import_check_refuses_what_the_lambda_lacks(code_dir: Path, tmp_path: Path) -> None:

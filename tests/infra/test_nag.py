@@ -10,7 +10,15 @@ from typing import Any
 
 import pytest
 
-from tests.infra.support import CDK_MISSING, PCA_CONTEXT, PCA_RECONCILE_CONTEXT, RECONCILE_CONTEXT, synthesise
+from tests.infra.support import (
+    CDK_MISSING,
+    PCA_CONTEXT,
+    PCA_RECONCILE_CONTEXT,
+    PCA_RENEWAL_AUDIT_CONTEXT,
+    RECONCILE_CONTEXT,
+    RENEWAL_CONTEXT,
+    synthesise,
+)
 
 pytest.importorskip("aws_cdk", reason=CDK_MISSING)
 
@@ -73,8 +81,8 @@ def test_an_unacknowledged_finding_fails_synthesis(
 
 @pytest.mark.parametrize(
     "overrides",
-    [{}, PCA_CONTEXT, RECONCILE_CONTEXT, PCA_RECONCILE_CONTEXT],
-    ids=["iot", "pca", "iot-reconcile", "pca-reconcile"],
+    [{}, PCA_CONTEXT, RECONCILE_CONTEXT, PCA_RECONCILE_CONTEXT, RENEWAL_CONTEXT, PCA_RENEWAL_AUDIT_CONTEXT],
+    ids=["iot", "pca", "iot-reconcile", "pca-reconcile", "iot-renewal", "pca-renewal-audit"],
 )
 def test_every_acknowledgement_answers_a_finding_with_a_specific_reason(
     tmp_path_factory: pytest.TempPathFactory, code_dir: Path, overrides: dict[str, Any]

@@ -226,8 +226,18 @@ def test_the_failure_queue_is_encrypted_tls_only_and_kept_14_days(synth: Synth) 
     assert render(policy["Properties"]["Queues"][0]) == "${" + queue_id + "}"
 
 
+def alarm_named(synth: Synth, suffix: str) -> tuple[str, dict[str, Any]]:
+    return only(
+        {
+            k: v
+            for k, v in synth.resources("AWS::CloudWatch::Alarm").items()
+            if v["Properties"]["AlarmName"] == f"{stack_name(synth)}{suffix}"
+        }
+    )
+
+
 def test_a_message_in_the_failure_queue_raises_the_alarm_on_the_notification_topic(synth: Synth) -> None:
-    _, alarm = only(synth.resources("AWS::CloudWatch::Alarm"))
+    _, alarm = alarm_named(synth, "TerminalFailures")
     props = alarm["Properties"]
     queue_id = logical_id(synth, "AWS::SQS::Queue")
     assert props["AlarmName"] == f"{stack_name(synth)}TerminalFailures"
@@ -480,21 +490,21 @@ def test_only_the_rotator_and_its_alarm_may_publish(synth: Synth) -> None:
     assert statements.keys() == {
         "AllowPublishThroughSSLOnly",
         "OnlyTheRotatorPublishes",
-        "TheFailureAlarmPublishes",
+        "TheAlarmsPublish",
     }
     deny = statements["OnlyTheRotatorPublishes"]
     assert (deny["Effect"], deny["Principal"], deny["Action"]) == ("Deny", {"AWS": "*"}, "sns:Publish")
     assert [render(r) for r in deny["Condition"]["ArnNotEquals"]["aws:PrincipalArn"]] == allowed
     assert deny["Condition"]["StringNotEquals"] == {"aws:PrincipalServiceName": "cloudwatch.amazonaws.com"}
     assert render(deny["Resource"]) == "${" + topic_id + "}"
-    alarm = statements["TheFailureAlarmPublishes"]
+    alarm = statements["TheAlarmsPublish"]
     assert (alarm["Effect"], alarm["Principal"], alarm["Action"]) == (
         "Allow",
         {"Service": "cloudwatch.amazonaws.com"},
         "sns:Publish",
     )
-    alarm_id = logical_id(synth, "AWS::CloudWatch::Alarm")
-    assert alarm["Condition"]["ArnEquals"]["aws:SourceArn"] == {"Fn::GetAtt": [alarm_id, "Arn"]}
+    alarm_ids = [alarm_named(synth, suffix)[0] for suffix in ("TerminalFailures", "FailedRotations")]
+    assert alarm["Condition"]["ArnEquals"]["aws:SourceArn"] == [{"Fn::GetAtt": [a, "Arn"]} for a in alarm_ids]
     assert render(alarm["Condition"]["StringEquals"]["aws:SourceAccount"]) == "${AWS::AccountId}"
     tls = statements["AllowPublishThroughSSLOnly"]
     assert (tls["Effect"], tls["Condition"]) == ("Deny", {"Bool": {"aws:SecureTransport": "false"}})

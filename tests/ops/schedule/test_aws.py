@@ -8,7 +8,7 @@ import contextlib
 import json
 import time
 from collections.abc import Callable, Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import boto3
@@ -20,6 +20,7 @@ from moto.iot.models import iot_backends
 from typer.testing import CliRunner
 
 from certrotator.cli import app
+from certrotator.compat import UTC
 from certrotator.ops.aws.clients import AwsClients
 from certrotator.ops.schedule import aws as schedule_aws
 from certrotator.ops.schedule.aws import AwsBackend, expiring_checks, scheduled_handler, sns_messages

@@ -55,7 +55,7 @@ class Row:
         if d.verdict in (Verdict.WAIT, Verdict.BACKOFF) and d.next_at is not None:
             backoff = " (back-off)" if d.verdict is Verdict.BACKOFF else ""
             return f"in {format_duration(d.next_at - self.now)}{backoff}"
-        return d.verdict.value
+        return str(d.verdict.value)
 
     def to_dict(self) -> dict[str, Any]:
         d, cert, last = self.decision, self.decision.certificate, self.decision.last_rotation
