@@ -45,6 +45,8 @@ class EngineControls(Protocol):
 
     def connections(self) -> list[Connection]: ...
 
+    def fault_released(self, thing: str) -> None: ...
+
 
 def engine_ops(engine: EngineControls) -> dict[str, AdminOp]:
     """The admin operations, by name, each taking the request's JSON body (`op` plus its arguments)."""
@@ -68,7 +70,12 @@ def engine_ops(engine: EngineControls) -> dict[str, AdminOp]:
             for c in engine.connections()
         ]
 
+    async def fault_released(a: dict[str, Any]) -> None:
+        # A fault plan's killed device is dead: its next process may talk again (local.fault_hooks).
+        engine.fault_released(str(a["thing"]))
+
     return {
+        "fault_released": fault_released,
         "set_certificate_status": set_status,
         "set_rule": set_rule,
         "create_job": create_job,

@@ -42,6 +42,8 @@ from certrotator.local.authorizer import RegistryAuthorizer
 from certrotator.local.broker import Connection, LocalBroker
 from certrotator.local.ca import IssuerName, LocalCa, ensure_local_ca
 from certrotator.local.db import Database
+from certrotator.local.fault_hooks import FaultInjector
+from certrotator.local.faults import FaultPlan
 from certrotator.local.jobs import DEFAULT_MAX_IN_FLIGHT, Execution, JobStore
 from certrotator.local.jobs_api import handle_jobs_request, notify_next_message
 from certrotator.local.metrics import EngineEvents, NullEvents
@@ -79,6 +81,7 @@ class EngineConfig:
     max_in_flight: int | None = DEFAULT_MAX_IN_FLIGHT  # None = release as fast as the rollout rate allows
     admission_window_s: float = ADMISSION_WINDOW_S  # longest an execution holds its admission slot
     terminal_retry: RetryPolicy = field(default_factory=RetryPolicy)  # a failing terminal handler
+    faults: FaultPlan | None = None  # a fault plan (`local up --faults`); None in normal use
 
     def __post_init__(self) -> None:
         if self.max_in_flight is not None and self.max_in_flight < 1:
@@ -111,7 +114,12 @@ class LocalIoTCore:
         )
         self.broker.on_message(self._on_message)
         self.broker.on_subscribed(self._subscribed)
-        self.outbox = Outbox(self.broker.publish_nowait)
+        # A fault plan wraps what the engine publishes, the terminal handler and the ports (fault_hooks).
+        self.faults: FaultInjector | None = None
+        if config.faults is not None:
+            self.faults = FaultInjector(config.faults, self, config.data_dir, self._handle_message)
+        send = self.broker.publish_nowait
+        self.outbox = Outbox(send if self.faults is None else self.faults.outgoing(send))
         self.notifier = LocalNotifier(self.registry, config.data_dir, config.webhook_url)
         self.ports = Ports(
             registry=RegistryPort(self.registry, self._kick),
@@ -121,6 +129,8 @@ class LocalIoTCore:
             publisher=self.outbox,
             notifier=self.notifier,
         )
+        if self.faults is not None:
+            self.ports = self.faults.slow_ports(self.ports)
         # Metrics, if any, are told only these events (local/metrics.py); the CLI sets a real sink.
         self.events: EngineEvents = NullEvents()
         self.rules = Rules(
@@ -131,7 +141,7 @@ class LocalIoTCore:
         )
         self.terminal_work = TerminalWorker(
             TerminalWorkStore(self.db),
-            self._terminal,
+            self._terminal if self.faults is None else self.faults.terminal(self._terminal),
             self._unit_of_work,
             self.notifier,
             config.terminal_retry,
@@ -160,6 +170,8 @@ class LocalIoTCore:
         await self.broker.start()
         # Before any device message is handled (nothing has yielded to the broker's tasks yet): finish
         # the terminal handling the last run left, then release and expire what fell due meanwhile.
+        if self.faults is not None:
+            self.faults.start(self._loop)
         self.terminal_work.start(self._loop)
         self.rollout.start(self._loop)
         self._expire_due(time.time())  # also those that timed out while the engine was down
@@ -225,6 +237,11 @@ class LocalIoTCore:
 
     def connections(self) -> list[Connection]:
         return self.broker.connections()
+
+    def fault_released(self, thing: str) -> None:
+        """The fault plan's driver killed `thing`'s device (see local.fault_hooks)."""
+        if self.faults is not None:
+            self.faults.released(thing)
 
     def add_periodic(self, name: str, interval_s: float, task: Callable[[], object]) -> None:
         """Run `task` every `interval_s` seconds on the engine's loop, as one unit of work (one
@@ -318,6 +335,11 @@ class LocalIoTCore:
     # ------------------------------------------------------------------------------- messages
 
     def _on_message(self, topic: str, payload: bytes, connection: Connection) -> None:
+        if self.faults is not None and self.faults.incoming(topic, payload, connection):
+            return  # dropped or delayed by the fault plan (a delayed one comes back to _handle_message)
+        self._handle_message(topic, payload, connection)
+
+    def _handle_message(self, topic: str, payload: bytes, connection: Connection) -> None:
         if self._stopping:
             return
         try:

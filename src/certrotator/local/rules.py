@@ -67,6 +67,10 @@ class Rules:
         self.registry.set_rule_enabled(name, enabled)
         self._enabled[name] = enabled
 
+    def override(self, name: str, enabled: bool) -> None:
+        """Switch a rule for this run only, not saved (a fault plan's disabled rule)."""
+        self._enabled[name] = enabled
+
     def certificate_request(
         self, parsed: ParsedTopic, topic: str, payload: bytes, connection: Connection
     ) -> None:

@@ -20,6 +20,7 @@ from certrotator.local.cli.common import (
     local_app,
     open_stores,
 )
+from certrotator.local.faults import FaultPlanError, load_plan
 from certrotator.local.jobs import DEFAULT_MAX_IN_FLIGHT
 from certrotator.local.provision import provision_thing
 from certrotator.local.registry import RegistryError
@@ -70,6 +71,13 @@ def up(
             help="Serve Prometheus metrics on http://127.0.0.1:PORT/metrics (0 = any free port).", min=0
         ),
     ] = None,
+    faults: Annotated[
+        Path | None,
+        typer.Option(
+            help="A fault plan (TOML): drop or delay messages, act at protocol steps, slow ports "
+            "(docs/reliability.md, 'Fault plans'). For testing only.",
+        ),
+    ] = None,
 ) -> None:
     """Run the local IoT Core in the foreground (Ctrl-C stops it cleanly)."""
     from certrotator.local.engine import EngineConfig, LocalIoTCore, serve  # the broker only here
@@ -84,8 +92,9 @@ def up(
             ca_validity_days,
             webhook_url,
             max_in_flight or None,
+            faults=None if faults is None else load_plan(faults),
         )
-    except crypto.CryptoError as exc:
+    except (crypto.CryptoError, FaultPlanError) as exc:
         raise fail(str(exc)) from None
     if admin.running_engine(data_dir) is not None:
         raise fail(f"an engine is already running on {data_dir}")

@@ -56,6 +56,15 @@ class EngineHandle(ABC):
     def port(self) -> int:
         """The broker's MQTT (mutual TLS) port."""
 
+    @property
+    @abstractmethod
+    def data_dir(self) -> Path:
+        """The engine's data directory (a fault plan's log is there: local.fault_hooks)."""
+
+    @abstractmethod
+    def fault_released(self, thing: str) -> None:
+        """Tell the engine's fault plan that the device it asked to be killed is dead."""
+
     @abstractmethod
     def create_job(self, request: JobRequest) -> None:
         """Create a rotation job; EngineRefused if the engine will not (e.g. the job id is taken)."""
@@ -109,6 +118,18 @@ class EngineHandle(ABC):
     def certificate_ids(self) -> list[str]:
         """The id of every certificate in the registry, whatever its status or attachment."""
         return self._with_stores(lambda s: [c.certificate_id for c in s.registry.certificates()])
+
+    def unattached_certificates(self) -> dict[str, str]:
+        """Certificates (id -> PEM) that no thing has attached, whatever their status: orphans unless
+        something is about to attach them."""
+
+        def read(s: Stores) -> dict[str, str]:
+            attached = {p for thing in s.registry.things() for p in s.registry.thing_principals(thing)}
+            return {
+                c.certificate_id: c.pem for c in s.registry.certificates() if c.certificate_id not in attached
+            }
+
+        return self._with_stores(read)
 
     def notifications(self, job_id: str | None = None) -> list[dict[str, Any]]:
         """Notifications sent (oldest first), only those about `job_id` if given."""

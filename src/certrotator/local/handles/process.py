@@ -70,7 +70,7 @@ class RemoteEngine(EngineHandle):
         info = admin.running_engine(data_dir)
         if info is None:
             raise EngineGone(f"no engine is running on {data_dir} (start `certrotator local up`)")
-        self.data_dir = data_dir
+        self._data_dir = data_dir
         self.poll_s = poll_s  # no change events cross processes: conditions are polled
         self._host, self._port = str(info["host"]), int(info["mqtt_port"])
         self._db = Database(data_dir)
@@ -83,6 +83,10 @@ class RemoteEngine(EngineHandle):
         info = admin.running_engine(self.data_dir)
         if info is not None:
             self._host, self._port = str(info["host"]), int(info["mqtt_port"])
+
+    @property
+    def data_dir(self) -> Path:
+        return self._data_dir
 
     @property
     def host(self) -> str:
@@ -105,6 +109,9 @@ class RemoteEngine(EngineHandle):
 
     def create_job(self, request: JobRequest) -> None:
         self._admin("create_job", **request.to_json())
+
+    def fault_released(self, thing: str) -> None:
+        self._admin("fault_released", thing=thing)
 
     def connections(self) -> list[Connection]:
         rows = self._admin("connections")

@@ -7,10 +7,12 @@ object on its loop: for tests that must reach inside the engine (sabotage an iss
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
+from pathlib import Path
 from typing import Any, TypeVar
 
 from certrotator.local.admin import AdminServer
@@ -22,6 +24,12 @@ from certrotator.local.policy import Connection
 from certrotator.local.registry import RegistryError
 
 T = TypeVar("T")
+log = logging.getLogger("certrotator.local")
+
+
+def _cannot_restart() -> None:
+    # SIGKILL here would take the caller's process with it.
+    log.error("fault plan: restart_engine needs the engine in its own process (handles.process)")
 
 
 class EngineThread(EngineHandle):
@@ -48,6 +56,8 @@ class EngineThread(EngineHandle):
         async def boot() -> LocalIoTCore:
             engine = LocalIoTCore(self.config)
             engine.listeners.append(self._notify)
+            if engine.faults is not None:
+                engine.faults.kill_engine = _cannot_restart
             await engine.start()
             if self.admin_enabled:
                 self.admin = AdminServer(asyncio.get_running_loop(), engine.admin_ops())
@@ -71,6 +81,13 @@ class EngineThread(EngineHandle):
     @property
     def host(self) -> str:
         return self.config.host
+
+    @property
+    def data_dir(self) -> Path:
+        return self.config.data_dir
+
+    def fault_released(self, thing: str) -> None:
+        self.call(lambda e: e.fault_released(thing))
 
     @property
     def port(self) -> int:
