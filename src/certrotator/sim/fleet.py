@@ -78,15 +78,20 @@ Progress = Callable[[dict[str, int], float], None]  # (status counts, elapsed se
 
 
 class SimulatedFleet(Generic[H]):
-    def __init__(self, engine: H, root: Path, threads: int = 8) -> None:
+    def __init__(self, engine: H, root: Path, threads: int = 8, resync_s: float | None = None) -> None:
+        """`resync_s`: agents also ask `$next/get` this often while idle (sim.agent_process), as the
+        Greengrass runtime does; None = as the shipped standalone agent, only on each connection."""
         self.engine = engine
         self.root = root
+        self.resync_s = resync_s
         # Each device would have its own disk; here they share one, and every credential write is
         # fsync'ed (~11 ms here). Agents spread over a few reactor threads so those waits overlap
         # (fsync releases the GIL) instead of queueing behind each other on one thread.
         self.reactors = [Reactor(f"fleet-agents-{i}").start() for i in range(threads)]
         self.devices: list[SimulatedDevice] = []
         self.processes: list[subprocess.Popen[bytes]] = []  # agent processes, ended by stop_agents()
+        self.agent_processes: dict[str, subprocess.Popen[bytes]] = {}  # each thing's latest one
+        self.device_env: dict[str, dict[str, str]] = {}  # extra environment of a thing's agent process
         # The AWS CRT builds a TLS context per connection, starting with the system's default trust
         # store (11-30 ms of CPU with the GIL held), which the device's root CA then replaces. While
         # the fleet runs, the default store is the local root CA: each connection still trusts exactly
@@ -163,6 +168,8 @@ class SimulatedFleet(Generic[H]):
             device.connected.clear()
             reactor = self.reactors[self.devices.index(device) % len(self.reactors)]
             device.agent = build_agent(device.config, reactor, observer=_on_started(device.connected))
+            if self.resync_s is not None:
+                device.agent.settings = replace(device.agent.settings, resync_interval_s=self.resync_s)
             device.agent.start()
         deadline = time.monotonic() + timeout_s
         for device in targets:
@@ -176,28 +183,30 @@ class SimulatedFleet(Generic[H]):
         """Run agents as separate processes (`python -m certrotator.device.standalone.runtime`), as shipped,
         each with its device's environment (its SoftHSM2 configuration) plus `env`; returns once each
         is connected to the engine. `stop_agents` (and closing the fleet) ends them."""
-        processes = []
-        for d in devices:
-            with (d.directory / "agent.log").open("ab") as log:  # the child keeps its own descriptor
-                processes.append(
-                    subprocess.Popen(
-                        [
-                            sys.executable,
-                            "-m",
-                            "certrotator.device.standalone.runtime",
-                            str(d.directory / CONFIG_FILE),
-                        ],
-                        env={**os.environ, **d.env, **(env or {})},
-                        stdout=subprocess.DEVNULL,
-                        stderr=log,
-                    )
-                )
-        self.processes.extend(processes)
+        processes = [self.start_agent_process(d, env) for d in devices]
         if not self.wait_connected(devices, timeout_s):
             self.stop_agents()
             logs = [str(d.directory / "agent.log") for d in devices]
             raise TimeoutError(f"agent processes did not connect in {timeout_s:g} s; see {logs}")
         return processes
+
+    def start_agent_process(
+        self, device: SimulatedDevice, env: dict[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
+        """Start one device's agent process (not waiting for it to connect); its log is agent.log."""
+        command = [sys.executable, "-m", "certrotator.device.standalone.runtime"]
+        if self.resync_s is not None:
+            command = [sys.executable, "-m", "certrotator.sim.agent_process", "--resync-s", str(self.resync_s)]
+        with (device.directory / "agent.log").open("ab") as log:  # the child keeps its own descriptor
+            process = subprocess.Popen(
+                [*command, str(device.directory / CONFIG_FILE)],
+                env={**os.environ, **device.env, **self.device_env.get(device.thing, {}), **(env or {})},
+                stdout=subprocess.DEVNULL,
+                stderr=log,
+            )
+        self.processes.append(process)
+        self.agent_processes[device.thing] = process
+        return process
 
     def wait_connected(
         self, devices: list[SimulatedDevice], timeout_s: float, certificates: dict[str, str] | None = None
@@ -220,6 +229,7 @@ class SimulatedFleet(Generic[H]):
                 device.agent.stop()
                 device.agent = None
         processes, self.processes = self.processes, []
+        self.agent_processes.clear()
         for process in processes:
             if process.poll() is None:
                 process.terminate()
