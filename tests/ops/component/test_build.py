@@ -9,7 +9,6 @@ import json
 import os
 import subprocess
 import sys
-import tomllib
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ from certrotator.device.greengrass.runtime import RESTART_EXIT_CODE
 from certrotator.ops.component import build as c
 from certrotator.ops.component.cli import component_app
 from certrotator.protocol import Topics
+from certrotator.tomlcompat import tomllib
 
 PROJECT = Path(__file__).resolve().parents[3]
 NAME = "aws.greengrass.labs.CertificateRotator"
@@ -87,45 +87,70 @@ def test_defaults_identity_and_nucleus_dependency(recipe: dict[str, Any], built:
         assert artifact["Unarchive"] == "ZIP"
 
 
-def test_linux_manifest_installs_a_venv_runs_the_agent_and_restarts_greengrass(
+def test_linux_manifest_installs_a_root_owned_environment_runs_the_agent_and_restarts_greengrass(
     recipe: dict[str, Any], built: c.BuildResult
 ) -> None:
+    """What the scripts say; tests/ops/component/test_root_trust.py runs them."""
     lifecycle = manifest(recipe, "linux")["Lifecycle"]
     install, run = lifecycle["Install"], lifecycle["Run"]
     assert install["RequiresPrivilege"] is True and run["RequiresPrivilege"] is True
     assert install["Timeout"] >= 600  # awscrt and cryptography wheels take a while on a small device
-    assert 'python3 -m venv "{work:path}/venv"' in install["Script"]
-    wheel = f"{{artifacts:decompressedPath}}/certrotator/{built.wheel}"
-    assert f'-m pip install --disable-pip-version-check "{wheel}[device]"' in install["Script"]
-    # A new component version with an unchanged package version must still replace the code.
-    assert f'--force-reinstall --no-deps "{wheel}"' in install["Script"]
-    script = run["Script"]
-    assert '"{work:path}/venv/bin/certrotator" agent --greengrass --root "{kernel:rootPath}"' in script
-    assert f'if [ "$code" -eq {RESTART_EXIT_CODE} ]; then' in script
-    assert "systemctl --no-block restart greengrass.service" in script
-    assert script.rstrip().endswith('exit "$code"')  # any other exit status reaches the nucleus
-    assert lifecycle["Setenv"] == {"PYTHONUNBUFFERED": "1"}
+    script = install["Script"]
+    assert f'home="{{kernel:rootPath}}/certrotator/{NAME}"' in script
+    assert 'env="$home/envs/1.4.2-' + built.wheel_sha256[:12] + '"' in script
+    assert script.startswith("set -eu\numask 022\ncd /\n")
+    assert f'"{{artifacts:decompressedPath}}/certrotator/{built.wheel}" "$wheel/{built.wheel}"' in script
+    assert f'"$wheel/{built.wheel}" "{built.wheel_sha256}"' in script  # checked before pip sees it
+    assert f'-m pip install --disable-pip-version-check --no-input "$wheel/{built.wheel}[device]"' in script
+    assert "python3 -m" not in script and 'python" -m' not in script  # always isolated (-I)
+    run_script = run["Script"]
+    assert 'cd "$home/state" || exit 1' in run_script
+    assert (
+        f'"$home/envs/1.4.2-{built.wheel_sha256[:12]}/bin/python" -I -u -m certrotator.cli agent --greengrass '
+        '--root "{kernel:rootPath}" --work "$home/state"'
+    ) in run_script
+    assert "{work:path}" not in run_script
+    assert f'if [ "$code" -eq {RESTART_EXIT_CODE} ]; then' in run_script
+    assert "systemctl --no-block restart greengrass.service" in run_script
+    assert run_script.rstrip().endswith('exit "$code"')  # any other exit status reaches the nucleus
+    assert "Setenv" not in lifecycle  # -I ignores PYTHON* variables: -u instead of PYTHONUNBUFFERED
 
 
-def test_windows_manifest_installs_a_venv_runs_the_agent_and_restarts_greengrass(
+def test_windows_manifest_installs_an_environment_outside_the_work_path_and_restarts_greengrass(
     recipe: dict[str, Any], built: c.BuildResult
 ) -> None:
     lifecycle = manifest(recipe, "windows")["Lifecycle"]
     install, run = lifecycle["Install"], lifecycle["Run"]
     assert install["RequiresPrivilege"] is True and run["RequiresPrivilege"] is True
-    assert 'python -m venv "{work:path}\\venv"' in install["Script"]
-    wheel = f"{{artifacts:decompressedPath}}\\certrotator\\{built.wheel}"
-    assert f'-m pip install --disable-pip-version-check "{wheel}[device]" &&' in install["Script"]
-    assert f'--force-reinstall --no-deps "{wheel}"' in install["Script"]
-    script = run["Script"]
+    home = f"{{kernel:rootPath}}\\certrotator\\{NAME}"
+    environment = f"{home}\\envs\\1.4.2-{built.wheel_sha256[:12]}"
+    wheel = f"{home}\\wheel\\{built.wheel}"
+    script = install["Script"]
     assert "\n" not in script  # cmd.exe gets one line: the folded scalar joined it
-    assert script.startswith(
-        '"{work:path}\\venv\\Scripts\\certrotator.exe" agent --greengrass --root "{kernel:rootPath}"'
+    assert script.startswith('cd /d "{kernel:rootPath}" && ')
+    assert f'copy /y "{{artifacts:decompressedPath}}\\certrotator\\{built.wheel}" "{wheel}"' in script
+    assert f'"{wheel}" "{built.wheel_sha256}" && python -I -m venv "{environment}"' in script
+    assert f'"{environment}\\Scripts\\python.exe" -I -m pip install' in script
+    assert script.count("(") == script.count(")")
+    run_script = run["Script"]
+    assert "\n" not in run_script
+    assert run_script.startswith(
+        f'cd /d "{home}\\state" && "{environment}\\Scripts\\python.exe" -I -u -m certrotator.cli agent '
+        f'--greengrass --root "{{kernel:rootPath}}" --work "{home}\\state"'
     )
     # Exactly the restart code (errorlevel N means >= N), tested when it runs, not when parsed.
-    assert f"& if errorlevel {RESTART_EXIT_CODE} if not errorlevel {RESTART_EXIT_CODE + 1} (" in script
-    assert "Restart-Service -Name greengrass -Force" in script
-    assert "schtasks /Run /TN CertificateRotatorRestartGreengrass" in script
+    assert f"& if errorlevel {RESTART_EXIT_CODE} if not errorlevel {RESTART_EXIT_CODE + 1} (" in run_script
+    assert "Restart-Service -Name greengrass -Force" in run_script
+    assert "schtasks /Run /TN CertificateRotatorRestartGreengrass" in run_script
+
+
+def test_the_wheel_digest_in_the_recipe_is_the_artifact_wheel(built: c.BuildResult) -> None:
+    with zipfile.ZipFile(built.artifact) as artifact:
+        digest = hashlib.sha256(artifact.read(built.wheel)).hexdigest()
+    assert digest == built.wheel_sha256
+    text = built.recipe.read_text()
+    assert text.count(digest) >= 4  # Linux: check, marker x2; Windows: check, marker
+    assert c.environment_name("1.4.2", digest) == f"1.4.2-{digest[:12]}"
 
 
 def test_gdk_config_uses_the_custom_build() -> None:
@@ -176,7 +201,10 @@ def test_artifact_holds_an_installable_wheel_of_the_package(built: c.BuildResult
             if "__pycache__" not in p.parts
         }
         assert sources <= names
-        assert {"certrotator/device/greengrass/runtime.py", "certrotator/device/greengrass/transport.py"} <= names
+        assert {
+            "certrotator/device/greengrass/runtime.py",
+            "certrotator/device/greengrass/transport.py",
+        } <= names
         assert not any("__pycache__" in n or n.endswith(".pyc") for n in names)
         dist_info = f"certrotator-{project['version']}.dist-info"
         metadata = wheel.read(f"{dist_info}/METADATA").decode()

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from certrotator.device.greengrass.runtime import RESTART_EXIT_CODE
+from certrotator.device.greengrass.runtime import JOURNAL_FILE, RESTART_EXIT_CODE
 from certrotator.tomlcompat import tomllib
 
 ARTIFACT_NAME = "certrotator.zip"
@@ -62,6 +62,7 @@ class BuildResult:
     wheel: str
     bucket: str | None
     region: str | None
+    wheel_sha256: str
 
     def publish_commands(self) -> list[str]:
         """How to publish without GDK (with GDK: `gdk component publish`)."""
@@ -231,13 +232,20 @@ def build_component(
     artifact_dir = out / "artifacts" / name / version
     artifact_dir.mkdir(parents=True, exist_ok=True)
     wheel = build_wheel(project_root, out / "wheel")
-    (artifact_dir / ARTIFACT_NAME).write_bytes(_zip({wheel.name: wheel.read_bytes()}))
+    wheel_bytes = wheel.read_bytes()
+    (artifact_dir / ARTIFACT_NAME).write_bytes(_zip({wheel.name: wheel_bytes}))
+    # The device checks the wheel against this digest after copying it out of the artifact directory,
+    # which the run-as user owns; the environment it builds is named after version and digest.
+    digest = hashlib.sha256(wheel_bytes).hexdigest()
 
     values = {
         "COMPONENT_NAME": name,
         "COMPONENT_VERSION": version,
         "COMPONENT_PUBLISHER": publisher,
         "WHEEL_FILE": wheel.name,
+        "WHEEL_SHA256": digest,
+        "ENV_NAME": environment_name(version, digest),
+        "JOURNAL_FILE": JOURNAL_FILE,
         "RESTART_EXIT_CODE": str(RESTART_EXIT_CODE),
         "RESTART_EXIT_CODE_PLUS_ONE": str(RESTART_EXIT_CODE + 1),
     }
@@ -247,4 +255,12 @@ def build_component(
     recipe = out / "recipes" / "recipe.yaml"
     recipe.parent.mkdir(parents=True, exist_ok=True)
     recipe.write_text(recipe_text, encoding="utf-8")
-    return BuildResult(name, version, artifact_dir / ARTIFACT_NAME, recipe, wheel.name, bucket, region)
+    return BuildResult(
+        name, version, artifact_dir / ARTIFACT_NAME, recipe, wheel.name, bucket, region, digest
+    )
+
+
+def environment_name(version: str, wheel_sha256: str) -> str:
+    """The directory of a version's Python environment on the device: a rebuilt wheel of the same
+    version gets a new one (12 hex digits keep the interpreter path short)."""
+    return f"{version}-{wheel_sha256[:12]}"
