@@ -32,6 +32,7 @@ from certrotator.protocol import Topics
 
 THING = "thing-1"
 NEXT_GET = Topics.next_get(THING)
+ANNOUNCE = Topics.announce(THING)
 WAIT_S = 10.0
 FAST = StartupRetry(attempts=4, first_delay_s=0.02, max_delay_s=0.05)
 
@@ -280,12 +281,12 @@ def test_a_transport_that_cannot_even_be_built_is_a_failed_connection_retried() 
 def test_a_resumed_connection_asks_for_the_next_job_again() -> None:
     link = Link()
     with running(FlakyStore([]), lambda: StandIn(link)) as (agent, _fatal):
-        assert link.wait(lambda: link.published == [NEXT_GET])
+        assert link.wait(lambda: link.published == [ANNOUNCE, NEXT_GET])
         reply(link, Topics.accepted(NEXT_GET), {"timestamp": 1})
         assert eventually(lambda: agent.state.phase is m.Phase.IDLE)
         assert link.on_resumed is not None
         link.on_resumed(None)
-        assert link.wait(lambda: link.published == [NEXT_GET, NEXT_GET]), link.published
+        assert link.wait(lambda: link.published == [ANNOUNCE, NEXT_GET, NEXT_GET]), link.published
         assert link.started == 1, "a resumed connection is not a new one"
 
 
@@ -306,7 +307,7 @@ def test_a_stale_connections_resume_is_ignored() -> None:
         assert link.wait(lambda: link.started == 1)
         stale = link.on_resumed
         assert stale is not None
-        link.on_resumed("refused")  # -> reconnect: connection 2
+        stale("refused")  # -> reconnect: connection 2
         assert link.wait(lambda: link.started == 2 and link.published.count(NEXT_GET) == 2)
         stale(None)  # the first connection's late callback
         time.sleep(0.2)  # nothing to wait for: the absence of a publish is the point
@@ -316,9 +317,10 @@ def test_a_stale_connections_resume_is_ignored() -> None:
 def test_the_periodic_resync_asks_while_idle() -> None:
     link = Link()
     with running(FlakyStore([]), lambda: StandIn(link), resync_interval_s=0.05) as (agent, _fatal):
-        assert link.wait(lambda: link.published == [NEXT_GET])
+        assert link.wait(lambda: link.published == [ANNOUNCE, NEXT_GET])
         reply(link, Topics.accepted(NEXT_GET), {"timestamp": 1})
         assert link.wait(lambda: link.published.count(NEXT_GET) >= 2)
         reply(link, Topics.accepted(NEXT_GET), {"timestamp": 2})
         assert link.wait(lambda: link.published.count(NEXT_GET) >= 3)
+        assert link.published.count(ANNOUNCE) == 1  # announced per connection, not per resync
         assert agent.failure is None

@@ -46,6 +46,7 @@ NEXT_GET = f"{JOBS}/$next/get"
 UPDATE = f"{JOBS}/{JOB}/update"
 CREATE = f"{CERTS}/create"
 COMMIT = f"{CERTS}/commit"
+ANNOUNCE = f"{CERTS}/announce"
 
 BASE = m.initial(THING, KeyAlgorithm.ECDSA_P256, SigningAlgorithm.ECDSA_WITH_SHA256, TIMEOUT_S)
 WAITING = frozenset(Phase) - {Phase.IDLE}
@@ -222,14 +223,16 @@ INSTALL = Exp(Phase.CREATING_CERTIFICATE, (m.InstallCertificate, m.Restart))
 COMMIT_ = Exp(Phase.COMMITTING_CERTIFICATE, (m.Publish, m.ArmTimer))  # publish commit
 RETAKE = TAKE  # publish IN_PROGRESS again, fresh timer
 RECOMMIT = COMMIT_  # publish commit again, fresh timer
-DONE = Exp(Phase.IDLE, (m.DeleteBackup, m.Publish))  # delete backup, publish SUCCEEDED
+DONE = Exp(Phase.IDLE, (m.DeleteBackup, m.Publish, m.Publish))  # delete backup, SUCCEEDED, announce
+# On a new connection with settled credentials (no backup) the device also announces them, first.
+A_ASK = Exp(Phase.GETTING_JOB, (m.Publish, m.Publish, m.ArmTimer))
 
 COLUMNS = ("idle", "getting", "getting+backup", "updating", "creating", "installed", "committing")
 
 # fmt: off
 MATRIX: dict[str, tuple[Exp, ...]] = {
     #                                idle      getting   get+bak    updating  creating      installed     committing
-    "Started(no backup)":           (ASK,      ASK,      ASK,       ASK,      ASK,          ASK,          ASK),
+    "Started(no backup)":           (A_ASK,    A_ASK,    A_ASK,     A_ASK,    A_ASK,        A_ASK,        A_ASK),
     "Started(backup)":              (ASK,      ASK,      ASK,       ASK,      ASK,          ASK,          ASK),
     # The connection came back by itself: ask again what is idempotent, leave the rest to the timers.
     "ConnectionResumed":            (ASK,      ASK,      ASK,       RETAKE,   _,            _,            RECOMMIT),
@@ -309,6 +312,18 @@ def check_invariants(state: m.State, event: m.Event, new: m.State, actions: list
         assert new.has_backup and kinds[-1] is m.Restart
     if isinstance(event, m.Started):
         assert new.has_backup is event.has_backup
+    # The announcement: only of settled credentials, on every connection that has them, after a commit.
+    announced = [a for a in actions if isinstance(a, m.Publish) and a.topic == ANNOUNCE]
+    assert len(announced) <= 1
+    if announced:
+        assert announced[0].message == {}
+        assert not new.has_backup
+    if isinstance(event, m.Started) and not new.has_backup:
+        assert announced and actions[0] == announced[0]
+    if isinstance(event, m.ConnectionResumed | m.ResyncDue):
+        assert not announced  # same credentials as the connection that announced
+    if m.DeleteBackup in kinds:
+        assert announced
     if isinstance(event, m.ConnectionResumed | m.ResyncDue):
         # Same connection, same credentials: re-synchronising never touches them.
         assert new.has_backup is state.has_backup
@@ -387,11 +402,13 @@ def test_topics_are_the_contracts() -> None:
     assert Topics.job_update(THING, JOB) == UPDATE
     assert Topics.create(THING) == CREATE
     assert Topics.commit(THING) == COMMIT
+    assert Topics.announce(THING) == ANNOUNCE
 
 
 def test_happy_path_publishes_exactly_the_contracts_messages() -> None:
     run = Run()
     assert run(m.Started(has_backup=False)) == [
+        m.Publish(ANNOUNCE, {}),  # settled credentials: the evidence reconcile weighs
         m.Publish(NEXT_GET, {}),
         m.ArmTimer(TIMEOUT_S, run.state.epoch),
     ]
@@ -426,6 +443,7 @@ def test_happy_path_publishes_exactly_the_contracts_messages() -> None:
     assert run(EVENTS["commit accepted"]) == [
         m.DeleteBackup(JOB),
         m.Publish(UPDATE, {"status": "SUCCEEDED", "statusDetails": {STATUS_DETAILS_KEY: "Committed"}}),
+        m.Publish(ANNOUNCE, {}),
     ]
     assert (run.state.phase, run.state.job_id, run.state.has_backup) == (Phase.IDLE, None, False)
     assert run(EVENTS["update accepted"]) == []  # the reply to SUCCEEDED changes nothing
@@ -752,7 +770,7 @@ def test_a_resumed_connection_while_committing_commits_again() -> None:
         m.ArmTimer(TIMEOUT_S, run.state.epoch),
     ]
     assert run.state.has_backup
-    assert [type(a) for a in run(EVENTS["commit accepted"])] == [m.DeleteBackup, m.Publish]
+    assert [type(a) for a in run(EVENTS["commit accepted"])] == [m.DeleteBackup, m.Publish, m.Publish]
     assert run(EVENTS["commit accepted"]) == []  # the second reply
 
 

@@ -144,7 +144,8 @@ def transition(state: State, event: Event) -> Result:
             timeout_s=event.timeout_s,
         ), []
     if isinstance(event, Started):
-        return _ask(replace(state, has_backup=event.has_backup, committed_job=event.committed_job))
+        started = replace(state, has_backup=event.has_backup, committed_job=event.committed_job)
+        return _announcing(started, _ask(started))
     if isinstance(event, ConnectionResumed):
         return _resumed(state, event)
     if isinstance(event, ResyncDue):
@@ -176,6 +177,24 @@ def transition(state: State, event: Event) -> Result:
             DiscardPreparedKey(),
         )
     return _on_message(state, event)
+
+
+def _announce(state: State) -> Publish:
+    return Publish(Topics.announce(state.thing), {})
+
+
+def _announcing(connected: State, result: Result) -> Result:
+    """On a new connection with settled credentials (no backup), announce them, best effort: the cloud
+    records the connection's certificate as the evidence `reconcile` weighs. Never while new credentials
+    are on trial: the certificate to keep is not decided yet. Not on a resumed connection: its credentials
+    are the ones already announced, and AWS IoT disconnects a client that publishes where its policy
+    denies, so a device whose policy predates the announce topic would lose every resumed connection;
+    announcing once per start and commit, it loses one connection there and the CRT's reconnect
+    re-synchronises."""
+    if connected.has_backup:
+        return result
+    new, actions = result
+    return new, [_announce(connected), *actions]
 
 
 def _ask(state: State) -> Result:
@@ -300,7 +319,10 @@ def _dispatch(state: State, topic: ParsedTopic, payload: bytes) -> Result:
             job = state.job_id
             done = replace(state, has_backup=False)
             return _idle(
-                done, DeleteBackup(job), _update(done, job, JobExecutionStatus.SUCCEEDED, "Committed")
+                done,
+                DeleteBackup(job),
+                _update(done, job, JobExecutionStatus.SUCCEEDED, "Committed"),
+                _announce(done),  # the new pair is settled now
             )
         if reply is Reply.REJECTED:
             return _roll_back(state, f"commit rejected: {parse_rejected(payload)}", state.job_id)
