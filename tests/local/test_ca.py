@@ -5,15 +5,18 @@ from __future__ import annotations
 import datetime as dt
 import os
 import stat
+import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
-from cryptography.hazmat.primitives.serialization import Encoding
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID, SignatureAlgorithmOID
 
+from certrotator.compat import UTC
 from certrotator.crypto import (
     CaSigningAlgorithm,
     CryptoError,
@@ -24,7 +27,16 @@ from certrotator.crypto import (
     generate_private_key,
     load_certificate,
 )
-from certrotator.local.ca import AWS_IOT_NOT_AFTER, CaFiles, IssuerName, ensure_local_ca
+from certrotator.local.ca import (
+    AWS_IOT_ISSUER,
+    AWS_IOT_NOT_AFTER,
+    DEFAULT_PRIVATE_CA_SIGNING_ALGORITHM,
+    CaFiles,
+    IssuerName,
+    ca_signing_algorithm_of,
+    ensure_local_ca,
+    load_local_ca,
+)
 
 SUBJECT = x509.Name(
     [x509.NameAttribute(NameOID.COMMON_NAME, "thing-1"), x509.NameAttribute(NameOID.SERIAL_NUMBER, "42")]
@@ -93,12 +105,12 @@ def test_client_bundle_holds_both_issuers_and_not_the_server_ca(tmp_path: Path) 
 def test_iot_issuer_signs_a_csr_like_create_certificate_from_csr(tmp_path: Path) -> None:
     ca = ensure_local_ca(tmp_path)
     key = generate_private_key(KeyAlgorithm.ECDSA_P256)
-    before = dt.datetime.now(dt.UTC).replace(microsecond=0)
+    before = dt.datetime.now(UTC).replace(microsecond=0)
     cert = ca.iot.sign_csr(build_csr(key, SigningAlgorithm.ECDSA_WITH_SHA256, SUBJECT))
     assert cert.subject == SUBJECT
     assert certificate_matches_key(cert, key)
     _verify(cert, ca.iot.certificate)
-    assert before <= cert.not_valid_before_utc <= dt.datetime.now(dt.UTC)
+    assert before <= cert.not_valid_before_utc <= dt.datetime.now(UTC)
     assert cert.not_valid_after_utc == AWS_IOT_NOT_AFTER
     assert not cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
     assert (
@@ -196,7 +208,111 @@ def test_loosened_key_permissions_are_tightened(tmp_path: Path) -> None:
 def test_server_certificate_is_renewed_before_it_expires(tmp_path: Path) -> None:
     files = ensure_local_ca(tmp_path).files
     old = files.server_cert.read_bytes()
-    ensure_local_ca(tmp_path, now=dt.datetime.now(dt.UTC) + dt.timedelta(days=800))
+    ensure_local_ca(tmp_path, now=dt.datetime.now(UTC) + dt.timedelta(days=800))
     renewed = load_certificate(files.server_cert.read_bytes())
     assert files.server_cert.read_bytes() != old
     _verify(renewed, load_certificate(files.root_ca.read_bytes()))
+
+
+# ------------------------------------------------------------------------- like AWS IoT, and loading
+
+
+def test_iot_issuer_signs_as_aws_iot_does(tmp_path: Path) -> None:
+    """RSA-2048 CA, sha256WithRSAEncryption, AWS IoT's issuer name (one OU attribute), and what openssl
+    prints for it is what it prints for a certificate from CreateCertificateFromCsr."""
+    ca = ensure_local_ca(tmp_path)
+    ca_key = ca.iot.certificate.public_key()
+    assert isinstance(ca_key, rsa.RSAPublicKey) and ca_key.key_size == 2048
+    assert ca.iot.signing_algorithm is CaSigningAlgorithm.SHA256WITHRSA
+    key = generate_private_key(KeyAlgorithm.ECDSA_P256)
+    cert = ca.iot.sign_csr(build_csr(key, SigningAlgorithm.ECDSA_WITH_SHA256, SUBJECT))
+    _verify(cert, ca.iot.certificate)
+    assert cert.issuer == AWS_IOT_ISSUER == ca.iot.certificate.subject
+    assert [a.oid for a in cert.issuer] == [NameOID.ORGANIZATIONAL_UNIT_NAME]
+    assert cert.signature_algorithm_oid == SignatureAlgorithmOID.RSA_WITH_SHA256
+    assert isinstance(cert.signature_algorithm_parameters, padding.PKCS1v15)
+    assert cert.not_valid_after_utc == dt.datetime(2049, 12, 31, 23, 59, 59, tzinfo=UTC)
+    pem = tmp_path / "device.pem.crt"
+    pem.write_bytes(cert.public_bytes(Encoding.PEM))
+    shown = subprocess.run(
+        ["openssl", "x509", "-noout", "-issuer", "-enddate", "-text", "-in", str(pem)],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
+    ).stdout
+    assert "issuer=OU = Amazon Web Services O=Amazon.com Inc. L=Seattle ST=Washington C=US\n" in shown
+    assert "notAfter=Dec 31 23:59:59 2049 GMT\n" in shown
+    assert "Signature Algorithm: sha256WithRSAEncryption" in shown
+
+
+def _legacy_iot_ca(tmp_path: Path) -> x509.Certificate:
+    """What a data directory made before the "AWS IoT" issuer became RSA holds: an EC P-256 CA."""
+    directory = CaFiles.in_data_dir(tmp_path).directory
+    directory.mkdir(mode=0o700, parents=True)
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "certrotator local IoT Core"),
+            x509.NameAttribute(NameOID.COMMON_NAME, "certrotator local AWS IoT issuer"),
+        ]
+    )
+    now = dt.datetime.now(UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=50 * 365))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    files = CaFiles(directory)
+    files.issuer_key(IssuerName.IOT).write_bytes(
+        key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption())
+    )
+    files.issuer_key(IssuerName.IOT).chmod(0o600)
+    files.issuer_cert(IssuerName.IOT).write_bytes(cert.public_bytes(Encoding.PEM))
+    return cert
+
+
+@pytest.mark.parametrize("load", [ensure_local_ca, load_local_ca])
+def test_a_data_directory_with_an_ec_aws_iot_ca_keeps_it(tmp_path: Path, load: Any) -> None:
+    """Devices hold certificates the old CA issued: it is neither replaced nor refused; it goes on
+    signing with its own algorithm, and the broker goes on trusting it."""
+    legacy = _legacy_iot_ca(tmp_path)
+    ca = load(tmp_path)
+    assert ca.iot.certificate == legacy
+    assert ca.iot.signing_algorithm is CaSigningAlgorithm.SHA256WITHECDSA
+    cert = ca.iot.issue(generate_private_key(KeyAlgorithm.RSA_2048).public_key(), SUBJECT)
+    _verify(cert, legacy)
+    assert cert.not_valid_after_utc == AWS_IOT_NOT_AFTER
+    assert x509.load_pem_x509_certificates(ca.files.client_ca_bundle.read_bytes())[0] == legacy
+
+
+@pytest.mark.parametrize("algorithm", list(CaSigningAlgorithm))
+def test_load_local_ca_signs_with_the_algorithm_the_engine_chose(
+    tmp_path: Path, algorithm: CaSigningAlgorithm
+) -> None:
+    """`local up --ca-signing-algorithm X` makes the private CA; whoever opens the data directory
+    later (local provision, the process handle) must sign as it does, RSA or EC."""
+    made = ensure_local_ca(tmp_path, private_ca_signing_algorithm=algorithm)
+    loaded = load_local_ca(tmp_path, private_ca_validity_days=9)
+    assert loaded.private_ca.certificate == made.private_ca.certificate
+    assert loaded.private_ca.signing_algorithm is algorithm
+    assert ca_signing_algorithm_of(loaded.private_ca.certificate) is algorithm
+    assert loaded.iot.signing_algorithm is CaSigningAlgorithm.SHA256WITHRSA
+    cert = loaded.private_ca.issue(generate_private_key(KeyAlgorithm.ECDSA_P256).public_key(), SUBJECT)
+    assert cert.signature_hash_algorithm is not None
+    assert cert.signature_hash_algorithm.name == algorithm.hash().name
+    assert cert.not_valid_after_utc - cert.not_valid_before_utc == dt.timedelta(days=9)
+
+
+def test_load_local_ca_of_a_new_data_directory_makes_the_defaults(tmp_path: Path) -> None:
+    ca = load_local_ca(tmp_path)
+    assert ca.private_ca.signing_algorithm is DEFAULT_PRIVATE_CA_SIGNING_ALGORITHM
+    assert ca.iot.signing_algorithm is CaSigningAlgorithm.SHA256WITHRSA
+    assert load_local_ca(tmp_path).private_ca.certificate == ca.private_ca.certificate

@@ -6,14 +6,21 @@ processes at once: generation runs under a file lock):
 - the server CA signs the broker's TLS certificate; devices trust it as their root CA, so its
   certificate is written as `AmazonRootCA1.pem`, the file name devices already use;
 - the "AWS IoT" issuer signs CSRs the way CreateCertificateFromCsr does: subject and public key come
-  from the CSR, the serial is random, validity runs from now to 2049-12-31T23:59:59Z (AWS IoT's
-  certificates end there);
+  from the CSR, the serial is random, validity runs from now to 2049-12-31T23:59:59Z, and the signature
+  is sha256WithRSAEncryption by an RSA-2048 CA named as AWS IoT's (`OU=Amazon Web Services
+  O=Amazon.com Inc. L=Seattle ST=Washington C=US`, one OU attribute, as in AWS's certificates), so tools
+  that inspect a certificate see here what they will see on AWS;
 - the "private CA" issuer stands in for AWS Private CA: its signing algorithm (and so its key family)
   and the validity of what it issues are configurable.
 
+A data directory keeps its CAs: devices hold certificates they issued. Each issuer signs with the
+algorithm of its own CA certificate when the CA exists (`load_local_ca`), so a data directory made
+before the "AWS IoT" issuer became RSA keeps its EC issuer and keeps working; a new data directory gets
+the RSA one.
+
 The broker trusts both issuers, and nothing else, for client authentication (`client-ca-bundle.pem`).
-CA keys are EC P-256 unless the private CA's algorithm needs RSA. Key files are owner-only (0600) and,
-like every file here, written atomically (temp file, fsync, rename, fsync directory).
+The server CA is EC P-256. Key files are owner-only (0600) and, like every file here, written
+atomically (temp file, fsync, rename, fsync directory).
 """
 
 from __future__ import annotations
@@ -35,7 +42,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from certrotator.compat import StrEnum
+from certrotator.compat import UTC, StrEnum
 from certrotator.crypto import (
     CaSigningAlgorithm,
     CryptoError,
@@ -51,7 +58,19 @@ from certrotator.crypto import (
 from certrotator.fsutil import atomic_write
 
 # AWS IoT's CreateCertificateFromCsr certificates are valid until this instant.
-AWS_IOT_NOT_AFTER: Final = dt.datetime(2049, 12, 31, 23, 59, 59, tzinfo=dt.UTC)
+AWS_IOT_NOT_AFTER: Final = dt.datetime(2049, 12, 31, 23, 59, 59, tzinfo=UTC)
+# The issuer of every certificate CreateCertificateFromCsr returns: one OU attribute whose value carries
+# the rest (openssl shows `OU = Amazon Web Services O=Amazon.com Inc. L=Seattle ST=Washington C=US`).
+AWS_IOT_ISSUER: Final = x509.Name(
+    [
+        x509.NameAttribute(
+            NameOID.ORGANIZATIONAL_UNIT_NAME,
+            "Amazon Web Services O=Amazon.com Inc. L=Seattle ST=Washington C=US",
+        )
+    ]
+)
+AWS_IOT_SIGNING_ALGORITHM: Final = CaSigningAlgorithm.SHA256WITHRSA
+DEFAULT_PRIVATE_CA_SIGNING_ALGORITHM: Final = CaSigningAlgorithm.SHA256WITHECDSA
 # Long enough to cover AWS_IOT_NOT_AFTER, which the "AWS IoT" issuer puts in every certificate.
 CA_VALIDITY: Final = dt.timedelta(days=50 * 365)
 SERVER_CERT_VALIDITY: Final = dt.timedelta(days=825)
@@ -124,7 +143,7 @@ class Issuer:
         self, public_key: CertificatePublicKeyTypes, subject: x509.Name, *, now: dt.datetime | None = None
     ) -> x509.Certificate:
         """A client certificate for `public_key` and `subject`, with a random serial."""
-        start = (now or dt.datetime.now(dt.UTC)).replace(microsecond=0)
+        start = (now or dt.datetime.now(UTC)).replace(microsecond=0)
         if self.validity_days is None:
             end = AWS_IOT_NOT_AFTER
         else:
@@ -179,11 +198,12 @@ class LocalCa:
 def ensure_local_ca(
     data_dir: str | os.PathLike[str],
     *,
-    private_ca_signing_algorithm: CaSigningAlgorithm = CaSigningAlgorithm.SHA256WITHECDSA,
+    private_ca_signing_algorithm: CaSigningAlgorithm = DEFAULT_PRIVATE_CA_SIGNING_ALGORITHM,
     private_ca_validity_days: int = 365,
     now: dt.datetime | None = None,
 ) -> LocalCa:
-    """Load the CAs from `<data_dir>/ca/`, generating whatever is missing.
+    """Load the CAs from `<data_dir>/ca/`, generating whatever is missing (what `local up` does, with
+    its options; elsewhere use `load_local_ca`).
 
     Raises CryptoError if existing material is inconsistent (a certificate without its key, a key that
     does not match its certificate) or if the private CA's key family does not match
@@ -193,35 +213,31 @@ def ensure_local_ca(
         raise CryptoError(f"private CA validity must be at least 1 day, got {private_ca_validity_days}")
     files = CaFiles.in_data_dir(data_dir)
     files.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-    when = now or dt.datetime.now(dt.UTC)
+    when = now or dt.datetime.now(UTC)
     with _file_lock(files.directory / ".lock"):
         server_ca_cert, server_ca_key = _ensure_ca_pair(
             files.root_ca,
             files.server_ca_key,
-            "certrotator local server CA",
-            KeyAlgorithm.ECDSA_P256,
+            _local_name("certrotator local server CA"),
             CaSigningAlgorithm.SHA256WITHECDSA,
             when,
         )
         _ensure_server_cert(files, server_ca_cert, server_ca_key, when)
+        # An "AWS IoT" CA made before it became RSA stays as it is: see the module docstring.
+        iot_algorithm = _existing_algorithm(
+            files.issuer_cert(IssuerName.IOT), files.issuer_key(IssuerName.IOT)
+        )
         iot_cert, iot_key = _ensure_ca_pair(
             files.issuer_cert(IssuerName.IOT),
             files.issuer_key(IssuerName.IOT),
-            "certrotator local AWS IoT issuer",
-            KeyAlgorithm.ECDSA_P256,
-            CaSigningAlgorithm.SHA256WITHECDSA,
+            AWS_IOT_ISSUER,
+            iot_algorithm or AWS_IOT_SIGNING_ALGORITHM,
             when,
-        )
-        private_key_algorithm = (
-            KeyAlgorithm.RSA_2048
-            if private_ca_signing_algorithm.family is Family.RSA
-            else KeyAlgorithm.ECDSA_P256
         )
         private_cert, private_key = _ensure_ca_pair(
             files.issuer_cert(IssuerName.PRIVATE_CA),
             files.issuer_key(IssuerName.PRIVATE_CA),
-            "certrotator local private CA",
-            private_key_algorithm,
+            _local_name("certrotator local private CA"),
             private_ca_signing_algorithm,
             when,
         )
@@ -230,7 +246,7 @@ def ensure_local_ca(
             atomic_write(files.client_ca_bundle, bundle, 0o644)
     return LocalCa(
         files=files,
-        iot=Issuer(IssuerName.IOT, iot_cert, iot_key, CaSigningAlgorithm.SHA256WITHECDSA, None),
+        iot=Issuer(IssuerName.IOT, iot_cert, iot_key, iot_algorithm or AWS_IOT_SIGNING_ALGORITHM, None),
         private_ca=Issuer(
             IssuerName.PRIVATE_CA,
             private_cert,
@@ -239,6 +255,40 @@ def ensure_local_ca(
             private_ca_validity_days,
         ),
     )
+
+
+def load_local_ca(
+    data_dir: str | os.PathLike[str],
+    *,
+    private_ca_validity_days: int = 365,
+    now: dt.datetime | None = None,
+) -> LocalCa:
+    """The CAs of `data_dir` as the engine made them, each issuer signing with its CA certificate's own
+    algorithm (the private CA's is `local up --ca-signing-algorithm`, which the data directory does not
+    record elsewhere); generated with the defaults when there are none yet. The one way to open the CAs
+    of an existing data directory: `local provision`, the process handle. The validity of what the
+    private CA issues is an engine option, not kept in the data directory: pass it."""
+    files = CaFiles.in_data_dir(data_dir)
+    algorithm = _existing_algorithm(
+        files.issuer_cert(IssuerName.PRIVATE_CA), files.issuer_key(IssuerName.PRIVATE_CA)
+    )
+    return ensure_local_ca(
+        data_dir,
+        private_ca_signing_algorithm=algorithm or DEFAULT_PRIVATE_CA_SIGNING_ALGORITHM,
+        private_ca_validity_days=private_ca_validity_days,
+        now=now,
+    )
+
+
+def ca_signing_algorithm_of(certificate: x509.Certificate) -> CaSigningAlgorithm | None:
+    """The algorithm a self-signed CA certificate was signed with (its key's family and the signature's
+    hash), which is the algorithm its issuer signs with; None if it is none of the table's."""
+    public = certificate.public_key()
+    digest = certificate.signature_hash_algorithm
+    if digest is None or not isinstance(public, rsa.RSAPublicKey | ec.EllipticCurvePublicKey):
+        return None
+    family = Family.RSA if isinstance(public, rsa.RSAPublicKey) else Family.EC
+    return next((a for a in CaSigningAlgorithm if a.family is family and a.hash().name == digest.name), None)
 
 
 # ------------------------------------------------------------------------------------------ internals
@@ -262,21 +312,49 @@ def _key_family(key: PrivateKey) -> Family:
     return Family.RSA if isinstance(key, rsa.RSAPrivateKey) else Family.EC
 
 
+def _local_name(common_name: str) -> x509.Name:
+    return x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, _ORGANIZATION),
+            x509.NameAttribute(NameOID.COMMON_NAME, common_name),
+        ]
+    )
+
+
+def _default_algorithm(family: Family) -> CaSigningAlgorithm:
+    return CaSigningAlgorithm.SHA256WITHRSA if family is Family.RSA else CaSigningAlgorithm.SHA256WITHECDSA
+
+
+def _existing_algorithm(cert_path: Path, key_path: Path) -> CaSigningAlgorithm | None:
+    """What an existing CA signs with: its certificate's algorithm, or (a key whose certificate a crash
+    kept from being written) the key family's SHA-256 one; None when there is no CA yet."""
+    if cert_path.exists():
+        algorithm = ca_signing_algorithm_of(load_certificate(cert_path.read_bytes()))
+        if algorithm is not None:
+            return algorithm
+    if key_path.exists():
+        return _default_algorithm(_key_family(_load_key(key_path)))
+    return None
+
+
 def _ensure_ca_pair(
     cert_path: Path,
     key_path: Path,
-    common_name: str,
-    key_algorithm: KeyAlgorithm,
+    name: x509.Name,
     signing_algorithm: CaSigningAlgorithm,
     now: dt.datetime,
 ) -> tuple[x509.Certificate, PrivateKey]:
-    """Load a self-signed CA, or create it. The key is written before the certificate, so a crash
-    in between leaves a key whose certificate is simply created on the next start."""
+    """Load a self-signed CA, or create it (RSA-2048 or P-256, after the algorithm's family). The key is
+    written before the certificate, so a crash in between leaves a key whose certificate is simply
+    created on the next start."""
     cert = load_certificate(cert_path.read_bytes()) if cert_path.exists() else None
     key = _load_key(key_path) if key_path.exists() else None
     if key is None:
         if cert is not None:
             raise CryptoError(f"{cert_path} exists but its private key {key_path} is missing")
+        key_algorithm = (
+            KeyAlgorithm.RSA_2048 if signing_algorithm.family is Family.RSA else KeyAlgorithm.ECDSA_P256
+        )
         key = generate_private_key(key_algorithm)
         atomic_write(key_path, _key_pem(key), 0o600)
     if _key_family(key) is not signing_algorithm.family:
@@ -285,12 +363,6 @@ def _ensure_ca_pair(
             f"needs {signing_algorithm.family.value}"
         )
     if cert is None:
-        name = x509.Name(
-            [
-                x509.NameAttribute(NameOID.ORGANIZATION_NAME, _ORGANIZATION),
-                x509.NameAttribute(NameOID.COMMON_NAME, common_name),
-            ]
-        )
         public = key.public_key()
         cert = (
             x509.CertificateBuilder()

@@ -11,7 +11,7 @@ import typer
 
 from certrotator import crypto
 from certrotator.local import admin
-from certrotator.local.ca import IssuerName, ensure_local_ca
+from certrotator.local.ca import IssuerName, load_local_ca
 from certrotator.local.cli.common import (
     DEFAULT_DATA_DIR,
     DataDir,
@@ -177,7 +177,7 @@ def provision(
         registry, _ = open_stores(data_dir)
         result = provision_thing(
             registry,
-            ensure_local_ca(data_dir),
+            load_local_ca(data_dir),  # as the engine made it (an RSA private CA too)
             thing,
             out,
             group=group,

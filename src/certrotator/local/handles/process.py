@@ -23,9 +23,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TypeVar
 
-from certrotator import crypto
 from certrotator.local import admin
-from certrotator.local.ca import CaFiles, IssuerName, LocalCa, ensure_local_ca
+from certrotator.local.ca import load_local_ca
 from certrotator.local.db import Database
 from certrotator.local.handles.base import EngineHandle, EngineRefused, Stores
 from certrotator.local.jobs import JobStore
@@ -40,29 +39,6 @@ class EngineGone(RuntimeError):
     """The engine process is not running (any more)."""
 
 
-def engine_ca(data_dir: Path) -> LocalCa:
-    """The CAs an engine generated in `data_dir`, loaded with the private CA's signing algorithm read
-    from its certificate (loading with the default would refuse an RSA private CA). The validity of
-    what the private CA issues is the engine's option, not kept in the data directory: provisioning
-    from it here takes `ProvisionRequest.validity_days` (else 365 days)."""
-    path = CaFiles.in_data_dir(data_dir).issuer_cert(IssuerName.PRIVATE_CA)
-    cert = crypto.load_certificate(path.read_bytes())  # self-signed: signed with the CA's algorithm
-    key = crypto.key_algorithm_of(cert.public_key())
-    digest = cert.signature_hash_algorithm
-    algorithm = next(
-        (
-            a
-            for a in crypto.CaSigningAlgorithm
-            if key is not None
-            and a.family is key.family
-            and digest is not None
-            and a.hash().name == digest.name
-        ),
-        crypto.CaSigningAlgorithm.SHA256WITHECDSA,  # unreadable: let ensure_local_ca say what is wrong
-    )
-    return ensure_local_ca(data_dir, private_ca_signing_algorithm=algorithm)
-
-
 class RemoteEngine(EngineHandle):
     """The handle of an engine running in another process on `data_dir`."""
 
@@ -74,7 +50,7 @@ class RemoteEngine(EngineHandle):
         self.poll_s = poll_s  # no change events cross processes: conditions are polled
         self._host, self._port = str(info["host"]), int(info["mqtt_port"])
         self._db = Database(data_dir)
-        self._stores = Stores(LocalRegistry(self._db), JobStore(self._db), engine_ca(data_dir))
+        self._stores = Stores(LocalRegistry(self._db), JobStore(self._db), load_local_ca(data_dir))
         self._lock = threading.Lock()
 
     def _refresh_address(self) -> None:
