@@ -447,7 +447,9 @@ class Decider:
         here is a handler that fails once (the engine tries again, as Lambda retries an event); what
         the step's actions do to the device does not touch the event."""
         verdict = Verdict()
-        verdict.acts.extend(self._armed.pop(thing, []))
+        armed = self._armed.pop(thing, [])
+        verdict.acts.extend(a for a in armed if a.step is not Step.TERMINAL)
+        self._armed[thing] = [a for a in armed if a.step is Step.TERMINAL]  # an event tried again
         self._decide(Direction.TO_ENGINE, thing, "", Step.TERMINAL, verdict)
         verdict.delay_s = 0.0
         return verdict
