@@ -12,6 +12,9 @@ from certrotator.device.settings import ConfigError, validate_algorithms
 from certrotator.device.startup import StartupRetry
 from certrotator.tomlcompat import tomllib
 
+DEFAULT_RESYNC_INTERVAL_S = 6 * 3600.0
+MIN_RESYNC_INTERVAL_S = 60.0
+
 
 @dataclass(frozen=True, slots=True)
 class Pkcs11Settings:
@@ -37,6 +40,9 @@ class DeviceConfig:
     state_timeout_s: float
     journal: Path
     startup: StartupRetry = field(default_factory=StartupRetry)
+    # While idle, ask $next/get this often (None: never). Every reconnect re-synchronises anyway; this
+    # covers a notify-next or a reply lost on a live connection.
+    resync_interval_s: float | None = DEFAULT_RESYNC_INTERVAL_S
 
 
 def _get(table: dict[str, Any], key: str, kind: type, where: str, default: Any = ...) -> Any:
@@ -79,6 +85,11 @@ def load_device_config(path: Path) -> DeviceConfig:
     timeout = _get(rotation, "state_timeout_s", float, f"{where} [rotation]", 30.0)
     if timeout <= 0:
         raise ConfigError(f"{where} [rotation]: state_timeout_s must be positive")
+    resync = _get(rotation, "resync_interval_s", float, f"{where} [rotation]", DEFAULT_RESYNC_INTERVAL_S)
+    if resync != 0 and resync < MIN_RESYNC_INTERVAL_S:
+        raise ConfigError(
+            f"{where} [rotation]: resync_interval_s must be 0 (never) or at least {MIN_RESYNC_INTERVAL_S:g}"
+        )
     port = _get(data, "port", int, where, 8883)
     if not 0 < port < 65536:
         raise ConfigError(f"{where}: port {port} is out of range")
@@ -113,6 +124,7 @@ def load_device_config(path: Path) -> DeviceConfig:
         key_algorithm=key,
         signing_algorithm=signing,
         state_timeout_s=timeout,
+        resync_interval_s=resync or None,
         journal=rel(_get(credentials, "journal", str, f"{where} [credentials]", ".certrotator-journal.json")),
     )
 

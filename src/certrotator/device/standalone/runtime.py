@@ -58,8 +58,8 @@ def build_agent(
         config.signing_algorithm,
         config.state_timeout_s,
         startup=config.startup,
-        # None: the direct connection tells the agent of every reconnect, which re-synchronises then.
-        resync_interval_s=None,
+        # Every reconnect re-synchronises (the transport reports them); the periodic ask is a safety net.
+        resync_interval_s=config.resync_interval_s,
     )
     return Agent(
         settings,
