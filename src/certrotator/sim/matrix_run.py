@@ -27,7 +27,7 @@ from pathlib import Path
 
 from certrotator import crypto
 from certrotator.local.faults import load_plan
-from certrotator.local.handles.process import EngineProcess, RemoteEngine
+from certrotator.local.handles.process import EngineGone, EngineProcess, RemoteEngine
 from certrotator.local.jobs import Execution
 from certrotator.local.operations import JobRequest
 from certrotator.ops.reconcile.local import reconcile_data_dir
@@ -97,15 +97,18 @@ def run_batch(cells: list[Cell], work: Path, settings: Settings = Settings()) ->
                 )
                 if not subscribed:
                     raise TimeoutError(f"agents did not subscribe; see the agent.log files under {work}")
-                remote.create_job(
-                    JobRequest(
-                        JOB,
-                        groups=(GROUP,),
-                        unlimited_rollout=True,
-                        in_progress_timeout_minutes=settings.in_progress_timeout_min,
-                    )
+                request = JobRequest(
+                    JOB,
+                    groups=(GROUP,),
+                    unlimited_rollout=True,
+                    in_progress_timeout_minutes=settings.in_progress_timeout_min,
                 )
                 created = time.time()
+                try:
+                    remote.create_job(request)
+                except EngineGone:  # an engine restart at step 1 dies in the job's first notify-next
+                    if not remote.wait_for(lambda: remote.job_created_at(JOB) is not None, 60, 0.1):
+                        raise
                 limit = settings.in_progress_timeout_min * 60 + 90
                 remote.wait_for(lambda: not OPEN & set(remote.status_counts(JOB)), limit, 0.1)
                 remote.wait_for(lambda: all(_settled(remote, d) for d in devices), settings.settle_s, 0.1)
@@ -123,9 +126,9 @@ def _settled(remote: RemoteEngine, device: SimulatedDevice) -> bool:
     certificate attached to the thing."""
     try:
         certificate = device.certificate_id()
-    except (OSError, ValueError):
+        live = {(c.thing, c.principal) for c in remote.connections()}
+    except (OSError, ValueError, EngineGone):  # a file being replaced; an engine being restarted
         return False
-    live = {(c.thing, c.principal) for c in remote.connections()}
     backup = device.config.certificate.with_name(device.config.certificate.name + ".bak")
     return (
         (device.thing, certificate) in live
