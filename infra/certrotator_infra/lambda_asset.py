@@ -25,13 +25,12 @@ import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Final
-
-from certrotator.tomlcompat import tomllib
+from typing import Final
 
 REPO_ROOT: Final = Path(__file__).resolve().parents[2]
 PACKAGE_DIR: Final = REPO_ROOT / "src" / "certrotator"
-PYPROJECT: Final = REPO_ROOT / "pyproject.toml"
+# The lock: the exact versions the tests ran (pyproject.toml has ranges).
+CONSTRAINTS: Final = REPO_ROOT / "constraints.txt"
 
 # The Lambda platform; stack.py uses the same values for the functions and the Powertools layer.
 LAMBDA_PYTHON_VERSION: Final = "3.14"
@@ -73,38 +72,36 @@ class LambdaAssetError(RuntimeError):
     """The Lambda asset cannot be assembled; the text says what to run."""
 
 
-def _pins(requirements: Sequence[str]) -> dict[str, str]:
-    """Requirement strings by lower-case distribution name (extras and markers are not used here)."""
+def _locked(constraints: Path) -> dict[str, str]:
+    """The lock's exact pins ("name==version") by normalised distribution name. Lines with an environment
+    marker pin a package per Python version and are left out: what the Lambda gets has one pin for all."""
     pins: dict[str, str] = {}
-    for requirement in requirements:
-        name = re.split(r"[=<>!~\[;\s]", requirement.strip(), maxsplit=1)[0].lower()
-        pins[name] = requirement.strip()
+    for line in constraints.read_text(encoding="utf-8").splitlines():
+        requirement = line.split("#", 1)[0].strip()
+        name, equals, version = requirement.partition("==")
+        if equals and ";" not in version:
+            name = re.sub(r"[-_.]+", "-", name.strip()).lower()
+            pins[name] = f"{name}=={version.strip()}"
     return pins
 
 
-def _project(pyproject: Path) -> dict[str, Any]:
-    project: dict[str, Any] = tomllib.loads(pyproject.read_text(encoding="utf-8"))["project"]
-    return project
-
-
-def lambda_requirements(pyproject: Path = PYPROJECT) -> list[str]:
-    """The pinned requirements (e.g. "cryptography==50.0.2") of LAMBDA_DEPENDENCIES, from pyproject.toml,
-    so the Lambda runs the version the tests ran."""
-    pins = _pins(_project(pyproject).get("dependencies", []))
+def lambda_requirements(constraints: Path = CONSTRAINTS) -> list[str]:
+    """The pinned requirements (e.g. "cryptography==50.0.2") of LAMBDA_DEPENDENCIES, from the lock
+    (constraints.txt), so the Lambda runs the version the tests ran."""
+    pins = _locked(constraints)
     missing = [name for name in LAMBDA_DEPENDENCIES if name not in pins]
     if missing:
-        raise LambdaAssetError(f"{pyproject} does not list {', '.join(missing)} in [project].dependencies")
+        raise LambdaAssetError(f"{constraints} does not pin {', '.join(missing)} (name==version, no marker)")
     return [pins[name] for name in LAMBDA_DEPENDENCIES]
 
 
-def powertools_version(pyproject: Path = PYPROJECT) -> str:
-    """The aws-lambda-powertools version pinned by the `aws` extra (the layer version to deploy)."""
-    extras = _project(pyproject).get("optional-dependencies", {})
-    requirement = _pins(extras.get("aws", [])).get("aws-lambda-powertools", "")
+def powertools_version(constraints: Path = CONSTRAINTS) -> str:
+    """The aws-lambda-powertools version of the lock (the layer version to deploy)."""
+    requirement = _locked(constraints).get("aws-lambda-powertools", "")
     match = re.fullmatch(r"aws-lambda-powertools==(\d+\.\d+\.\d+)", requirement)
     if match is None:
         raise LambdaAssetError(
-            f"{pyproject}: the aws extra must pin aws-lambda-powertools==X.Y.Z, found {requirement!r}"
+            f"{constraints} must pin aws-lambda-powertools==X.Y.Z (no marker), found {requirement!r}"
         )
     return match[1]
 

@@ -30,21 +30,31 @@ from certrotator_infra.permissions import SHADOW_NAME
 
 from certrotator import protocol
 from certrotator.backend.aws.adapters import DEFAULT_SHADOW_NAME
-from certrotator.tomlcompat import tomllib
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def pyproject_pin(name: str, extra: str | None = None) -> str:
-    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    requirements = project["optional-dependencies"][extra] if extra else project["dependencies"]
-    (pin,) = [r for r in requirements if r.startswith(f"{name}==")]
-    return str(pin)
+def locked_pin(name: str) -> str:
+    """The lock's one line for `name` (constraints.txt: the versions the tests run)."""
+    lines = (ROOT / "constraints.txt").read_text().splitlines()
+    (pin,) = [line for line in lines if line.startswith(f"{name}==")]
+    return pin
 
 
-def test_pins_come_from_pyproject() -> None:
-    assert lambda_requirements() == [pyproject_pin("cryptography")]
-    assert f"aws-lambda-powertools=={powertools_version()}" == pyproject_pin("aws-lambda-powertools", "aws")
+def test_pins_come_from_the_lock() -> None:
+    assert lambda_requirements() == [locked_pin("cryptography")]
+    assert f"aws-lambda-powertools=={powertools_version()}" == locked_pin("aws-lambda-powertools")
+
+
+def test_a_pin_that_differs_per_python_version_is_refused(tmp_path: Path) -> None:
+    lock = tmp_path / "constraints.txt"
+    lock.write_text(
+        'cryptography==50.0.2; python_version >= "3.11"\ncryptography==49.0.0; python_version < "3.11"\n'
+        "aws_lambda_powertools==3.37.0  # a comment\n"
+    )
+    with pytest.raises(LambdaAssetError, match="does not pin cryptography"):
+        lambda_requirements(lock)
+    assert powertools_version(lock) == "3.37.0"
 
 
 def test_runtime_constants_agree() -> None:
@@ -262,7 +272,7 @@ def test_build_dependencies_asks_pip_for_lambda_platform_wheels(tmp_path: Path) 
     assert args[args.index("--implementation") + 1] == "cp"
     assert [args[i + 1] for i, a in enumerate(args) if a == "--platform"] == list(lambda_asset.PIP_PLATFORMS)
     assert "--only-binary=:all:" in args
-    assert args[-1] == pyproject_pin("cryptography")
+    assert args[-1] == locked_pin("cryptography")
     assert not (dest / "bin").exists()
     marker = json.loads((dest / DEPENDENCY_MARKER).read_text())
     assert marker["installed"] == ["cffi-2.1.1", "cryptography-50.0.2"]

@@ -121,6 +121,17 @@ def _normalized(name: str) -> str:
     return re.sub(r"[-_.]+", "_", name).lower()
 
 
+def _requires_dist(requirement: str, extra: str) -> str:
+    """A Requires-Dist line for a requirement of `extra`. A requirement with a marker of its own (the device
+    extra's `python-pkcs11; sys_platform != 'win32'`) keeps it, and-ed with the extra's: a second `;` is not
+    valid metadata."""
+    spec, _, marker = requirement.partition(";")
+    condition = f'extra == "{extra}"'
+    if marker.strip():
+        condition = f"({marker.strip()}) and {condition}"
+    return f"Requires-Dist: {spec.strip()}; {condition}"
+
+
 def _metadata(project: dict[str, Any]) -> str:
     lines = [
         "Metadata-Version: 2.1",
@@ -136,7 +147,7 @@ def _metadata(project: dict[str, Any]) -> str:
     lines += [f"Requires-Dist: {requirement}" for requirement in project.get("dependencies", [])]
     for extra, requirements in project.get("optional-dependencies", {}).items():
         lines.append(f"Provides-Extra: {extra}")
-        lines += [f'Requires-Dist: {requirement}; extra == "{extra}"' for requirement in requirements]
+        lines += [_requires_dist(requirement, extra) for requirement in requirements]
     return "\n".join(lines) + "\n"
 
 
