@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from certrotator.sim.matrix import fast_subset, power_cut_cells, totals
-from certrotator.sim.matrix_run import Settings, run_batch
+from certrotator.sim.faults import faketime_library
+from certrotator.sim.matrix import Cell, Fault, fast_subset, power_cut_cells, thing_name, totals
+from certrotator.sim.matrix_run import GROUP, Settings, run_batch
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -74,3 +75,52 @@ def test_a_power_cut_at_every_crash_point_of_the_file_store_during_a_rotation(tm
     assert all(s == "FAILED" for p, s in by_point.items() if p and ".rollback." in p)
     assert by_point["files.install.installed"] == "SUCCEEDED"
     assert all(s == "SUCCEEDED" for p, s in by_point.items() if p and ".commit." in p)
+
+
+def test_the_other_faults_of_a_plan_end_on_a_working_pair(tmp_path: Path) -> None:
+    """What the matrix does not cover, one device each: disconnected at a step, its new certificate
+    deactivated as it is sent, every message delayed, its clock an hour ahead and two minutes behind
+    (with libfaketime: the AWS CRT's TLS checks see the skewed clock too)."""
+    skew = faketime_library() is not None
+    cells = [Cell(Fault.PLANNED, "file") for _ in range(5 if skew else 3)]
+    plan: dict[str, object] = {
+        "seed": 5,
+        "at_step": [
+            {"step": 3, "action": "disconnect_device", "things": [thing_name(GROUP, 0)]},
+            {
+                "step": 5,
+                "action": "deactivate_certificate",
+                "certificate": "new",
+                "things": [thing_name(GROUP, 1)],
+            },
+        ],
+        "message": [
+            {"topic": t, "action": "delay", "delay_s": [0.2, 1.0], "things": [thing_name(GROUP, 2)]}
+            for t in ("$aws/things/#", "awslabs/things/#")
+        ],
+    }
+    if skew:
+        # Not more than 5 minutes behind: the local CA backdates the broker's certificate by that much,
+        # and it was made a moment ago (AWS IoT's server certificates are old).
+        plan["device"] = [
+            {"things": [thing_name(GROUP, 3)], "clock_skew_s": 3600},
+            {"things": [thing_name(GROUP, 4)], "clock_skew_s": -120},
+        ]
+    results = run_batch(cells, tmp_path, Settings(), plan)
+    for r in results:
+        print(f"  {r.thing}: {r.outcome[:90]}")
+    assert {r.thing: r.problems for r in results if r.problems} == {}
+    statuses = [r.status for r in results]
+    assert statuses[1] == "FAILED"  # the new pair cannot connect: rolled back, new certificate deleted
+    assert statuses[2] == "SUCCEEDED"  # late, not lost
+    if skew:
+        assert statuses[3:] == ["SUCCEEDED", "SUCCEEDED"]  # the device checks no dates of its own
+
+
+def test_a_slow_issuer_loses_the_race_with_the_device_and_nothing_is_left_behind(tmp_path: Path) -> None:
+    """The issuer takes longer than the device waits (DESIGN's create/terminal race, end to end): the
+    device fails the job, and the certificate issued after that is deleted."""
+    results = run_batch([Cell(Fault.PLANNED, "file")], tmp_path, Settings(), {"slow": {"issuer_s": 6.0}})
+    (result,) = results
+    assert result.problems == [], result.problems
+    assert result.status == "FAILED" and "new certificate deleted" in result.outcome, result.outcome

@@ -173,7 +173,7 @@ class FaultInjector:
         issuer_s, registry_s = self.plan.slow_issuer_s, self.plan.slow_registry_s
         return replace(
             ports,
-            issuer=_SlowIssuer(ports.issuer, issuer_s) if issuer_s else ports.issuer,
+            issuer=_SlowIssuer(ports.issuer, issuer_s, self._record) if issuer_s else ports.issuer,
             registry=_SlowRegistry(ports.registry, registry_s) if registry_s else ports.registry,
         )
 
@@ -276,10 +276,11 @@ class FaultInjector:
 
 
 class _SlowIssuer:
-    def __init__(self, inner: Issuer, seconds: float) -> None:
-        self.inner, self.seconds = inner, seconds
+    def __init__(self, inner: Issuer, seconds: float, record: Callable[[dict[str, Any]], None]) -> None:
+        self.inner, self.seconds, self.record = inner, seconds, record
 
     def issue(self, thing: str, csr_pem: str) -> IssuedCertificate:
+        self.record({"fault": "slow.issuer_s", "thing": thing, "delay_s": self.seconds})
         time.sleep(self.seconds)  # the engine is one loop: a slow CA holds everything up, as it would
         return self.inner.issue(thing, csr_pem)
 

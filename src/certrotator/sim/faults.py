@@ -88,6 +88,7 @@ class FaultDriver:
             for fault in plan.device_faults(device.thing):
                 if fault.clock_skew_s:
                     env |= skew_env(fault.clock_skew_s)
+                    self._note("clock_skewed", device.thing, f"{fault.clock_skew_s:+g} s")
             if env:
                 fleet.device_env[device.thing] = env
 

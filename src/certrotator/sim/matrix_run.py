@@ -24,6 +24,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from certrotator import crypto
 from certrotator.local.faults import load_plan
@@ -70,14 +71,17 @@ def agent_log(device: SimulatedDevice) -> str:
     return path.read_text(errors="replace") if path.exists() else ""
 
 
-def run_batch(cells: list[Cell], work: Path, settings: Settings = Settings()) -> list[CellResult]:
-    """One engine, one device per cell, one rotation job; every cell checked."""
+def run_batch(
+    cells: list[Cell], work: Path, settings: Settings = Settings(), plan: dict[str, Any] | None = None
+) -> list[CellResult]:
+    """One engine, one device per cell, one rotation job; every cell checked. `plan` (a plan document
+    acting on thing_name(GROUP, i) for cell i) replaces the cells' own, for Fault.PLANNED cells."""
     store: KeyStoreKind = "pkcs11" if cells[0].store == "pkcs11" else "file"
     assert all(c.store == store for c in cells), "a batch is of one key store"
     work.mkdir(parents=True, exist_ok=True)
     plan_path = work / "plan.toml"
-    plan_path.write_text(to_toml(plan_for(cells, GROUP, settings.seed)))
-    plan = load_plan(plan_path)
+    plan_path.write_text(to_toml(plan if plan is not None else plan_for(cells, GROUP, settings.seed)))
+    faults = load_plan(plan_path)
     data = work / "engine"
     engine = EngineProcess(
         data, ["--port", str(free_port()), "--max-in-flight", "0", "--faults", str(plan_path)]
@@ -90,7 +94,7 @@ def run_batch(cells: list[Cell], work: Path, settings: Settings = Settings()) ->
                 len(cells), GROUP, state_timeout_s=settings.state_timeout_s, keystore=store
             )
             assert [d.thing for d in devices] == [thing_name(GROUP, i) for i in range(len(cells))]
-            with FaultDriver(fleet, plan, engine) as driver:
+            with FaultDriver(fleet, faults, engine) as driver:
                 driver.start_agents(devices)
                 subscribed = remote.wait_for(
                     lambda: all(SUBSCRIBED in agent_log(d) for d in devices), 60, 0.1
@@ -146,7 +150,7 @@ def _fired(cell: Cell, device: SimulatedDevice, driver: FaultDriver, status: str
         if STEP_RULES.get(cell.step) == "terminal":  # type: ignore[call-overload]
             return attached == 2
         return status != JobExecutionStatus.SUCCEEDED.value
-    return bool(driver.fired(device.thing))
+    return bool(driver.fired(device.thing) or driver.events_of(device.thing))
 
 
 def _check(
