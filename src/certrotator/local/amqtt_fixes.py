@@ -22,12 +22,26 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager, suppress
 from typing import Any, Final
 
+import amqtt.mqtt.protocol.handler as amqtt_handler
 from amqtt.adapters import ReaderAdapter, WriterAdapter
 from amqtt.broker import Broker, RetainedApplicationMessage
 from amqtt.contexts import ListenerConfig
 from amqtt.errors import AMQTTError, BrokerError, MQTTError, NoDataError
 from amqtt.events import BrokerEvents
+from amqtt.mqtt import packet_class
 from amqtt.mqtt.connack import NOT_AUTHORIZED, ConnackPacket
+from amqtt.mqtt.packet import (
+    DISCONNECT,
+    PINGREQ,
+    PUBACK,
+    PUBCOMP,
+    PUBLISH,
+    PUBREC,
+    PUBREL,
+    SUBSCRIBE,
+    UNSUBSCRIBE,
+    MQTTFixedHeader,
+)
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.mqtt.puback import PubackPacket
 from amqtt.mqtt.publish import PublishPacket
@@ -110,7 +124,121 @@ Session._init_states = _init_session_states
 # most of the broker's memory per device. A TLS record carries at most 16 KB, so 32 KB reads lose
 # nothing for the protocol's small messages; a large one (up to MAX_PAYLOAD_BYTES) takes a few reads.
 # Process-wide, like the Session change: the local broker is this process's only asyncio TLS server.
-asyncio.sslproto.SSLProtocol.max_size = 32 * 1024
+asyncio.sslproto.SSLProtocol.max_size = 32 * 1024  # type: ignore[attr-defined]  # not in typeshed
+
+
+# What a client may send once connected (MQTT 3.1.1 §2.2.1): a second CONNECT, a server's packet or a
+# reserved type is a protocol violation, and so is anything longer than the largest PUBLISH we accept.
+CLIENT_PACKET_TYPES: Final = frozenset(
+    {PUBLISH, PUBACK, PUBREC, PUBREL, PUBCOMP, SUBSCRIBE, UNSUBSCRIBE, PINGREQ, DISCONNECT}
+)
+MAX_PACKET_BYTES: Final = MAX_PAYLOAD_BYTES + 2 + 65_535 + 2  # payload, longest topic, packet id
+
+
+class MalformedPacket(Exception):
+    """A packet that breaks MQTT's framing; its connection has been closed (not an MQTTError, which
+    amqtt's reader loop answers by skipping the packet and reading on)."""
+
+
+class PacketReader(ReaderAdapter):  # type: ignore[misc]
+    """FIX: amqtt frames a connected client's packets loosely. It reads whatever length a header
+    announces (a PUBLISH "of 256 MB" is buffered before any size check), waits for a body without a
+    time limit (a client that sends half a packet holds its connection forever: the keep-alive covers
+    only the next header), and on a malformed packet (bad remaining length, wildcard PUBLISH topic)
+    skips it and parses the following bytes as packets. MQTT-4.8.0-1 and AWS IoT close the connection.
+
+    This reader holds each packet to its header: the length and type are checked before the body is
+    read, the body must arrive within the keep-alive and may not read past its own length, and the
+    next header may not start before the body is used up. Any breach kicks the connection.
+    Regression tests: tests/local/test_hostile_packets.py."""
+
+    def __init__(self, inner: ReaderAdapter, handler: GuardedHandler, body_timeout: float) -> None:
+        self._inner, self._handler, self._body_timeout = inner, handler, body_timeout
+        self._left: int | None = None  # bytes of the current packet's body not read yet; None: a header
+        self._deadline: asyncio.TimerHandle | None = None
+
+    def _malformed(self, reason: str) -> MalformedPacket:
+        self.close()
+        connection = self._handler.connection
+        log.warning(
+            "disconnecting %s: malformed packet: %s", connection.client_id if connection else "?", reason
+        )
+        self._handler.kick()
+        return MalformedPacket(reason)
+
+    async def read(self, n: int = -1) -> bytes:
+        left = self._left
+        if left is not None:
+            if n < 0 or n > left:
+                raise self._malformed(f"a field of {n} bytes in a packet with {left} bytes left")
+            self._left = left - n
+            if self._left == 0 and self._deadline is not None:
+                self._deadline.cancel()
+        data: bytes = await self._inner.read(n)
+        return data
+
+    def feed_eof(self) -> None:
+        self._inner.feed_eof()
+
+    async def next_header(self) -> MQTTFixedHeader | None:
+        if self._left:
+            raise self._malformed(f"{self._left} bytes of the previous packet were not part of it")
+        self._left = None
+        try:
+            header: MQTTFixedHeader | None = await MQTTFixedHeader.from_stream(self._inner)
+        except MQTTError as exc:
+            raise self._malformed(str(exc)) from None
+        if header is None:
+            return None
+        if header.packet_type not in CLIENT_PACKET_TYPES:
+            raise self._malformed(f"packet type {header.packet_type} from a connected client")
+        if header.remaining_length > MAX_PACKET_BYTES:
+            raise self._malformed(f"a packet of {header.remaining_length} bytes (at most {MAX_PACKET_BYTES})")
+        self._left = header.remaining_length
+        if self._left:
+            self._deadline = asyncio.get_running_loop().call_later(self._body_timeout, self._too_slow)
+        return header
+
+    def close(self) -> None:
+        """The connection has ended: no deadline may outlive it (it would keep the handler alive)."""
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def _too_slow(self) -> None:
+        if self._left and not self._handler.kicked:
+            self._malformed(
+                f"the rest of a packet ({self._left} bytes) did not come in {self._body_timeout:g} s"
+            )
+
+
+class _FramedFixedHeader(MQTTFixedHeader):  # type: ignore[misc]
+    @classmethod
+    async def from_stream(cls, reader: ReaderAdapter) -> MQTTFixedHeader | None:
+        if isinstance(reader, PacketReader):
+            return await reader.next_header()
+        return await MQTTFixedHeader.from_stream(reader)
+
+
+class _StrictPacket:
+    """A packet class whose decoding errors close the connection (see PacketReader)."""
+
+    def __init__(self, packet: Any) -> None:
+        self._packet = packet
+
+    async def from_stream(self, reader: ReaderAdapter, fixed_header: MQTTFixedHeader) -> Any:
+        try:
+            return await self._packet.from_stream(reader, fixed_header=fixed_header)
+        except MQTTError as exc:
+            if isinstance(reader, PacketReader):
+                raise reader._malformed(str(exc)) from None
+            raise
+
+
+# amqtt's reader loop finds both through its module's globals; readers other than PacketReader (amqtt's
+# own client, should anything in this process use it) behave as before.
+amqtt_handler.MQTTFixedHeader = _FramedFixedHeader
+amqtt_handler.packet_class = lambda fixed_header: _StrictPacket(packet_class(fixed_header))
 
 
 class GuardedHandler(BrokerProtocolHandler):  # type: ignore[misc]
@@ -122,6 +250,7 @@ class GuardedHandler(BrokerProtocolHandler):  # type: ignore[misc]
         self.broker: GuardedBroker | None = None
         self.kicked = False
         self.finished = asyncio.Event()
+        self.packets: PacketReader | None = None  # the reader once connected
 
     def kick(self) -> None:
         """Close this connection from the broker side now (FIX: amqtt 0.12.1 has no API for it).
@@ -235,7 +364,9 @@ class GuardedBroker(Broker):  # type: ignore[misc]
             self._live.setdefault(connection.principal, set()).add(handler)
             async with self._client_locks.hold(connection.client_id):  # one connect at a time per client id
                 session = await self._resolve_session(received[1], connection)
-                handler.attach(session, reader, writer)
+                body_timeout = float(session.keep_alive) if session.keep_alive > 0 else CONNECT_TIMEOUT
+                handler.packets = PacketReader(reader, handler, body_timeout)
+                handler.attach(session, handler.packets, writer)
                 session.transitions.connect()
                 self._sessions[connection.client_id] = (session, handler)
             await handler.mqtt_connack_authorize(True)
@@ -385,6 +516,8 @@ class GuardedBroker(Broker):  # type: ignore[misc]
 
     async def _finish(self, handler: GuardedHandler, session: Session | None) -> None:
         """Whatever ended the connection: forget it, and never leave a session "connected" without it."""
+        if handler.packets is not None:
+            handler.packets.close()
         connection = handler.connection
         if connection is not None:
             live = self._live.get(connection.principal)
