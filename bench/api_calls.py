@@ -112,7 +112,7 @@ class BenchCa:
 
     def create_from_csr(self, params: dict[str, Any], **_: Any) -> tuple[AWSResponse, dict[str, Any]]:
         csr = x509.load_pem_x509_csr(json.loads(params["body"])["certificateSigningRequest"].encode())
-        now = datetime.datetime.now(datetime.UTC)
+        now = datetime.datetime.now(datetime.timezone.utc)
         certificate = (
             x509.CertificateBuilder()
             .subject_name(csr.subject)

@@ -101,7 +101,7 @@ class TestCa:
 
     def sign(self, csr_pem: str) -> str:
         csr = x509.load_pem_x509_csr(csr_pem.encode())
-        now = datetime.datetime.now(datetime.UTC)
+        now = datetime.datetime.now(datetime.timezone.utc)
         certificate = (
             x509.CertificateBuilder()
             .subject_name(csr.subject)

@@ -43,7 +43,7 @@ def make_ca(root: Path) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
     """A self-signed P-256 CA, saved as ROOT/ca/ca.key and ROOT/ca/ca.pem."""
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "certrotator test CA")])
-    now = datetime.datetime.now(datetime.UTC)
+    now = datetime.datetime.now(datetime.timezone.utc)
     cert = (
         x509.CertificateBuilder()
         .subject_name(name)
@@ -75,7 +75,7 @@ def issue(
 ) -> str:
     """A device certificate (PEM) for `public_key`, signed by the CA."""
     ca_key, ca_cert = ca
-    now = datetime.datetime.now(datetime.UTC)
+    now = datetime.datetime.now(datetime.timezone.utc)
     cert = (
         x509.CertificateBuilder()
         .subject_name(subject)

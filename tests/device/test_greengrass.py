@@ -9,7 +9,7 @@ import queue
 import signal
 import threading
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ from cryptography.x509.oid import NameOID
 from typer.testing import CliRunner
 
 from certrotator import crypto
+from certrotator.compat import UTC
 from certrotator.device import machine as m
 from certrotator.device.agent_cli import agent as agent_command
 from certrotator.device.greengrass import runtime as gg

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterator
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +14,7 @@ import pytest
 from botocore.exceptions import ClientError, NoCredentialsError, NoRegionError, ProfileNotFound
 from botocore.stub import Stubber
 
+from certrotator.compat import UTC
 from certrotator.ops.aws import checks as aws_checks
 from certrotator.ops.aws import greengrass as aws_greengrass
 from certrotator.ops.aws.checks import Status, run_checks

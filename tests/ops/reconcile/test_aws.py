@@ -7,7 +7,7 @@ import json
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import boto3
@@ -22,6 +22,7 @@ from typer.testing import CliRunner
 from certrotator.backend.aws.clients import Clients
 from certrotator.backend.ports import RotationState
 from certrotator.cli import app
+from certrotator.compat import UTC
 from certrotator.ops.aws.clients import AwsClients, OperationError
 from certrotator.ops.reconcile.aws import (
     ANNOUNCE_RULE_SQL,
