@@ -91,7 +91,7 @@ def _external(key: PrivateKey) -> tuple[PrivateKey, RecordingSigner]:
 
 def _self_signed(key: PrivateKey, cn: str = "device-1") -> x509.Certificate:
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-    now = dt.datetime.now(dt.UTC)
+    now = dt.datetime.now(dt.timezone.utc)
     return (
         x509.CertificateBuilder()
         .subject_name(name)

@@ -41,7 +41,7 @@ class TestCa:
         self.name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "certrotator test CA")])
 
     def sign(self, subject: x509.Name, public_key: Any) -> x509.Certificate:
-        now = dt.datetime.now(dt.UTC)
+        now = dt.datetime.now(dt.timezone.utc)
         return (
             x509.CertificateBuilder()
             .subject_name(subject)

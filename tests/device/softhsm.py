@@ -102,7 +102,7 @@ class TestCa:
     def __init__(self) -> None:
         self.key = ec.generate_private_key(ec.SECP256R1())
         self.name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "certrotator test CA")])
-        now = dt.datetime.now(dt.UTC)
+        now = dt.datetime.now(dt.timezone.utc)
         self.certificate = (
             x509.CertificateBuilder()
             .subject_name(self.name)
@@ -116,7 +116,7 @@ class TestCa:
         )
 
     def issue(self, public_key: crypto.PublicKey, subject: x509.Name = DEVICE_SUBJECT) -> x509.Certificate:
-        now = dt.datetime.now(dt.UTC)
+        now = dt.datetime.now(dt.timezone.utc)
         return (
             x509.CertificateBuilder()
             .subject_name(subject)

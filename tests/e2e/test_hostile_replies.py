@@ -50,7 +50,7 @@ def _accepted(thing: str, certificate: x509.Certificate) -> Reply:
 
 
 def _now() -> dt.datetime:
-    return dt.datetime.now(dt.UTC)
+    return dt.datetime.now(dt.timezone.utc)
 
 
 # Each case: the reply to the device's create request, and what the device must report.

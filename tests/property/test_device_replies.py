@@ -47,7 +47,7 @@ _CA_NAME = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "property CA")])
 
 
 def certificate(public_key: Any, *, days: int = 30, start: dt.timedelta = dt.timedelta(0)) -> str:
-    now = dt.datetime.now(dt.UTC) + start
+    now = dt.datetime.now(dt.timezone.utc) + start
     cert = (
         x509.CertificateBuilder()
         .subject_name(SUBJECT)
