@@ -345,6 +345,24 @@ def test_a_flood_of_connections_that_never_connect_does_not_stop_the_engine(
     still_served(victim)
 
 
+def test_a_tcp_connection_that_never_starts_tls_is_dropped_after_the_connect_timeout(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No certificate is needed to open TCP connections: each one that never completes its TLS handshake
+    is closed after the CONNECT timeout (asyncio alone keeps it 60 s). The timeout is fixed when the
+    listener starts, hence an engine of its own."""
+    monkeypatch.setattr(amqtt_fixes, "CONNECT_TIMEOUT", 0.5)
+    with EngineThread(EngineConfig(tmp_path / "data", port=0)) as own:
+        silent = [RawClient(own.port, Credentials(Path(), Path(), Path()), tls=False) for _ in range(20)]
+        try:
+            started = time.monotonic()
+            assert all(client.dropped(WAIT) for client in silent)
+            assert time.monotonic() - started < 0.5 + 3.0
+        finally:
+            for client in silent:
+                client.close()
+
+
 def _rss_kib() -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmRSS:"):

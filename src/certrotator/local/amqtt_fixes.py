@@ -20,12 +20,13 @@ import math
 import ssl
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager, suppress
+from functools import partial
 from typing import Any, Final
 
 import amqtt.mqtt.protocol.handler as amqtt_handler
 from amqtt.adapters import ReaderAdapter, WriterAdapter
 from amqtt.broker import Broker, RetainedApplicationMessage
-from amqtt.contexts import ListenerConfig
+from amqtt.contexts import ListenerConfig, ListenerType
 from amqtt.errors import AMQTTError, BrokerError, MQTTError, NoDataError
 from amqtt.events import BrokerEvents
 from amqtt.mqtt import packet_class
@@ -331,6 +332,30 @@ class GuardedBroker(Broker):  # type: ignore[misc]
         context.minimum_version = ssl.TLSVersion.TLSv1_2
         context.num_tickets = 0  # MQTT clients here never resume TLS sessions: tickets are wasted work
         return context
+
+    async def _create_server_instance(
+        self,
+        listener_name: str,
+        listener_type: ListenerType,
+        address: str | None,
+        port: int,
+        ssl_context: ssl.SSLContext | None,
+    ) -> Any:
+        """FIX: a TCP connection that never completes its TLS handshake held its socket for asyncio's
+        default 60 s (no certificate needed for that); it gets the CONNECT timeout, like a TLS
+        connection that never sends CONNECT. Regression test: tests/local/test_hostile_packets.py."""
+        if listener_type is not ListenerType.TCP or ssl_context is None:
+            return await super()._create_server_instance(
+                listener_name, listener_type, address, port, ssl_context
+            )
+        return await asyncio.start_server(
+            partial(self.stream_connected, listener_name=listener_name),
+            address,
+            port,
+            reuse_address=True,
+            ssl=ssl_context,
+            ssl_handshake_timeout=CONNECT_TIMEOUT,
+        )
 
     # ------------------------------------------------------------------------------- connections
 
