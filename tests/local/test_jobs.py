@@ -155,7 +155,7 @@ def test_update_rejections_carry_aws_codes(store: JobStore) -> None:
     assert (
         topic.endswith("/rejected")
         and reply["code"] == "InvalidRequest"
-        and "not valid JSON" in reply["message"]
+        and "not valid JSON" in str(reply["message"])
     )
     request(store, "$aws/things/t1/jobs/job1/update", {"status": "SUCCEEDED"})
     topic, reply = request(
@@ -275,3 +275,46 @@ def test_jobs_survive_reopening_the_database(tmp_path: Path) -> None:
     reopened = JobStore(Database(tmp_path))
     e = reopened.execution("t1", "j")
     assert e is not None and e.status is S.QUEUED and e.document == JOB_DOCUMENT
+
+
+def test_the_last_refused_update_of_each_execution_is_kept(store: JobStore) -> None:
+    """A refused update leaves the execution where it was; the store says why and when."""
+    make_job(store, things=("t1", "t2"))
+    update = "$aws/things/t1/jobs/job1/update"
+    topic, reply = request(store, update, {"status": "IN_PROGRESS", "statusDetails": {"a": {"b": 1}}})
+    assert topic.endswith("/rejected")
+    e = store.execution("t1", "job1")
+    assert e is not None and e.status is S.QUEUED
+    (rejection,) = store.rejections("job1")
+    assert (rejection.thing, rejection.requested_status, rejection.code) == (
+        "t1",
+        "IN_PROGRESS",
+        "InvalidRequest",
+    )
+    assert (
+        rejection.message == reply["message"] and "must be a string, number or boolean" in rejection.message
+    )
+    assert rejection.at == NOW
+
+    request(store, update, b"{not json", now=NOW + 1)  # unparseable: refused, kept as the last
+    request(store, update, {"status": "IN_PROGRESS", "expectedVersion": 9}, now=NOW + 2)
+    request(store, "$aws/things/t2/jobs/job1/update", {"status": "CANCELED"}, now=NOW + 3)
+    assert request(store, "$aws/things/t1/jobs/nojob/update", {"status": "IN_PROGRESS"})[1]["code"] == (
+        "ResourceNotFound"  # no execution: nothing to keep it with
+    )
+    assert request(store, update, {"status": "IN_PROGRESS"}, now=NOW + 4)[0].endswith("/accepted")
+    assert [(r.thing, r.requested_status, r.code, r.at) for r in store.rejections("job1")] == [
+        ("t1", "IN_PROGRESS", "VersionMismatch", NOW + 2),  # an accepted update later does not erase it
+        ("t2", "CANCELED", "InvalidStateTransition", NOW + 3),
+    ]
+    assert store.rejections("nojob") == []
+
+
+def test_the_seeds_boolean_status_details_leave_no_rejection(store: JobStore) -> None:
+    make_job(store)
+    topic, _ = request(
+        store,
+        "$aws/things/t1/jobs/job1/update",
+        {"status": "IN_PROGRESS", "statusDetails": {"CertificateRotator": True}},
+    )
+    assert topic.endswith("/accepted") and store.rejections("job1") == []

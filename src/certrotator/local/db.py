@@ -71,6 +71,14 @@ MIGRATIONS: list[str] = [
         status_details TEXT NOT NULL, recorded REAL NOT NULL, attempts INTEGER NOT NULL,
         last_error TEXT, PRIMARY KEY (thing_name, job_id));
     """,
+    # The last device update each job execution refused (local/jobs.py), for `jobs describe`.
+    """
+    CREATE TABLE job_rejections (
+        job_id TEXT NOT NULL, thing_name TEXT NOT NULL, requested_status TEXT NOT NULL,
+        code TEXT NOT NULL, message TEXT NOT NULL, rejected REAL NOT NULL,
+        PRIMARY KEY (job_id, thing_name),
+        FOREIGN KEY (job_id, thing_name) REFERENCES job_executions(job_id, thing_name) ON DELETE CASCADE);
+    """,
 ]
 
 

@@ -101,6 +101,20 @@ class Execution:
     document: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    """A device's update of a job execution that the Jobs API refused (the device got `/rejected`);
+    the store keeps the last one per execution, so that `jobs describe` can say why an execution did
+    not move instead of showing a silent QUEUED."""
+
+    job_id: str
+    thing: str
+    requested_status: str
+    code: str
+    message: str
+    at: float
+
+
 # What a device may ask for, from each status (AWS IoT Jobs UpdateJobExecution).
 _DEVICE_TARGETS = frozenset({S.IN_PROGRESS, S.SUCCEEDED, S.FAILED, S.REJECTED})
 
@@ -384,6 +398,33 @@ class JobStore:
                 )
         if not changed:
             raise JobError("VersionMismatch", "the job execution changed meanwhile; get it and retry")
+
+    def record_rejection(self, rejection: Rejection) -> None:
+        """Keep `rejection` as the execution's last refused update (nothing when there is no such
+        execution: AWS's ResourceNotFound has nothing to attach it to)."""
+        with self.db.transaction() as conn:
+            conn.execute(
+                "INSERT OR REPLACE INTO job_rejections SELECT job_id, thing_name, ?, ?, ?, ? "
+                "FROM job_executions WHERE job_id=? AND thing_name=?",
+                (
+                    rejection.requested_status,
+                    rejection.code,
+                    rejection.message,
+                    rejection.at,
+                    rejection.job_id,
+                    rejection.thing,
+                ),
+            )
+
+    def rejections(self, job_id: str) -> list[Rejection]:
+        """The last refused device update of each of the job's executions that had one, by thing."""
+        rows = self.db.query("SELECT * FROM job_rejections WHERE job_id=? ORDER BY thing_name", (job_id,))
+        return [
+            Rejection(
+                r["job_id"], r["thing_name"], r["requested_status"], r["code"], r["message"], r["rejected"]
+            )
+            for r in rows
+        ]
 
     def timeouts_due(self, now: float) -> list[Execution]:
         rows = self.db.query(

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from certrotator.local.jobs import Execution, JobError, JobStore, device_transition
+from certrotator.local.jobs import Execution, JobError, JobStore, Rejection, device_transition
 from certrotator.protocol import (
     ParsedTopic,
     ProtocolError,
@@ -66,6 +66,8 @@ def handle_jobs_request(
     try:
         body = decode_json_object(payload or b"{}", "jobs request")
     except ProtocolError as exc:
+        if parsed.kind is TopicKind.UPDATE:
+            store.record_rejection(Rejection(parsed.job_id, thing, "", "InvalidRequest", str(exc), now))
         outcome.replies.append((Topics.rejected(topic), _rejection("InvalidRequest", str(exc), now, None)))
         return outcome
     token = body.get("clientToken")
@@ -105,17 +107,14 @@ def _update(
     if current is None:
         raise JobError("ResourceNotFound", f"no execution of job {job_id!r} for thing {thing!r}")
     status = body.get("status")
-    if not isinstance(status, str):
-        raise JobError("InvalidRequest", "'status' is required")
-    config = store.config(job_id)
-    timeout_s = config.in_progress_timeout_s if config else None
-    step = body.get("stepTimeoutInMinutes")
-    if isinstance(step, int | float) and not isinstance(step, bool) and step > 0:
-        timeout_s = min(timeout_s, step * 60.0) if timeout_s else step * 60.0
-    updated = device_transition(
-        current, status, body.get("statusDetails"), body.get("expectedVersion"), now, timeout_s
-    )
-    store.save_execution(updated, current.version)
+    try:
+        updated = _transition(store, current, status, body, now)
+    except JobError as exc:
+        # The device hears /rejected; the operator sees it in `jobs describe`, not only a status that
+        # did not move.
+        requested = status if isinstance(status, str) else ""
+        store.record_rejection(Rejection(job_id, thing, requested, exc.code, str(exc), now))
+        raise
     reply: dict[str, Any] = {"timestamp": int(now)}
     if isinstance(body.get("clientToken"), str):
         reply["clientToken"] = body["clientToken"]
@@ -128,3 +127,21 @@ def _update(
     if body.get("includeJobDocument"):
         reply["jobDocument"] = updated.document
     return reply, updated
+
+
+def _transition(
+    store: JobStore, current: Execution, status: object, body: dict[str, Any], now: float
+) -> Execution:
+    """Apply a device's update to `current` and save it, or raise JobError with AWS's code."""
+    if not isinstance(status, str):
+        raise JobError("InvalidRequest", "'status' is required")
+    config = store.config(current.job_id)
+    timeout_s = config.in_progress_timeout_s if config else None
+    step = body.get("stepTimeoutInMinutes")
+    if isinstance(step, int | float) and not isinstance(step, bool) and step > 0:
+        timeout_s = min(timeout_s, step * 60.0) if timeout_s else step * 60.0
+    updated = device_transition(
+        current, status, body.get("statusDetails"), body.get("expectedVersion"), now, timeout_s
+    )
+    store.save_execution(updated, current.version)
+    return updated
