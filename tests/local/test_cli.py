@@ -4,7 +4,9 @@ engine (through its admin endpoint)."""
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -59,8 +61,22 @@ def test_provision_writes_a_runnable_credentials_directory(data_dir: Path, tmp_p
 
     code, output = cli("local", "things", "--json", "--data-dir", str(data_dir))
     assert code == 0
-    things = json.loads(output)
-    assert things[0]["thing"] == "dev1" and things[0]["groups"] == "g"
+    (thing,) = json.loads(output)
+    cert = crypto.load_certificate((out / "device.pem.crt").read_bytes())
+    assert thing == {
+        "thing": "dev1",
+        "groups": ["g"],
+        "certificates": [
+            {
+                "certificateId": crypto.certificate_id(cert),  # all 64 hex digits
+                "status": "ACTIVE",
+                "issuer": "iot",
+                "notAfter": "2049-12-31T23:59:59Z",
+            }
+        ],
+    }
+    code, output = cli("local", "things", "--data-dir", str(data_dir))
+    assert code == 0 and f"{crypto.certificate_id(cert)[:12]} (ACTIVE)" in output
 
 
 @pytest.mark.parametrize(
@@ -285,7 +301,7 @@ def test_certificate_detach_and_delete_for_what_reconcile_leaves_to_an_operator(
     code, output = cli("local", "certificate", "delete", kept, "--force", *d)
     assert code == 0, output
     things = json.loads(cli("local", "things", "--json", *d)[1])
-    assert [(t["thing"], t["certificates"]) for t in things] == [("dev1", ""), ("dev2", "")]
+    assert [(t["thing"], t["certificates"]) for t in things] == [("dev1", []), ("dev2", [])]
     certificates = json.loads(cli("local", "certificates", "--json", *d)[1])
     assert certificates == []
 
@@ -338,3 +354,76 @@ def test_deleting_a_certificate_in_use_through_the_running_engine_cuts_its_conne
         assert running.call(lambda e: e.registry.certificate(cert_id)) is None
     finally:
         client.close()
+
+
+def test_describe_shows_a_device_update_the_jobs_api_refused(
+    running: EngineThread, data_dir: Path, tmp_path: Path
+) -> None:
+    """A device whose update is refused gets /rejected and its execution stays QUEUED: describe says
+    which update, why and when, in the table and in JSON."""
+    cert_id = _provision(data_dir, tmp_path, "stuck")
+    device = Device(
+        "stuck",
+        tmp_path / "stuck" / "device.pem.crt",
+        tmp_path / "stuck" / "private.pem.key",
+        tmp_path / "stuck" / "AmazonRootCA1.pem",
+        cert_id,
+    )
+    client = PahoClient(running.port, device)
+    try:
+        assert client.connect() == 0
+        client.subscribe("$aws/things/stuck/jobs/+/update/+")
+        assert (
+            cli("jobs", "create", "--thing", "stuck", "--job-id", "j1", "--data-dir", str(data_dir))[0] == 0
+        )
+        update = {"status": "IN_PROGRESS", "statusDetails": {"CertificateRotator": {"phase": 1}}}
+        client.publish("$aws/things/stuck/jobs/j1/update", json.dumps(update).encode())
+        reply = client.next_message()
+        assert reply.topic == "$aws/things/stuck/jobs/j1/update/rejected"
+        reason = json.loads(reply.payload)["message"]
+    finally:
+        client.close()
+    code, output = cli("jobs", "describe", "j1", "--json", "--data-dir", str(data_dir))
+    assert code == 0, output
+    info = json.loads(output)
+    assert info["executions"] == {"QUEUED": 1}
+    (rejection,) = info["rejections"]
+    assert {k: rejection[k] for k in ("thing", "status", "requestedStatus", "code", "reason")} == {
+        "thing": "stuck",
+        "status": "QUEUED",
+        "requestedStatus": "IN_PROGRESS",
+        "code": "InvalidRequest",
+        "reason": reason,
+    }
+    rejected_at = datetime.fromisoformat(rejection["rejectedAt"].replace("Z", "+00:00"))
+    assert abs(rejected_at.timestamp() - time.time()) < 60
+    code, output = cli("jobs", "describe", "j1", "--data-dir", str(data_dir))
+    assert code == 0
+    assert "Rejected device updates" in output and "InvalidRequest" in output and "stuck" in output
+
+
+def test_empty_listings_keep_their_title_and_headings(data_dir: Path) -> None:
+    for command, title, heading in [
+        ("things", "Things", "certificates"),
+        ("certificates", "Certificates", "daysLeft"),
+        ("jobs", "Jobs", "executions"),
+        ("notifications", "Notifications", "outcome"),
+    ]:
+        code, output = cli("local", command, "--data-dir", str(data_dir))
+        assert code == 0, output
+        assert title in output and heading in output and "none" in output, output
+        assert json.loads(cli("local", command, "--json", "--data-dir", str(data_dir))[1]) == []
+
+
+def test_errors_are_one_line_when_the_output_is_not_a_terminal(data_dir: Path, tmp_path: Path) -> None:
+    """A long error stays on one line for whoever reads the pipe (rich wrapped it at 80 columns)."""
+    blocker = tmp_path / "a-file-where-a-directory-should-be"
+    blocker.write_text("")
+    out = blocker / ("a-rather-long-directory-name-" * 3) / "dev1"
+    result = runner.invoke(
+        app, ["local", "provision", "dev1", "--out", str(out), "--data-dir", str(data_dir)]
+    )
+    assert result.exit_code == 2
+    (line,) = result.stderr.splitlines()
+    assert line.startswith("error: [Errno 20] Not a directory: ")  # its brackets are not markup
+    assert str(blocker) in line and len(line) > 80

@@ -4,12 +4,15 @@ options and small helpers."""
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
+from rich.measure import Measurement
 from rich.table import Table
 
 from certrotator.compat import UTC
@@ -25,8 +28,10 @@ jobs_app = typer.Typer(help="Rotation jobs on the local IoT Core.", no_args_is_h
 local_app.add_typer(certificate_app, name="certificate")
 local_app.add_typer(rule_app, name="rule")
 
-console = Console()
-err = Console(stderr=True)
+# soft_wrap: a message is never broken mid-line where the output is not a terminal (a pipe, a log, a
+# test) and is left to the terminal to wrap where it is; tables still fit the width.
+console = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
 
 DataDir = Annotated[Path, typer.Option("--data-dir", help="The engine's data directory.")]
 DEFAULT_DATA_DIR = Path(".certrotator")
@@ -34,7 +39,7 @@ JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON for machines.
 
 
 def fail(message: str) -> typer.Exit:
-    err.print(f"[red]error:[/red] {message}")
+    err.print(f"[red]error:[/red] {escape(message)}")  # the message's own brackets are text, not markup
     return typer.Exit(2)
 
 
@@ -53,17 +58,36 @@ def admin_call(data_dir: Path, op: str, **args: Any) -> bool:
     return live
 
 
+def iso(ts: float) -> str:
+    """A time for machines: ISO 8601 in UTC, to the second."""
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
 def when(ts: float | None) -> str:
     return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%S") if ts else "-"
 
 
-def emit(rows: list[dict[str, Any]], as_json: bool, title: str) -> None:
+def emit(rows: list[dict[str, Any]], as_json: bool, title: str, columns: Sequence[str] | None = None) -> None:
+    """Rows as JSON, or as a table titled `title` with `columns` (default: the first row's keys); an
+    empty table keeps its title and headings and says "none"."""
     if as_json:
         console.print_json(json.dumps(rows))
         return
-    table = Table(title=title)
-    for column in rows[0].keys() if rows else ["(none)"]:
+    names = list(columns) if columns is not None else list(rows[0]) if rows else []
+    table = Table(title=title, caption=None if rows else "none")
+    for column in names or ["-"]:
         table.add_column(column)
     for row in rows:
-        table.add_row(*(str(v) for v in row.values()))
-    console.print(table)
+        table.add_row(*(str(row.get(c, "")) for c in names))
+    print_table(table)
+
+
+def print_table(table: Table) -> None:
+    """A terminal gets the table fitted to its width; anything else gets it as wide as its content,
+    cells unbroken (an 80-column default would fold ids, codes and reasons mid-word)."""
+    if console.is_terminal:
+        console.print(table)
+        return
+    natural = Measurement.get(console, console.options.update_width(100_000), table).maximum
+    # print(width=...) cannot go beyond the console's own width: a console of the table's width.
+    Console(file=console.file, width=max(console.width, natural)).print(table)

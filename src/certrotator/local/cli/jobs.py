@@ -20,6 +20,7 @@ from certrotator.local.cli.common import (
     console,
     emit,
     fail,
+    iso,
     jobs_app,
     open_stores,
 )
@@ -98,6 +99,19 @@ def _describe(store: JobStore, job_id: str) -> dict[str, Any]:
         for e in executions
         if e.status in UNSUCCESSFUL_EXECUTION_STATUSES
     ]
+    status_of = {e.thing: e.status.value for e in executions}
+    # A device update the Jobs API refused leaves the execution where it was (often QUEUED): say why.
+    rejections = [
+        {
+            "thing": r.thing,
+            "status": status_of.get(r.thing, ""),
+            "requestedStatus": r.requested_status,
+            "code": r.code,
+            "reason": r.message,
+            "rejectedAt": iso(r.at),
+        }
+        for r in store.rejections(job_id)
+    ]
     return {
         "jobId": job_id,
         "status": job["status"],
@@ -105,7 +119,26 @@ def _describe(store: JobStore, job_id: str) -> dict[str, Any]:
         "config": asdict(job["config"]),
         "executions": store.status_counts(job_id),
         "failures": failures,
+        "rejections": rejections,
     }
+
+
+def _print_problems(info: dict[str, Any]) -> None:
+    if info["failures"]:
+        emit(info["failures"], False, "Failures")
+    if info["rejections"]:
+        rows = [
+            {
+                "thing": r["thing"],
+                "status": r["status"],
+                "requested": r["requestedStatus"],
+                "code": r["code"],
+                "reason": r["reason"],
+                "time (UTC)": r["rejectedAt"].replace("T", " ").rstrip("Z"),
+            }
+            for r in info["rejections"]
+        ]
+        emit(rows, False, "Rejected device updates (the last one of each execution)")
 
 
 @jobs_app.command("describe")
@@ -123,8 +156,7 @@ def jobs_describe(
             console.print_json(json.dumps(info))
             return
         console.print(f"job [bold]{job_id}[/bold]: {info['status']}  {json.dumps(info['executions'])}")
-        if info["failures"]:
-            emit(info["failures"], False, "Failures")
+        _print_problems(info)
         return
     progress = Progress(
         TextColumn("{task.description}"),
@@ -143,5 +175,4 @@ def jobs_describe(
             if info["status"] != JobStatus.IN_PROGRESS:
                 break
             time.sleep(0.5)  # a human watching; refresh twice a second
-    if info["failures"]:
-        emit(info["failures"], False, "Failures")
+    _print_problems(info)

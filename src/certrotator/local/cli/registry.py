@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -22,6 +22,7 @@ from certrotator.local.cli.common import (
     console,
     emit,
     fail,
+    iso,
     local_app,
     open_stores,
     rule_app,
@@ -124,17 +125,40 @@ def rule_disable(
 
 @local_app.command()
 def things(data_dir: DataDir = DEFAULT_DATA_DIR, as_json: JsonFlag = False) -> None:
-    """Things with their groups and certificates."""
+    """Things with their groups and certificates (--json: full certificate ids with status, issuer and
+    expiry)."""
     registry, _ = open_stores(data_dir)
-    rows = [
+    listed: list[dict[str, Any]] = [
         {
             "thing": t,
-            "groups": ",".join(registry.groups_of(t)),
-            "certificates": ",".join(c[:12] for c in registry.thing_principals(t)),
+            "groups": registry.groups_of(t),
+            "certificates": [
+                {
+                    "certificateId": c.certificate_id,
+                    "status": c.status.value,
+                    "issuer": c.issuer,
+                    "notAfter": iso(c.not_after),
+                }
+                for c in registry.certificates(t)
+            ],
         }
         for t in registry.things()
     ]
-    emit(rows, as_json, "Things")
+    if as_json:
+        emit(listed, True, "Things")
+        return
+    rows = [
+        {
+            "thing": t["thing"],
+            "groups": ", ".join(t["groups"]),
+            # the first 12 hex digits name a certificate well enough for a person; --json has them all
+            "certificates": ", ".join(
+                f"{c['certificateId'][:12]} ({c['status']})" for c in t["certificates"]
+            ),
+        }
+        for t in listed
+    ]
+    emit(rows, False, "Things", ["thing", "groups", "certificates"])
 
 
 @local_app.command()
@@ -168,7 +192,9 @@ def certificates(
         }
         for c in sorted(listed, key=lambda c: c.not_after)
     ]
-    emit(rows, as_json, "Certificates")
+    emit(
+        rows, as_json, "Certificates", ["certificateId", "status", "issuer", "notAfter", "daysLeft", "thing"]
+    )
 
 
 @local_app.command("jobs")
@@ -184,7 +210,7 @@ def list_jobs(data_dir: DataDir = DEFAULT_DATA_DIR, as_json: JsonFlag = False) -
         }
         for j in store.jobs()
     ]
-    emit(rows, as_json, "Jobs")
+    emit(rows, as_json, "Jobs", ["jobId", "status", "created", "executions"])
 
 
 @local_app.command()
@@ -205,4 +231,4 @@ def notifications(data_dir: DataDir = DEFAULT_DATA_DIR, as_json: JsonFlag = Fals
     if as_json:
         console.print_json(json.dumps(registry.notifications()))
         return
-    emit(rows, False, "Notifications")
+    emit(rows, False, "Notifications", ["time", "thing", "job", "status", "outcome", "action"])
