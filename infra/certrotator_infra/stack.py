@@ -52,16 +52,18 @@ TERMINAL_SQL: Final = "SELECT * FROM '$aws/events/jobExecution/+/+' WHERE " + " 
 )
 IOT_SQL_VERSION: Final = "2016-03-23"
 
-# Job template: rollout 100/min growing x1.2 per 100 successes up to 1,000/min (the Jobs maximum),
-# 5 minutes per execution in progress. PascalCase dicts: CloudFormation takes these properties as
-# free-form JSON, and the generated *Property classes would emit camelCase keys it rejects.
+# Job template: rollout 100/min growing x1.2 per 100 successes up to 300/min, the ceiling the AWS quotas
+# a rotation consumes allow (certrotator.ops.aws.quotas; infra/README.md "Rollout and quotas"), as the
+# local IoT Core's default template; 5 minutes per execution in progress. PascalCase dicts:
+# CloudFormation takes these properties as free-form JSON, and the generated *Property classes would emit
+# camelCase keys it rejects.
 ROLLOUT_CONFIG: Final[dict[str, Any]] = {
     "ExponentialRolloutRate": {
         "BaseRatePerMinute": 100,
         "IncrementFactor": 1.2,
         "RateIncreaseCriteria": {"NumberOfSucceededThings": 100},
     },
-    "MaximumPerMinute": 1000,
+    "MaximumPerMinute": 300,
 }
 TIMEOUT_CONFIG: Final[dict[str, Any]] = {"InProgressTimeoutInMinutes": 5}
 
@@ -456,6 +458,12 @@ class CertificateRotatorStack(Stack):
             "JobTemplateArn",
             value=self.job_template.attr_arn,
             description="Create rotation jobs from it",
+        )
+        CfnOutput(
+            self,
+            "CertificateIssuer",
+            value=self.ca_arn or "AWS IoT",
+            description="What issues rotated certificates: AWS IoT, or this AWS Private CA",
         )
         CfnOutput(
             self, "StateKeySecretArn", value=self.state_key.secret_arn, description="Rotation-state HMAC key"

@@ -453,7 +453,7 @@ def test_job_template(synth: Synth) -> None:
                         "IncrementFactor": 1.2,
                         "RateIncreaseCriteria": {"NumberOfSucceededThings": 100},
                     },
-                    "MaximumPerMinute": 1000,
+                    "MaximumPerMinute": 300,  # certrotator.ops.aws.quotas.rollout_ceiling_per_minute()
                 },
                 "TimeoutConfig": {"InProgressTimeoutInMinutes": 5},
             }

@@ -49,7 +49,8 @@ class JobError(ValueError):
 class JobConfig:
     """Rollout and timeout configuration (AWS's jobExecutionsRolloutConfig + timeoutConfig)."""
 
-    max_per_minute: int | None = 1000  # None = release every target at once
+    # None = release every target at once. 300: the ceiling of the AWS template (ops/aws/quotas.py).
+    max_per_minute: int | None = 300
     base_rate_per_minute: int | None = 100  # exponential rollout; None = flat max_per_minute
     increment_factor: float = 1.2
     succeeded_per_increase: int = 100
@@ -82,7 +83,7 @@ class JobConfig:
         return cls(**json.loads(text))
 
 
-# The seed's template: 100/min, ×1.2 per 100 successes, 5 min in-progress timeout.
+# The stack's template: 100/min, ×1.2 per 100 successes up to 300/min, 5 min in-progress timeout.
 DEFAULT_CONFIG = JobConfig()
 
 

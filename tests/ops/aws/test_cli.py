@@ -262,18 +262,20 @@ def stubs(aws: None, use_clients: UseClients) -> Any:
 
 def test_check_passes(stubs: CheckStubs) -> None:
     stubs.events()
-    stubs.stack()
+    stubs.stack(issuer="AWS IoT")
     stubs.template()
+    stubs.rules()
     stubs.group(deployment(), {"core1": "2.12.0"})
     result = cli("check", "--thing-group", "cores")
     assert result.exit_code == 0, result.output
-    assert result.output.count("✓") == 5 and "✗" not in result.output
+    assert result.output.count("✓") == 7 and "✗" not in result.output
 
 
 def test_check_fails_and_says_what_to_fix(stubs: CheckStubs) -> None:
     stubs.events(enabled=False)
     stubs.stack()
     stubs.template()
+    stubs.rules()
     result = cli("check")
     assert result.exit_code == 1, result.output
     assert "✗" in result.output and "update-event-configurations" in result.output
@@ -285,6 +287,7 @@ def test_check_json(stubs: CheckStubs) -> None:
         "describe_stacks", "ValidationError", "Stack with id Other does not exist", 400
     )
     stubs.template("Other")
+    stubs.rules()
     result = cli("check", "--stack", "Other", "--json")
     assert result.exit_code == 1
     checks = json.loads(result.stdout)
@@ -292,6 +295,7 @@ def test_check_json(stubs: CheckStubs) -> None:
         ("job execution events", "pass"),
         ("stack Other", "fail"),
         ("job template Other", "pass"),
+        ("rotation rules", "fail"),  # the rules are AWSLabsCertificateRotator's, not Other's
     ]
 
 

@@ -17,7 +17,8 @@ from botocore.stub import Stubber
 from certrotator.compat import UTC
 from certrotator.ops.aws import checks as aws_checks
 from certrotator.ops.aws import greengrass as aws_greengrass
-from certrotator.ops.aws.checks import Status, run_checks
+from certrotator.ops.aws.checks import run_checks
+from certrotator.ops.aws.checks_model import Check, Status, failed
 from certrotator.ops.aws.clients import AwsClients, OperationError, error_message
 from certrotator.ops.aws.jobs import (
     JobOverrides,
@@ -45,6 +46,16 @@ COMPONENT = "aws.greengrass.labs.CertificateRotator"
 GROUP_ARN = f"arn:aws:iot:{REGION}:{ACCOUNT}:thinggroup/cores"
 TEMPLATE_ARN = f"arn:aws:iot:{REGION}:{ACCOUNT}:jobtemplate/{TEMPLATE}"
 NUCLEUS_MERGE = json.dumps({"interpolateComponentConfiguration": True})
+
+
+OUR_RULES: list[dict[str, Any]] = [
+    {"ruleName": f"{TEMPLATE}CreateCertificate", "topicPattern": "awslabs/things/+/certificate/create"},
+    {"ruleName": f"{TEMPLATE}CommitCertificate", "topicPattern": "awslabs/things/+/certificate/commit"},
+    {"ruleName": f"{TEMPLATE}JobExecutionTerminal", "topicPattern": "$aws/events/jobExecution/+/+"},
+    {"ruleName": f"{TEMPLATE}CertificateAnnounce", "topicPattern": "awslabs/things/+/certificate/announce"},
+]
+# What `certrotator component build` puts in a recipe's run script (the check looks for it).
+OUR_RECIPE = 'Run:\n  Script: "python" -I -u -m certrotator.cli agent --greengrass\n'
 
 
 def component_arn(version: str, name: str = COMPONENT) -> str:
@@ -625,8 +636,19 @@ class CheckStubs:
             "describe_event_configurations", {"eventConfigurations": {"JOB_EXECUTION": {"Enabled": enabled}}}
         )
 
-    def stack(self, status: str = "CREATE_COMPLETE", template_arn: str | None = TEMPLATE_ARN) -> None:
+    def stack(
+        self,
+        status: str = "CREATE_COMPLETE",
+        template_arn: str | None = TEMPLATE_ARN,
+        issuer: str | None = None,
+        seed: bool = False,
+    ) -> None:
+        """Our stack's outputs (the seed's stack has none)."""
         outputs = [{"OutputKey": "JobTemplateArn", "OutputValue": template_arn}] if template_arn else []
+        if not seed:
+            outputs.append({"OutputKey": "StateKeySecretArn", "OutputValue": "arn:aws:secretsmanager:key"})
+        if issuer is not None:
+            outputs.append({"OutputKey": "CertificateIssuer", "OutputValue": issuer})
         self.cfn.add_response(
             "describe_stacks",
             {
@@ -642,25 +664,49 @@ class CheckStubs:
             {"StackName": "AWSLabsCertificateRotator"},
         )
 
-    def template(self, template: str = TEMPLATE, document: object = JOB_DOCUMENT) -> None:
-        self.iot.add_response(
-            "describe_job_template",
-            {
-                "jobTemplateArn": f"arn:aws:iot:{REGION}:{ACCOUNT}:jobtemplate/{template}",
-                "jobTemplateId": template,
-                "document": json.dumps(document),
-                "timeoutConfig": {"inProgressTimeoutInMinutes": 5},
-            },
-            {"jobTemplateId": template},
-        )
+    def template(
+        self, template: str = TEMPLATE, document: object = JOB_DOCUMENT, max_per_minute: int | None = 300
+    ) -> None:
+        answer: dict[str, Any] = {
+            "jobTemplateArn": f"arn:aws:iot:{REGION}:{ACCOUNT}:jobtemplate/{template}",
+            "jobTemplateId": template,
+            "document": json.dumps(document),
+            "timeoutConfig": {"inProgressTimeoutInMinutes": 5},
+        }
+        if max_per_minute is not None:
+            answer["jobExecutionsRolloutConfig"] = {"maximumPerMinute": max_per_minute}
+        self.iot.add_response("describe_job_template", answer, {"jobTemplateId": template})
 
-    def group(self, latest: dict[str, Any] | None, devices: dict[str, str | None]) -> None:
+    def rules(self, rules: list[dict[str, Any]] | None = None, sql: dict[str, str] | None = None) -> None:
+        """list_topic_rules (our stack's three rules by default) and get_topic_rule for every enabled
+        rule on job execution events, in order."""
+        listed = OUR_RULES if rules is None else rules
+        self.iot.add_response("list_topic_rules", {"rules": listed})
+        for rule in listed:
+            if rule["topicPattern"].startswith("$aws/events/jobExecution/") and not rule.get("ruleDisabled"):
+                text = (sql or {}).get(rule["ruleName"], "SELECT * FROM '$aws/events/jobExecution/+/+'")
+                self.iot.add_response(
+                    "get_topic_rule",
+                    {"rule": {"ruleName": rule["ruleName"], "sql": text}},
+                    {"ruleName": rule["ruleName"]},
+                )
+
+    def group(
+        self, latest: dict[str, Any] | None, devices: dict[str, str | None], recipe: str = OUR_RECIPE
+    ) -> None:
         self.iot.add_response(
             "describe_thing_group",
             {"thingGroupName": "cores", "thingGroupArn": GROUP_ARN},
             {"thingGroupName": "cores"},
         )
         stub_latest(self.gg, latest)
+        version = (latest or {}).get("components", {}).get(COMPONENT, {}).get("componentVersion")
+        if version:
+            self.gg.add_response(
+                "get_component",
+                {"recipeOutputFormat": "YAML", "recipe": recipe.encode()},
+                {"arn": component_arn(version), "recipeOutputFormat": "YAML"},
+            )
         self.gg.add_response(
             "list_core_devices",
             {"coreDevices": [{"coreDeviceThingName": name, "status": "HEALTHY"} for name in devices]},
@@ -686,26 +732,30 @@ def stubs() -> Any:
     stubs.done()
 
 
-def summary(checks: list[aws_checks.Check]) -> dict[str, str]:
+def summary(checks: list[Check]) -> dict[str, str]:
     return {c.name: c.status.value for c in checks}
 
 
 def test_check_a_ready_account(stubs: CheckStubs) -> None:
     stubs.events()
-    stubs.stack()
+    stubs.stack(issuer="AWS IoT")
     stubs.template()
+    stubs.rules()
     stubs.group(deployment(), {"core1": "2.12.0", "core2": "2.6.0"})
     checks = run_checks(stubs.clients(), thing_group="cores")
     assert summary(checks) == {
         "job execution events": "pass",
         "stack AWSLabsCertificateRotator": "pass",
         "job template AWSLabsCertificateRotator": "pass",
+        "rotation rules": "pass",
         "interpolateComponentConfiguration (cores)": "pass",
+        f"{COMPONENT} (cores)": "pass",
+        "greengrassDataPlaneEndpoint (cores)": "skip",
         "Nucleus on core1": "pass",
         "Nucleus on core2": "pass",
     }
-    assert not aws_checks.failed(checks)
-    assert "1.0.0 deployed" in checks[3].detail
+    assert not failed(checks)
+    assert "1.0.0 deployed" in checks[4].detail
 
 
 def test_check_reports_what_to_fix(stubs: CheckStubs) -> None:
@@ -716,12 +766,14 @@ def test_check_reports_what_to_fix(stubs: CheckStubs) -> None:
     stubs.iot.add_client_error(
         "describe_job_template", "ResourceNotFoundException", "Job template not found", 404
     )
+    stubs.rules([])
     checks = run_checks(stubs.clients())
-    assert [c.status for c in checks] == [Status.FAIL] * 3
+    assert [c.status for c in checks] == [Status.FAIL] * 4
     assert "update-event-configurations" in checks[0].fix
     assert checks[1].detail == "not deployed in us-east-1" and "cdk deploy" in checks[1].fix
     assert "deploy the stack" in checks[2].fix
-    assert aws_checks.failed(checks)
+    assert "AWSLabsCertificateRotatorCreateCertificate does not answer" in checks[3].detail
+    assert failed(checks)
 
 
 def test_check_template_found_through_the_stack_output(stubs: CheckStubs) -> None:
@@ -730,11 +782,13 @@ def test_check_template_found_through_the_stack_output(stubs: CheckStubs) -> Non
         status="UPDATE_ROLLBACK_COMPLETE", template_arn=f"arn:aws:iot:{REGION}:{ACCOUNT}:jobtemplate/Staging"
     )
     stubs.template("Staging", document={"operation": "OTHER"})
+    stubs.rules()
     checks = run_checks(stubs.clients())
     assert summary(checks) == {
         "job execution events": "pass",
         "stack AWSLabsCertificateRotator": "pass",
         "job template Staging": "fail",
+        "rotation rules": "pass",
     }
     assert "rolled back" in checks[1].detail
 
@@ -743,6 +797,7 @@ def test_check_stack_not_ready(stubs: CheckStubs) -> None:
     stubs.events()
     stubs.stack(status="UPDATE_IN_PROGRESS")
     stubs.template()
+    stubs.rules()
     assert run_checks(stubs.clients())[1].status is Status.FAIL
 
 
@@ -750,6 +805,7 @@ def test_check_old_nucleus_and_unconfirmed_interpolation(stubs: CheckStubs) -> N
     stubs.events()
     stubs.stack()
     stubs.template()
+    stubs.rules()
     latest = deployment()
     del latest["components"]["aws.greengrass.Nucleus"]
     stubs.group(latest, {"core1": "2.5.6", "core2": None})
@@ -757,15 +813,16 @@ def test_check_old_nucleus_and_unconfirmed_interpolation(stubs: CheckStubs) -> N
     assert summary(checks)["interpolateComponentConfiguration (cores)"] == "warn"
     assert summary(checks)["Nucleus on core1"] == "fail"
     assert summary(checks)["Nucleus on core2"] == "fail"  # from get_core_device's coreVersion
-    assert "2.5.6 < 2.6.0" in checks[4].detail
+    assert "2.5.6 < 2.6.0" in next(c.detail for c in checks if c.name == "Nucleus on core1")
 
 
 def test_check_access_denied_fails_that_check_only(stubs: CheckStubs) -> None:
     stubs.iot.add_client_error("describe_event_configurations", "AccessDeniedException", "no", 403)
     stubs.stack()
     stubs.template()
+    stubs.rules()
     checks = run_checks(stubs.clients())
-    assert [c.status for c in checks] == [Status.FAIL, Status.PASS, Status.PASS]
+    assert [c.status for c in checks] == [Status.FAIL, Status.PASS, Status.PASS, Status.PASS]
     assert "access denied to DescribeEventConfigurations" in checks[0].detail
 
 
@@ -773,6 +830,7 @@ def test_check_missing_group_and_no_devices(stubs: CheckStubs) -> None:
     stubs.events()
     stubs.stack()
     stubs.template()
+    stubs.rules()
     stubs.iot.add_client_error("describe_thing_group", "ResourceNotFoundException", "", 404)
     checks = run_checks(stubs.clients(), thing_group="cores")
     assert checks[-1].status is Status.FAIL and "thing group 'cores' does not exist" in checks[-1].detail
@@ -782,6 +840,7 @@ def test_check_group_without_visible_core_devices(stubs: CheckStubs) -> None:
     stubs.events()
     stubs.stack()
     stubs.template()
+    stubs.rules()
     stubs.group(None, {})
     checks = run_checks(stubs.clients(), thing_group="cores")
     assert summary(checks)["interpolateComponentConfiguration (cores)"] == "fail"

@@ -7,13 +7,13 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
 from functools import partial
 from typing import Any, Final
 
 from botocore.exceptions import ClientError
 
-from certrotator.compat import StrEnum
+from certrotator.ops.aws import migration, quotas
+from certrotator.ops.aws.checks_model import Check, Status
 from certrotator.ops.aws.clients import (
     ACCESS_DENIED_CODES,
     AwsClients,
@@ -41,28 +41,12 @@ ENABLE_EVENTS: Final = (
 SET_INTERPOLATE: Final = (
     f'deploy {NUCLEUS} to the group with configurationUpdate merge {{"{INTERPOLATE}": true}}'
 )
-
-
-class Status(StrEnum):
-    PASS = "pass"
-    FAIL = "fail"
-    WARN = "warn"  # could not be confirmed; not counted as a failure
-    SKIP = "skip"
-
-
-@dataclass(frozen=True, slots=True)
-class Check:
-    name: str
-    status: Status
-    detail: str
-    fix: str = ""
-
-    def to_json(self) -> dict[str, str]:
-        return {"check": self.name, "status": self.status.value, "detail": self.detail, "fix": self.fix}
-
-
-def failed(checks: list[Check]) -> bool:
-    return any(c.status is Status.FAIL for c in checks)
+DATA_PLANE: Final = "greengrassDataPlaneEndpoint"
+SET_DATA_PLANE: Final = (
+    f'deploy {NUCLEUS} to the group with configurationUpdate merge {{"{DATA_PLANE}": "iotdata"}}'
+)
+# The stack's output naming what issues certificates: "AWS IoT" or the Private CA's ARN.
+ISSUER_OUTPUT: Final = "CertificateIssuer"
 
 
 def _guarded(name: str, run: Callable[[], list[Check]]) -> list[Check]:
@@ -91,8 +75,9 @@ def run_checks(
     checks += _guarded(f"stack {stack}", lambda: [check_stack(clients, stack, outputs)])
     template = _template_id(outputs.get("JobTemplateArn"), stack)
     checks += _guarded(f"job template {template}", lambda: [check_template(clients, template)])
+    checks += _guarded("rotation rules", lambda: [migration.check_rules(clients, stack)])
     if thing_group is not None:
-        checks += check_group(clients, thing_group, max_devices)
+        checks += check_group(clients, thing_group, max_devices, outputs.get(ISSUER_OUTPUT))
     return checks
 
 
@@ -122,6 +107,8 @@ def check_stack(clients: AwsClients, stack: str, outputs: dict[str, str]) -> Che
     outputs.update(
         {o["OutputKey"]: o["OutputValue"] for o in described.get("Outputs", []) if "OutputKey" in o}
     )
+    if status in READY_STACK_STATUSES and migration.is_seed_stack(outputs):
+        return migration.seed_stack_check(name, status)
     if status in READY_STACK_STATUSES:
         note = " (its last update rolled back)" if "ROLLBACK" in status else ""
         return Check(name, Status.PASS, f"{status}{note}")
@@ -153,7 +140,20 @@ def check_template(clients: AwsClients, template: str) -> Check:
         )
     timeout = described.get("timeoutConfig", {}).get("inProgressTimeoutInMinutes")
     suffix = f", in-progress timeout {timeout} min" if timeout else ""
-    return Check(name, Status.PASS, f"rotation document{suffix}")
+    rollout = described.get("jobExecutionsRolloutConfig", {})
+    ceiling = quotas.rollout_ceiling_per_minute()
+    most = rollout.get("maximumPerMinute")
+    if most is None or most > ceiling:
+        releases = f"up to {most}" if most is not None else "with no ceiling of its own (AWS: up to 1,000)"
+        return Check(
+            name,
+            Status.WARN,
+            f"rotation document{suffix}; it releases {releases} executions a minute, more than the "
+            f"{ceiling} a minute the AWS quotas a rotation uses allow (infra/README.md, 'Rollout and quotas')",
+            f"redeploy the stack (its template stops at {ceiling}), or pass --max-per-minute {ceiling} "
+            "when creating jobs",
+        )
+    return Check(name, Status.PASS, f"rotation document{suffix}, at most {most} executions a minute")
 
 
 # ------------------------------------------------------------------------------------ core devices
@@ -164,29 +164,52 @@ def nucleus_version(text: str) -> tuple[int, int, int] | None:
     return (int(match[1]), int(match[2]), int(match[3])) if match else None
 
 
-def interpolation_setting(deployment: dict[str, Any]) -> bool | None:
-    """True/False when the deployment's Nucleus configurationUpdate sets (or resets) it; None when it
-    says nothing (an earlier deployment or the device's own config may have set it)."""
+_RESET: Final = object()  # the deployment resets the key to the nucleus's default
+
+
+def nucleus_setting(deployment: dict[str, Any], key: str) -> object:
+    """What the deployment's Nucleus configurationUpdate does to `key`: its merged value, _RESET, or
+    None when it says nothing (an earlier deployment or the device's own config may have set it)."""
     update = deployment.get("components", {}).get(NUCLEUS, {}).get("configurationUpdate", {})
     try:
         merge = json.loads(update.get("merge") or "{}")
     except ValueError:
         merge = {}
-    if isinstance(merge, dict) and INTERPOLATE in merge:
-        return merge[INTERPOLATE] in (True, "true")
-    if any(path in ("", f"/{INTERPOLATE}") for path in update.get("reset", [])):
-        return False  # reset to its default, which is off
+    if isinstance(merge, dict) and key in merge:
+        return merge[key]
+    if any(path in ("", f"/{key}") for path in update.get("reset", [])):
+        return _RESET
     return None
 
 
-def check_group(clients: AwsClients, group: str, max_devices: int) -> list[Check]:
-    """The group's latest deployment enables interpolation; its core devices run Nucleus >= 2.6.0."""
+def interpolation_setting(deployment: dict[str, Any]) -> bool | None:
+    """True/False when the deployment's Nucleus configurationUpdate sets (or resets) it; None when it
+    says nothing (an earlier deployment or the device's own config may have set it)."""
+    setting = nucleus_setting(deployment, INTERPOLATE)
+    if setting is None:
+        return None
+    return setting in (True, "true")  # reset: its default, which is off
+
+
+def check_group(clients: AwsClients, group: str, max_devices: int, issuer: str | None = None) -> list[Check]:
+    """The group's latest deployment enables interpolation, runs this project's component (and, with a
+    Private CA issuing, uses the IoT data endpoint); its core devices run Nucleus >= 2.6.0."""
     found: list[str] = []
     checks = _guarded(f"thing group {group}", lambda: _find_group(clients, group, found))
     if not found:
         return checks
     group_arn = found[0]
-    checks += _guarded(f"{INTERPOLATE} ({group})", lambda: [_check_deployment(clients, group, group_arn)])
+    deployments: list[dict[str, Any] | None] = []
+    checks += _guarded(
+        f"{INTERPOLATE} ({group})", lambda: [_check_deployment(clients, group, group_arn, deployments)]
+    )
+    if deployments and deployments[0] is not None:
+        deployment = deployments[0]
+        checks += _guarded(
+            f"{DEFAULT_COMPONENT} ({group})",
+            lambda: [migration.check_component(clients, group, group_arn, deployment)],
+        )
+        checks.append(check_data_plane(group, deployment, issuer))
     checks += _guarded(
         f"core devices ({group})", lambda: _check_devices(clients, group, group_arn, max_devices)
     )
@@ -198,9 +221,12 @@ def _find_group(clients: AwsClients, group: str, found: list[str]) -> list[Check
     return []
 
 
-def _check_deployment(clients: AwsClients, group: str, group_arn: str) -> Check:
+def _check_deployment(
+    clients: AwsClients, group: str, group_arn: str, found: list[dict[str, Any] | None]
+) -> Check:
     name = f"{INTERPOLATE} ({group})"
     deployment = latest_deployment(clients, group_arn)
+    found.append(deployment)
     if deployment is None:
         return Check(name, Status.FAIL, f"no Greengrass deployment targets {group}", SET_INTERPOLATE)
     setting = interpolation_setting(deployment)
@@ -216,6 +242,40 @@ def _check_deployment(clients: AwsClients, group: str, group_arn: str) -> Check:
         "not set by the group's latest deployment: if nothing else set it, the component cannot "
         f"subscribe and rotation jobs stay QUEUED{deployed}",
         SET_INTERPOLATE,
+    )
+
+
+def check_data_plane(group: str, deployment: dict[str, Any], issuer: str | None) -> Check:
+    """With a Private CA issuing, Greengrass must use the IoT data endpoint for its data plane: the
+    backend registers those certificates without a CA, which AWS IoT recognises only on the account's
+    own endpoint (by SNI); the shared Greengrass endpoint refuses them, so deployments stop reaching a
+    device after its first rotation."""
+    name = f"{DATA_PLANE} ({group})"
+    if not issuer:
+        return Check(
+            name,
+            Status.SKIP,
+            f"the stack does not say which CA issues (no {ISSUER_OUTPUT} output: redeploy it); with AWS "
+            f"Private CA the group needs {DATA_PLANE}: iotdata",
+        )
+    if not issuer.startswith("arn:"):
+        return Check(name, Status.SKIP, f"{issuer} issues the certificates: the default endpoint works")
+    setting = nucleus_setting(deployment, DATA_PLANE)
+    if setting == "iotdata":
+        return Check(name, Status.PASS, "iotdata, as certificates from AWS Private CA need")
+    detail = (
+        "not set by the group's latest deployment: unless the devices' own configuration sets it, "
+        "Greengrass uses its own data endpoint, which refuses certificates from AWS Private CA"
+        if setting is None
+        else f"{'reset to the default' if setting is _RESET else repr(setting)}: Greengrass's own data "
+        "endpoint refuses certificates from AWS Private CA"
+    )
+    status = Status.WARN if setting is None else Status.FAIL
+    return Check(
+        name,
+        status,
+        f"{detail} (deployments stop reaching a device after its first rotation)",
+        SET_DATA_PLANE,
     )
 
 

@@ -319,7 +319,8 @@ def check(
     profile: Profile = None,
 ) -> None:
     """Check the account is ready to rotate; exits 1 and says what to fix if not."""
-    from certrotator.ops.aws.checks import failed, run_checks
+    from certrotator.ops.aws.checks import run_checks
+    from certrotator.ops.aws.checks_model import failed
 
     with _aws_errors():
         checks = run_checks(connect(region, profile), stack, thing_group, max_devices)
