@@ -178,6 +178,18 @@ def test_a_wheel_changed_in_the_artifact_directory_is_refused(tmp_path: Path) ->
     assert not list((rotator.nucleus.root / "certrotator").rglob("pyvenv.cfg"))
 
 
+def test_the_seeds_component_is_not_replaced_in_the_middle_of_its_rotation(tmp_path: Path) -> None:
+    """The seed keeps its backup of the previous certificate and key in {work:path} while it rotates:
+    the install fails (the deployment does) rather than strand it."""
+    rotator = component(tmp_path)
+    seed_venv = plant_seed_venv(rotator.nucleus)
+    (rotator.nucleus.work / "private_key.bak").write_text("the previous key")
+    done = rotator.install()
+    assert done.returncode != 0 and "a rotation of the seed's component is in flight" in done.stderr
+    assert seed_venv.is_dir() and (rotator.nucleus.work / "private_key.bak").exists()
+    assert not list((rotator.nucleus.root / "certrotator").rglob("pyvenv.cfg"))
+
+
 def test_install_refuses_a_directory_another_user_owns(tmp_path: Path) -> None:
     rotator = component(tmp_path)
     squatted = rotator.nucleus.root / "certrotator"
