@@ -104,6 +104,9 @@ def test_linux_manifest_installs_a_root_owned_environment_runs_the_agent_and_res
     assert f'"$wheel/{built.wheel}" "{built.wheel_sha256}"' in script  # checked before pip sees it
     assert f'-m pip install --disable-pip-version-check --no-input "$wheel/{built.wheel}[device]"' in script
     assert "python3 -m" not in script and 'python" -m' not in script  # always isolated (-I)
+    # The system's Python without site: no site-packages (nor their .pth files) run as root.
+    assert 'python3 -I -S -m venv "$env"' in script and "verify python3 -I -S - " in script
+    assert "python3 -I -c" not in script and "python3 -I -m" not in script
     run_script = run["Script"]
     assert 'cd "$home/state" || exit 1' in run_script
     assert (
@@ -130,7 +133,7 @@ def test_windows_manifest_installs_an_environment_outside_the_work_path_and_rest
     assert "\n" not in script  # cmd.exe gets one line: the folded scalar joined it
     assert script.startswith('cd /d "{kernel:rootPath}" && ')
     assert f'copy /y "{{artifacts:decompressedPath}}\\certrotator\\{built.wheel}" "{wheel}"' in script
-    assert f'"{wheel}" "{built.wheel_sha256}" && python -I -m venv "{environment}"' in script
+    assert f'"{wheel}" "{built.wheel_sha256}" && python -I -S -m venv "{environment}"' in script
     assert f'"{environment}\\Scripts\\python.exe" -I -m pip install' in script
     assert script.count("(") == script.count(")")
     run_script = run["Script"]
