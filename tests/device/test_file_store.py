@@ -3,6 +3,7 @@ write (a child process killed at each crash point, DESIGN.md §3)."""
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import shutil
 import stat
@@ -13,13 +14,14 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from certrotator import crypto
 from certrotator.crypto import KeyAlgorithm, SigningAlgorithm
 from certrotator.device.journal import CRASH_ENV
 from certrotator.device.keystores import files
-from certrotator.device.keystores.base import KeyStoreError
+from certrotator.device.keystores.base import NOT_BEFORE_ALLOWANCE, KeyStoreError, validity_problem
 from certrotator.device.keystores.files import FileKeyStore
 
 from .crash_child import AFTER_INSTALL, JOB, issue, issue_for_csr, make_ca, provision, rotate, store_at
@@ -224,6 +226,98 @@ def test_install_of_a_certificate_for_another_key_changes_nothing(device: Device
     store.install(JOB, issue_for_csr(device.ca, csr))
     assert store.pair_matches()
     assert store.has_backup()
+
+
+def dated_for_csr(ca: Ca, csr_pem: str, not_before: dt.datetime, not_after: dt.datetime) -> str:
+    """A certificate for the CSR's key and subject, by the device's CA, valid from `not_before` to
+    `not_after`: everything right but the dates."""
+    info = crypto.inspect_csr(csr_pem)
+    ca_key, ca_cert = ca
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(info.subject)
+        .issuer_name(ca_cert.subject)
+        .public_key(info.public_key)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    return crypto.certificate_pem(certificate)
+
+
+def utc_now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
+
+
+# (notBefore, notAfter) relative to now, and the refusal.
+OUTSIDE_VALIDITY = {
+    "expired": (-dt.timedelta(days=30), -dt.timedelta(minutes=1), "no longer valid: its notAfter"),
+    "not yet valid": (
+        NOT_BEFORE_ALLOWANCE + dt.timedelta(minutes=2),
+        dt.timedelta(days=30),
+        "not valid yet: its notBefore",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(OUTSIDE_VALIDITY))
+def test_install_of_a_certificate_outside_its_validity_changes_nothing(device: Device, case: str) -> None:
+    store = device.store
+    csr = store.prepare(JOB, KeyAlgorithm.ECDSA_P256, SigningAlgorithm.ECDSA_WITH_SHA256)
+    start, end, message = OUTSIDE_VALIDITY[case]
+    now = utc_now()
+    pem = dated_for_csr(device.ca, csr, now + start, now + end)
+    before = snapshot(device.directory)
+
+    with pytest.raises(KeyStoreError, match=message) as refused:
+        store.install(JOB, pem)
+    # The reason names the certificate's date and the device's clock, and promises nothing changed.
+    date = (now + (end if "no longer" in message else start)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    assert date in str(refused.value) and str(refused.value).endswith("; nothing changed")
+    assert snapshot(device.directory) == before == {CERT: device.old_cert, KEY: device.old_key}
+    assert not store.has_backup()
+    assert store.journal.read() is None
+
+    # The prepared key stays: a certificate within its validity for it still installs.
+    store.install(JOB, issue_for_csr(device.ca, csr))
+    assert store.pair_matches() and store.has_backup()
+
+
+def test_a_certificate_starting_within_the_clock_skew_allowance_is_installed(device: Device) -> None:
+    """A device whose clock runs a little behind the issuer's takes a brand-new certificate."""
+    store = device.store
+    csr = store.prepare(JOB, KeyAlgorithm.ECDSA_P256, SigningAlgorithm.ECDSA_WITH_SHA256)
+    now = utc_now()
+    pem = dated_for_csr(
+        device.ca, csr, now + NOT_BEFORE_ALLOWANCE - dt.timedelta(minutes=2), now + dt.timedelta(days=1)
+    )
+    store.install(JOB, pem)
+    assert store.cert.read_bytes() == pem.encode()
+    assert store.pair_matches() and store.has_backup()
+
+
+def test_validity_boundaries() -> None:
+    now = dt.datetime(2030, 6, 1, 12, 0, tzinfo=dt.timezone.utc)
+    day = dt.timedelta(days=1)
+    assert validity_problem(now - day, now + day, now) is None
+    assert validity_problem(now, now, now) is None  # both bounds are inclusive (RFC 5280)
+    assert validity_problem(now + NOT_BEFORE_ALLOWANCE, now + day, now) is None
+    late = validity_problem(now + NOT_BEFORE_ALLOWANCE + dt.timedelta(seconds=1), now + day, now)
+    assert late is not None and "not valid yet" in late and "60 min" in late
+    assert "2030-06-01T13:00:01Z" in late and "2030-06-01T12:00:00Z" in late
+    expired = validity_problem(now - day, now - dt.timedelta(seconds=1), now)
+    assert expired == (
+        "the new certificate is no longer valid: its notAfter 2030-06-01T11:59:59Z is before this "
+        "device's clock 2030-06-01T12:00:00Z"
+    )
+    # Another timezone on the way in, UTC on the way out.
+    plus_two = dt.timezone(dt.timedelta(hours=2))
+    expired_elsewhere = validity_problem(now - day, now - dt.timedelta(hours=1), now.astimezone(plus_two))
+    assert expired_elsewhere is not None and "11:00:00Z" in expired_elsewhere
+    assert validity_problem(now, now + day, now, allowance=dt.timedelta(0)) is None
+    assert validity_problem(now + dt.timedelta(seconds=1), now + day, now, allowance=dt.timedelta(0))
 
 
 def test_install_of_the_old_certificate_is_refused(device: Device) -> None:

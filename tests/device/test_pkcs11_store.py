@@ -4,6 +4,7 @@ crash point (a real process killed there, then recovery in this one)."""
 
 from __future__ import annotations
 
+import datetime as dt
 import fcntl
 import json
 import os
@@ -28,7 +29,7 @@ from pkcs11.exceptions import DeviceError
 from certrotator import crypto
 from certrotator.crypto import KeyAlgorithm, SigningAlgorithm
 from certrotator.device import journal
-from certrotator.device.keystores.base import KeyStoreError, TransientKeyStoreError
+from certrotator.device.keystores.base import NOT_BEFORE_ALLOWANCE, KeyStoreError, TransientKeyStoreError
 from certrotator.device.keystores.pkcs11 import store as store_module
 from certrotator.device.keystores.pkcs11.location import (
     P521_REFUSAL,
@@ -387,6 +388,74 @@ def test_install_of_a_certificate_for_another_key_changes_nothing(ec_device: Dev
     assert not store.has_backup()
     store.discard_prepared()
     assert ec_device.live() == ec_device.initial
+
+
+def token_files(hsm: SoftHsm) -> dict[str, bytes]:
+    """SoftHSM's object store, file by file: what the token holds, byte for byte."""
+    return {
+        str(path.relative_to(hsm.directory)): path.read_bytes()
+        for path in sorted(hsm.directory.rglob("*"))
+        if path.is_file()
+    }
+
+
+def dated_for_csr(ca: TestCa, csr_pem: str, not_before: dt.datetime, not_after: dt.datetime) -> str:
+    """Everything right (the CSR's key and subject, the device's CA) but the dates."""
+    info = crypto.inspect_csr(csr_pem)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(info.subject)
+        .issuer_name(ca.name)
+        .public_key(info.public_key)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
+        .sign(ca.key, hashes.SHA256())
+    )
+    return crypto.certificate_pem(certificate)
+
+
+@pytest.mark.parametrize(
+    ("start", "end", "message"),
+    [
+        (-dt.timedelta(days=30), -dt.timedelta(seconds=30), "no longer valid: its notAfter"),
+        (
+            NOT_BEFORE_ALLOWANCE + dt.timedelta(minutes=2),
+            dt.timedelta(days=30),
+            "not valid yet: its notBefore",
+        ),
+    ],
+    ids=["expired", "not yet valid"],
+)
+def test_install_of_a_certificate_outside_its_validity_changes_nothing(
+    ec_device: Device, ca: TestCa, start: dt.timedelta, end: dt.timedelta, message: str
+) -> None:
+    store = ec_device.store()
+    csr = store.prepare("job", KeyAlgorithm.ECDSA_P256, SigningAlgorithm.ECDSA_WITH_SHA256)
+    now = dt.datetime.now(dt.timezone.utc)
+    pem = dated_for_csr(ca, csr, now + start, now + end)
+    before = (token_files(ec_device.hsm), ec_device.journal.read_bytes(), ec_device.cert_file.read_bytes())
+    objects = snapshot(ec_device.hsm)
+    assert any(name.endswith(".object") for name in before[0]), "not SoftHSM's file object store?"
+
+    with pytest.raises(KeyStoreError, match=message) as refused:
+        store.install("job", pem)
+    assert str(refused.value).endswith("; nothing changed")
+    # Byte for byte: the token's object files, the journal (still "prepared") and the certificate file.
+    assert (
+        token_files(ec_device.hsm),
+        ec_device.journal.read_bytes(),
+        ec_device.cert_file.read_bytes(),
+    ) == before
+    assert snapshot(ec_device.hsm) == objects
+    assert not store.has_backup()
+
+    # The prepared key is still there: a certificate within its validity for it installs.
+    good = ca.issue_for_csr(csr)
+    store.install("job", good)
+    assert store.has_backup()
+    store.commit()
+    assert crypto.certificate_pem(ec_device.live()) == good
 
 
 def test_install_needs_the_prepared_key_of_that_job(ec_device: Device, ca: TestCa) -> None:

@@ -14,7 +14,8 @@ the journal names the phase, so `recover()` knows which one to keep:
     backup     (written by earlier versions, which copied     drop the partial .bak files
                the old pair)
 
-The new key is generated in memory and written only once its certificate has arrived and matches it.
+The new key is generated in memory and written only once its certificate has arrived, matches it and
+is within its validity (`base.check_validity`).
 
 PERF, and flash wear on a real device: the old pair is kept as a second name (a hard link) rather
 than a copy, and the files that change together share one directory fsync. Install + commit cost
@@ -28,7 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from certrotator.device.journal import Journal, crash_point
-from certrotator.device.keystores.base import KeyStoreError
+from certrotator.device.keystores.base import KeyStoreError, check_validity
 from certrotator.fsutil import fsync_dirs, publish, remove_all, remove_stale_temps, second_name, stage
 
 if TYPE_CHECKING:
@@ -156,6 +157,7 @@ class FileKeyStore:
             raise KeyStoreError(f"the new certificate is unusable: {exc}") from None
         if not crypto.certificate_matches_key(certificate, key):
             raise KeyStoreError("the new certificate is not for the key this device generated")
+        check_validity(certificate)  # the broker would refuse it: fail the job with its dates instead
         if self.journal.read() is not None or self.has_backup():
             raise KeyStoreError("a previous rotation is still pending (backup present); not installing")
         key_pem, cert_pem = crypto.private_key_pem(key), crypto.certificate_pem(certificate).encode()

@@ -52,7 +52,7 @@ from pkcs11.exceptions import PKCS11Error
 
 from certrotator import crypto
 from certrotator.device.journal import Journal, atomic_write, crash_point
-from certrotator.device.keystores.base import KeyStoreError, TransientKeyStoreError
+from certrotator.device.keystores.base import KeyStoreError, TransientKeyStoreError, check_validity
 from certrotator.device.keystores.pkcs11.location import (
     BACKUP_SUFFIX,
     NEW_SUFFIX,
@@ -258,6 +258,7 @@ class Pkcs11KeyStore:
                 raise KeyStoreError(
                     "the new certificate is not for the key this device generated; nothing changed"
                 )
+            check_validity(certificate)  # the broker would refuse it: fail the job with its dates instead
             old_private = find_one(s, ObjectClass.PRIVATE_KEY, kl)
             old_publics = find(s, ObjectClass.PUBLIC_KEY, kl)  # provisioning tools may skip it
             old_certificate = find_one(s, ObjectClass.CERTIFICATE, cl)
