@@ -36,14 +36,15 @@ from certrotator_infra.permissions import ALL, SHADOW_NAME, Function, Grant, Iot
 # The rotation job document; = certrotator.protocol.JOB_DOCUMENT, compact as the devices compare it.
 JOB_DOCUMENT: Final = json.dumps({"operation": "ROTATE_CERTIFICATE"}, separators=(",", ":"))
 
-CREATE_SQL: Final = (
-    "SELECT *, topic(3) AS thingName, topic() AS topic, clientid() AS clientId, principal() AS principal"
-    " FROM 'awslabs/things/+/certificate/create'"
+# What only the broker knows of a request (certrotator.protocol.BrokerContext's event fields).
+BROKER_CONTEXT_SQL: Final = (
+    "topic(3) AS thingName, topic() AS topic, clientid() AS clientId, principal() AS principal"
 )
-COMMIT_SQL: Final = (
-    "SELECT *, topic(3) AS thingName, topic() AS topic, clientid() AS clientId, principal() AS principal"
-    " FROM 'awslabs/things/+/certificate/commit'"
-)
+# The request's own fields by name (protocol.CreateCertificateRequest / CommitCertificateRequest), never
+# `*`: a payload carrying its own `principal`, `thingName`, `clientId` or `topic` never reaches the
+# function, so whether AWS IoT SQL would let it shadow the alias is no longer a question.
+CREATE_SQL: Final = f"SELECT jobId, csr, {BROKER_CONTEXT_SQL} FROM 'awslabs/things/+/certificate/create'"
+COMMIT_SQL: Final = f"SELECT jobId, {BROKER_CONTEXT_SQL} FROM 'awslabs/things/+/certificate/commit'"
 # Every job's terminal execution events ($aws/events/jobExecution/{jobId}/{status}): the terminal function
 # decides from its own rotation state and the job's document, never from the device's statusDetails, so
 # the rule cannot filter on them. Not `deleted` (a DeleteJobExecution of an execution that had ended).

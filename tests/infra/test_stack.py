@@ -31,9 +31,12 @@ from tests.infra.support import (
 pytest.importorskip("aws_cdk", reason=CDK_MISSING)
 
 from aws_cdk.assertions import Match
+from certrotator_infra import stack
 from certrotator_infra.application import build
 from certrotator_infra.lambda_asset import powertools_version
 from certrotator_infra.permissions import Function
+
+from certrotator.protocol import BrokerContext, CommitCertificateRequest, CreateCertificateRequest, Topics
 
 DEFAULT_STACK = "AWSLabsCertificateRotator"
 PCA_STACK = PCA_CONTEXT["StackName"]
@@ -44,11 +47,11 @@ HANDLERS = {
     "JobExecutionTerminal": "certrotator.backend.aws.lambdas.job_execution_terminal",
 }
 CREATE_SQL = (
-    "SELECT *, topic(3) AS thingName, topic() AS topic, clientid() AS clientId, principal() AS principal"
-    " FROM 'awslabs/things/+/certificate/create'"
+    "SELECT jobId, csr, topic(3) AS thingName, topic() AS topic, clientid() AS clientId,"
+    " principal() AS principal FROM 'awslabs/things/+/certificate/create'"
 )
 COMMIT_SQL = (
-    "SELECT *, topic(3) AS thingName, topic() AS topic, clientid() AS clientId, principal() AS principal"
+    "SELECT jobId, topic(3) AS thingName, topic() AS topic, clientid() AS clientId, principal() AS principal"
     " FROM 'awslabs/things/+/certificate/commit'"
 )
 TERMINAL_SQL = (
@@ -319,6 +322,43 @@ def test_the_handlers_accept_the_environment(synth: Synth) -> None:
 # ---------------------------------------------------------------------------------------- the rules
 
 
+def select_list(sql: str) -> list[str]:
+    """The items between SELECT and FROM (none of ours has a comma inside an item)."""
+    assert sql.startswith("SELECT ") and sql.count(" FROM ") == 1, sql
+    return [item.strip() for item in sql.removeprefix("SELECT ").split(" FROM ")[0].split(",")]
+
+
+@pytest.mark.parametrize(
+    ("sql", "message", "topic"),
+    [
+        (stack.CREATE_SQL, CreateCertificateRequest("job", "csr"), Topics.create("+")),
+        (stack.COMMIT_SQL, CommitCertificateRequest("job"), Topics.commit("+")),
+    ],
+    ids=["create", "commit"],
+)
+def test_request_rules_select_the_request_by_name_and_only_the_broker_adds_context(
+    sql: str, message: CreateCertificateRequest | CommitCertificateRequest, topic: str
+) -> None:
+    """No `*`: a device's payload reaches the function only as the request's own fields, and every field
+    the handlers trust as broker context (BrokerContext) is a function of the connection, never a
+    field a payload could also carry and AWS IoT SQL might let win."""
+    items = select_list(sql)
+    assert "*" not in sql
+    assert sql.endswith(f" FROM '{topic}'")
+    fields = [item for item in items if " AS " not in item]
+    assert fields == list(message.to_payload())
+    aliases = {alias: expr for expr, alias in (item.split(" AS ") for item in items if " AS " in item)}
+    context = BrokerContext(thing="t", client_id="c", principal="p", topic="x").to_event_fields()
+    assert set(aliases) == set(context)
+    assert aliases == {
+        "thingName": "topic(3)",  # awslabs/things/{thing}/...
+        "topic": "topic()",
+        "clientId": "clientid()",
+        "principal": "principal()",
+    }
+    assert not set(fields) & set(aliases)
+
+
 def test_three_function_rules_with_the_exact_sql_and_an_error_action(synth: Synth) -> None:
     rules = synth.resources("AWS::IoT::TopicRule")
     assert len(rules) == 4  # + the announcement rule
@@ -330,6 +370,8 @@ def test_three_function_rules_with_the_exact_sql_and_an_error_action(synth: Synt
         ]
         payload = rule["Properties"]["TopicRulePayload"]
         assert payload["Sql"] == SQL[function]
+        if function != "JobExecutionTerminal":  # a device's request: no field of its own beyond the request's
+            assert "*" not in select_list(payload["Sql"])
         assert payload["AwsIotSqlVersion"] == "2016-03-23"
         assert payload["RuleDisabled"] is False
         assert payload["Actions"] == [{"Lambda": {"FunctionArn": {"Fn::GetAtt": [fn_id, "Arn"]}}}]
