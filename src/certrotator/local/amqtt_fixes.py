@@ -1,5 +1,8 @@
-"""amqtt 0.12.1 made safe and fast enough for the local IoT Core: one subclass of its broker, one of its
-protocol handler. Nothing here is imported outside `local.broker`.
+"""amqtt 0.12.1 made safe and fast enough for the local IoT Core: one subclass of its broker
+(`GuardedBroker`: TLS, the connection lifecycle, takeovers), with its parts in modules of their own:
+`guarded_handler` (one connection's protocol handler), `amqtt_routing` (subscriptions and delivery),
+`mqtt_packets` (packet framing) and `amqtt_speedups` (process-wide PERF changes). Nothing here is
+imported outside `local.broker`.
 
 Every departure from amqtt is one method marked `FIX n` (the defects in the local IoT Core issue, each
 with a regression test in tests/local/test_broker.py), `FIX` (further defects found reading the code),
@@ -14,296 +17,48 @@ exceptions only at DEBUG.
 from __future__ import annotations
 
 import asyncio
-import asyncio.sslproto
 import logging
 import math
 import ssl
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
 from functools import partial
 from typing import Any, Final
 
-import amqtt.mqtt.protocol.handler as amqtt_handler
 from amqtt.adapters import ReaderAdapter, WriterAdapter
-from amqtt.broker import Broker, RetainedApplicationMessage
+from amqtt.broker import Broker
 from amqtt.contexts import ListenerConfig, ListenerType
 from amqtt.errors import AMQTTError, BrokerError, MQTTError, NoDataError
 from amqtt.events import BrokerEvents
-from amqtt.mqtt import packet_class
 from amqtt.mqtt.connack import NOT_AUTHORIZED, ConnackPacket
-from amqtt.mqtt.packet import (
-    DISCONNECT,
-    PINGREQ,
-    PUBACK,
-    PUBCOMP,
-    PUBLISH,
-    PUBREC,
-    PUBREL,
-    SUBSCRIBE,
-    UNSUBSCRIBE,
-    MQTTFixedHeader,
-)
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
-from amqtt.mqtt.puback import PubackPacket
-from amqtt.mqtt.publish import PublishPacket
 from amqtt.session import Session
-from transitions import MachineError
 
 from certrotator.crypto import certificate_id_from_der
-from certrotator.local.policy import Connection, ConnectionAuthorizer, TopicAction
-from certrotator.local.topic_tree import SubscriptionIndex, valid_topic_filter, valid_topic_name
-from certrotator.protocol import MAX_PAYLOAD_BYTES
+from certrotator.local import amqtt_speedups, mqtt_packets
+from certrotator.local.amqtt_routing import (
+    CONNECTION_ATTRIBUTE,
+    ClientPublishHook,
+    SubscribedHook,
+    SubscriptionRouting,
+)
+from certrotator.local.guarded_handler import GuardedHandler
+from certrotator.local.mqtt_packets import PacketReader
+from certrotator.local.policy import Connection, ConnectionAuthorizer
 
 log = logging.getLogger("certrotator.local.broker")
 
-# AWS IoT speaks QoS 0 and 1 only: subscriptions are granted at most 1, a QoS 2 PUBLISH disconnects.
-MAX_QOS: Final = 1
-SUBACK_FAILURE: Final = 0x80
-# AWS IoT's quota of subscriptions per connection: a SUBSCRIBE beyond it gets failure (0x80) per filter.
-# Counted per client id, over the filters its session holds (a resumed session keeps its filters).
-MAX_SUBSCRIPTIONS_PER_CONNECTION: Final = 50
 # A TLS client that never sends CONNECT is dropped after this (amqtt waits forever).
 CONNECT_TIMEOUT: Final = 10.0
 # How long a takeover waits for the previous connection of the client id to finish closing.
 TAKEOVER_TIMEOUT: Final = 5.0
-# QoS 1 messages kept for an offline persistent session (amqtt's queue is unbounded).
-MAX_OFFLINE_MESSAGES: Final = 100
-CONNECTION_ATTRIBUTE: Final = "certrotator.connection"
 
-ClientPublishHook = Callable[[str, bytes, Connection], None]
-# Told which topic filters a connection now holds: those a SUBACK just granted, and those a resumed
-# persistent session brought back (no SUBSCRIBE is sent for them). Runs on the broker's loop, after the
-# SUBACK / CONNACK went out, so what the hook sends reaches a client that is already subscribed.
-SubscribedHook = Callable[[Connection, list[str]], None]
+# Only the local broker imports this module: what these change for the whole process is the broker's.
+amqtt_speedups.install()
+mqtt_packets.install()
 
 
-class SessionStates:
-    """PERF: amqtt gives every Session its own `transitions.Machine` (new / connected / disconnected):
-    building it took ~13% of the engine's CPU in a 1,000-device rotation (each rotation reconnects), and
-    each trigger goes through the library's generic dispatch. This is the same three-state machine
-    with the same interface amqtt and we use (`state`, `connect()`, `disconnect()`, `is_<state>()`,
-    MachineError on a connect while connected) and the same enter callbacks."""
-
-    __slots__ = ("_session", "state")
-
-    def __init__(self, session: Session) -> None:
-        self._session = session
-        self.state = "new"
-
-    def connect(self) -> bool:
-        if self.state == "connected":
-            raise MachineError("Can't trigger event connect from state connected!")
-        self.state = "connected"
-        self._session._on_enter_connected()
-        return True
-
-    def disconnect(self) -> bool:
-        self.state = "disconnected"  # allowed from every state, as in amqtt's machine
-        self._session._on_enter_disconnected()
-        return True
-
-    def is_new(self) -> bool:
-        return self.state == "new"
-
-    def is_connected(self) -> bool:
-        return self.state == "connected"
-
-    def is_disconnected(self) -> bool:
-        return self.state == "disconnected"
-
-
-def _init_session_states(session: Session) -> None:
-    session.transitions = SessionStates(session)
-
-
-# Every Session is created inside amqtt (BrokerProtocolHandler.init_from_connect), so the class is
-# where the cheaper state machine goes in; only the local broker imports this module.
-Session._init_states = _init_session_states
-
-# PERF: asyncio gives every TLS connection a 256 KB read buffer, zero-filled when the connection is
-# accepted: ~0.2-1 ms of the engine's CPU per (re)connection and 256 KB of RSS per connected device,
-# most of the broker's memory per device. A TLS record carries at most 16 KB, so 32 KB reads lose
-# nothing for the protocol's small messages; a large one (up to MAX_PAYLOAD_BYTES) takes a few reads.
-# Process-wide, like the Session change: the local broker is this process's only asyncio TLS server.
-asyncio.sslproto.SSLProtocol.max_size = 32 * 1024  # type: ignore[attr-defined]  # not in typeshed
-
-
-# What a client may send once connected (MQTT 3.1.1 §2.2.1): a second CONNECT, a server's packet or a
-# reserved type is a protocol violation, and so is anything longer than the largest PUBLISH we accept.
-CLIENT_PACKET_TYPES: Final = frozenset(
-    {PUBLISH, PUBACK, PUBREC, PUBREL, PUBCOMP, SUBSCRIBE, UNSUBSCRIBE, PINGREQ, DISCONNECT}
-)
-MAX_PACKET_BYTES: Final = MAX_PAYLOAD_BYTES + 2 + 65_535 + 2  # payload, longest topic, packet id
-
-
-class MalformedPacket(Exception):
-    """A packet that breaks MQTT's framing; its connection has been closed (not an MQTTError, which
-    amqtt's reader loop answers by skipping the packet and reading on)."""
-
-
-class PacketReader(ReaderAdapter):  # type: ignore[misc]
-    """FIX: amqtt frames a connected client's packets loosely. It reads whatever length a header
-    announces (a PUBLISH "of 256 MB" is buffered before any size check), waits for a body without a
-    time limit (a client that sends half a packet holds its connection forever: the keep-alive covers
-    only the next header), and on a malformed packet (bad remaining length, wildcard PUBLISH topic)
-    skips it and parses the following bytes as packets. MQTT-4.8.0-1 and AWS IoT close the connection.
-
-    This reader holds each packet to its header: the length and type are checked before the body is
-    read, the body must arrive within the keep-alive and may not read past its own length, and the
-    next header may not start before the body is used up. Any breach kicks the connection.
-    Regression tests: tests/local/test_hostile_packets.py."""
-
-    def __init__(self, inner: ReaderAdapter, handler: GuardedHandler, body_timeout: float) -> None:
-        self._inner, self._handler, self._body_timeout = inner, handler, body_timeout
-        self._left: int | None = None  # bytes of the current packet's body not read yet; None: a header
-        self._deadline: asyncio.TimerHandle | None = None
-
-    def _malformed(self, reason: str) -> MalformedPacket:
-        self.close()
-        connection = self._handler.connection
-        log.warning(
-            "disconnecting %s: malformed packet: %s", connection.client_id if connection else "?", reason
-        )
-        self._handler.kick()
-        return MalformedPacket(reason)
-
-    async def read(self, n: int = -1) -> bytes:
-        left = self._left
-        if left is not None:
-            if n < 0 or n > left:
-                raise self._malformed(f"a field of {n} bytes in a packet with {left} bytes left")
-            self._left = left - n
-            if self._left == 0 and self._deadline is not None:
-                self._deadline.cancel()
-        data: bytes = await self._inner.read(n)
-        return data
-
-    def feed_eof(self) -> None:
-        self._inner.feed_eof()
-
-    async def next_header(self) -> MQTTFixedHeader | None:
-        if self._left:
-            raise self._malformed(f"{self._left} bytes of the previous packet were not part of it")
-        self._left = None
-        try:
-            header: MQTTFixedHeader | None = await MQTTFixedHeader.from_stream(self._inner)
-        except MQTTError as exc:
-            raise self._malformed(str(exc)) from None
-        if header is None:
-            return None
-        if header.packet_type not in CLIENT_PACKET_TYPES:
-            raise self._malformed(f"packet type {header.packet_type} from a connected client")
-        if header.remaining_length > MAX_PACKET_BYTES:
-            raise self._malformed(f"a packet of {header.remaining_length} bytes (at most {MAX_PACKET_BYTES})")
-        self._left = header.remaining_length
-        if self._left:
-            self._deadline = asyncio.get_running_loop().call_later(self._body_timeout, self._too_slow)
-        return header
-
-    def close(self) -> None:
-        """The connection has ended: no deadline may outlive it (it would keep the handler alive)."""
-        if self._deadline is not None:
-            self._deadline.cancel()
-            self._deadline = None
-
-    def _too_slow(self) -> None:
-        if self._left and not self._handler.kicked:
-            self._malformed(
-                f"the rest of a packet ({self._left} bytes) did not come in {self._body_timeout:g} s"
-            )
-
-
-class _FramedFixedHeader(MQTTFixedHeader):  # type: ignore[misc]
-    @classmethod
-    async def from_stream(cls, reader: ReaderAdapter) -> MQTTFixedHeader | None:
-        if isinstance(reader, PacketReader):
-            return await reader.next_header()
-        return await MQTTFixedHeader.from_stream(reader)
-
-
-class _StrictPacket:
-    """A packet class whose decoding errors close the connection (see PacketReader)."""
-
-    def __init__(self, packet: Any) -> None:
-        self._packet = packet
-
-    async def from_stream(self, reader: ReaderAdapter, fixed_header: MQTTFixedHeader) -> Any:
-        try:
-            return await self._packet.from_stream(reader, fixed_header=fixed_header)
-        except MQTTError as exc:
-            if isinstance(reader, PacketReader):
-                raise reader._malformed(str(exc)) from None
-            raise
-
-
-# amqtt's reader loop finds both through its module's globals; readers other than PacketReader (amqtt's
-# own client, should anything in this process use it) behave as before.
-amqtt_handler.MQTTFixedHeader = _FramedFixedHeader
-amqtt_handler.packet_class = lambda fixed_header: _StrictPacket(packet_class(fixed_header))
-
-
-class GuardedHandler(BrokerProtocolHandler):  # type: ignore[misc]
-    """amqtt's per-connection protocol handler, bound to the identity of its own TLS connection."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.connection: Connection | None = None
-        self.broker: GuardedBroker | None = None
-        self.kicked = False
-        self.finished = asyncio.Event()
-        self.packets: PacketReader | None = None  # the reader once connected
-
-    def kick(self) -> None:
-        """Close this connection from the broker side now (FIX: amqtt 0.12.1 has no API for it).
-
-        Resolving the disconnect waiter makes the broker's client loop run its normal disconnect path;
-        aborting the transport makes sure a peer that stopped reading cannot hold the close up.
-        """
-        self.kicked = True
-        waiter = self._disconnect_waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-        stream = getattr(self.writer, "_writer", None)  # StreamWriterAdapter's asyncio.StreamWriter
-        transport = getattr(stream, "transport", None)
-        if transport is not None:
-            transport.abort()
-
-    def handle_read_timeout(self) -> None:
-        # FIX: amqtt's broker handler ignores keep-alive expiry, so a vanished client stays "connected"
-        # forever. The read timeout is 1.5 × the client's keep-alive (set in _resolve_session), MQTT-3.1.2-24.
-        self.kick()
-
-    async def handle_publish(self, publish_packet: PublishPacket) -> None:
-        """FIX 5 + PERF: check the policy *before* acknowledging, and deliver straight from here.
-
-        amqtt PUBACKs a QoS 1 PUBLISH first and checks the ACL later in the broker, silently dropping a
-        denied message while the client believes it was delivered. AWS IoT disconnects the client, and
-        so do we, before any PUBACK. Delivering from the handler (instead of amqtt's session queue and
-        broker loop) also ties each message to the connection that carried it (see FIX 3).
-        """
-        broker, connection = self.broker, self.connection
-        if self.kicked or broker is None or connection is None:
-            return
-        topic, data, qos = publish_packet.topic_name, publish_packet.data, publish_packet.qos
-        if topic is None or data is None:
-            return
-        if qos not in (0, 1) or len(data) > MAX_PAYLOAD_BYTES or not broker.may_publish(connection, topic):
-            log.warning(
-                "disconnecting %s (thing %s): PUBLISH to %r at QoS %s with %d bytes is not allowed",
-                connection.client_id,
-                connection.thing,
-                topic,
-                qos,
-                len(data),
-            )
-            self.kick()
-            return
-        broker.client_published(connection, topic, bytes(data), qos)
-        if qos == 1 and publish_packet.variable_header is not None:
-            await self._send_packet(PubackPacket.build(publish_packet.variable_header.packet_id))
-
-
-class GuardedBroker(Broker):  # type: ignore[misc]
+class GuardedBroker(SubscriptionRouting, Broker):  # type: ignore[misc]
     def __init__(
         self,
         config: dict[str, Any],
@@ -312,13 +67,9 @@ class GuardedBroker(Broker):  # type: ignore[misc]
         on_subscribed: SubscribedHook | None = None,
     ) -> None:
         super().__init__(config)
-        self._authorizer = authorizer
-        self._on_client_publish = on_client_publish
-        self._on_subscribed = on_subscribed
-        self.index: SubscriptionIndex[Session] = SubscriptionIndex(self._subscriptions)
+        self._init_routing(authorizer, on_client_publish, on_subscribed)
         self._live: dict[str, set[GuardedHandler]] = {}  # principal -> its live connections
         self._client_locks = _KeyedLocks()
-        self._deliveries: set[asyncio.Future[Any]] = set()
         self._client_tasks: set[asyncio.Task[Any]] = set()
 
     # --------------------------------------------------------------------------------------- TLS
@@ -586,164 +337,6 @@ class GuardedBroker(Broker):  # type: ignore[misc]
         tasks = [t for t in self._client_tasks if t is not asyncio.current_task()]
         if tasks:
             await asyncio.wait(tasks, timeout=timeout)
-
-    # ----------------------------------------------------------------------------- subscriptions
-
-    async def _handle_subscription(
-        self, client_session: Session, handler: Any, subscribe_waiter: Any
-    ) -> None:
-        """Policy per filter, SUBACK failure (0x80) for a denied one; granted QoS at most 1.
-
-        A new filter beyond the client's MAX_SUBSCRIPTIONS_PER_CONNECTION fails too, in packet order
-        (the filters before it in the same SUBSCRIBE still succeed); subscribing again to a filter the
-        client holds only updates its QoS (MQTT-3.8.4-3) and takes no room.
-
-        Replaces amqtt's version, which also scanned every retained message per filter (we keep none).
-        """
-        subscription = subscribe_waiter.result()
-        connection = handler.connection if isinstance(handler, GuardedHandler) else None
-        client_id = client_session.client_id or ""
-        held = self.index.count_of(client_id)
-        codes: list[int] = []
-        for topic_filter, qos in subscription.topics:
-            if (
-                connection is None
-                or not valid_topic_filter(topic_filter)
-                or not self._may(connection.thing, topic_filter, "subscribe")
-            ):
-                log.info("%s: subscription to %r denied", client_id, topic_filter)
-                codes.append(SUBACK_FAILURE)
-                continue
-            if not self.index.holds(client_id, topic_filter):
-                if held >= MAX_SUBSCRIPTIONS_PER_CONNECTION:
-                    log.info(
-                        "%s: subscription to %r refused: already %d subscriptions (AWS IoT's limit)",
-                        client_id,
-                        topic_filter,
-                        held,
-                    )
-                    codes.append(SUBACK_FAILURE)
-                    continue
-                held += 1
-            granted = min(qos, MAX_QOS)
-            self.index.add(topic_filter, client_session, granted)
-            codes.append(granted)
-        await handler.mqtt_acknowledge_subscription(subscription.packet_id, codes)
-        if connection is not None:
-            filters = [
-                f
-                for (f, _qos), code in zip(subscription.topics, codes, strict=True)
-                if code != SUBACK_FAILURE
-            ]
-            self._subscribed(connection, filters)
-
-    def _subscribed(self, connection: Connection, filters: list[str]) -> None:
-        if self._on_subscribed is None or not filters:
-            return
-        try:
-            self._on_subscribed(connection, filters)
-        except Exception:
-            log.exception("subscription hook failed for %s", connection.client_id)
-
-    async def add_subscription(self, subscription: tuple[str, int], session: Session) -> int:
-        """In-process subscription (amqtt's BrokerContext); kept consistent with our index."""
-        topic_filter, qos = subscription
-        if not valid_topic_filter(topic_filter):
-            return SUBACK_FAILURE
-        self.index.add(topic_filter, session, min(qos, MAX_QOS))
-        return min(qos, MAX_QOS)
-
-    def _del_subscription(self, a_filter: str, session: Session) -> int:
-        return self.index.remove(a_filter, session.client_id)
-
-    async def _del_all_subscriptions(self, session: Session) -> None:
-        # PERF: amqtt scans every filter of every client; the index knows the session's own.
-        self.index.remove_all(session.client_id)
-
-    # ---------------------------------------------------------------------------------- messages
-
-    def may_publish(self, connection: Connection, topic: str) -> bool:
-        return valid_topic_name(topic) and self._may(connection.thing, topic, "publish")
-
-    def client_published(self, connection: Connection, topic: str, data: bytes, qos: int) -> None:
-        # Retained PUBLISHes are delivered but not stored: the local IoT Core keeps no retained messages.
-        self._on_client_publish(topic, data, connection)
-        self.route(topic, data, qos)
-
-    async def _broadcast_message(
-        self,
-        session: Session | None,
-        topic: str | None,
-        data: bytes | bytearray | None,
-        force_qos: int | None = None,
-    ) -> None:
-        # PERF: route at once instead of through amqtt's broadcast queue and loop (several tasks per
-        # message). amqtt sends will messages and internal_message_broadcast() through here.
-        if topic is not None:
-            self.route(topic, bytes(data or b""), force_qos)
-
-    def route(self, topic: str, data: bytes, qos: int | None) -> None:
-        """Deliver to every subscriber: O(topic depth + matching subscribers), never O(fleet)."""
-        for session, granted in self.index.match(topic).values():
-            self._route_to(session, granted, topic, data, qos)
-
-    def route_to(self, client_id: str, topic: str, data: bytes, qos: int | None) -> bool:
-        """Deliver to one client, if it is subscribed to `topic` and may receive it; False if not."""
-        match = self.index.match(topic).get(client_id)
-        return match is not None and self._route_to(match[0], match[1], topic, data, qos)
-
-    def _route_to(self, session: Session, granted: int, topic: str, data: bytes, qos: int | None) -> bool:
-        # FIX 4: deliver at min(publish QoS, granted QoS). amqtt uses the subscription's QoS, so a
-        # QoS 0 message reaches a QoS 1 subscriber at QoS 1 (and a forced QoS overrides the grant).
-        delivery_qos = granted if qos is None else min(qos, granted)
-        connection: Connection | None = session.attributes.get(CONNECTION_ATTRIBUTE)
-        if connection is None or not self._may(connection.thing, topic, "receive"):
-            return False
-        if session.transitions.state != "connected":
-            # MQTT-3.1.2-5: queue QoS 1 for an offline persistent session (bounded, unlike amqtt).
-            queue = session.retained_messages
-            if not session.clean_session and delivery_qos > 0 and queue.qsize() < MAX_OFFLINE_MESSAGES:
-                queue.put_nowait(RetainedApplicationMessage(None, topic, data, delivery_qos))
-                return True
-            return False
-        handler = self._sessions.get(session.client_id, (None, None))[1]
-        if handler is None:
-            return False
-        self._deliver(handler, topic, data, delivery_qos)
-        return True
-
-    async def _publish_session_retained_messages(self, session: Session) -> None:
-        """FIX: amqtt sends the messages queued for an offline persistent session with RETAIN=1
-        (MQTT-3.3.1-9 says 0: they match an established subscription) and holds the new connection's
-        SUBSCRIBE/UNSUBSCRIBE handling until every one of them is acknowledged."""
-        handler = self._sessions.get(session.client_id, (None, None))[1]
-        queued = session.retained_messages
-        while not queued.empty():
-            message = queued.get_nowait()
-            if handler is not None:
-                self._deliver(handler, message.topic, bytes(message.data), message.qos)
-
-    def _deliver(self, handler: BrokerProtocolHandler, topic: str, data: bytes, qos: int) -> None:
-        delivery = asyncio.ensure_future(handler.mqtt_publish(topic, data, qos, retain=False))
-        self._deliveries.add(delivery)
-        delivery.add_done_callback(self._delivery_done)
-
-    def _delivery_done(self, delivery: asyncio.Future[Any]) -> None:
-        self._deliveries.discard(delivery)
-        if not delivery.cancelled() and (exc := delivery.exception()) is not None:
-            # Typically the subscriber went away, or sent no PUBACK within amqtt's 5 s.
-            log.info("delivery failed: %r", exc)
-
-    def cancel_deliveries(self) -> None:
-        for delivery in list(self._deliveries):
-            delivery.cancel()
-
-    def _may(self, thing: str, topic: str, action: TopicAction) -> bool:
-        try:
-            return bool(self._authorizer.authorize_topic(thing, topic, action))
-        except Exception:
-            log.exception("authorize_topic failed for %s %s %r", thing, action, topic)
-            return False
 
 
 class _KeyedLocks:
