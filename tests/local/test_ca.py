@@ -33,10 +33,10 @@ from certrotator.local.ca import (
     DEFAULT_PRIVATE_CA_SIGNING_ALGORITHM,
     CaFiles,
     IssuerName,
-    ca_signing_algorithm_of,
     ensure_local_ca,
     load_local_ca,
 )
+from certrotator.local.ca_material import ca_signing_algorithm_of
 
 SUBJECT = x509.Name(
     [x509.NameAttribute(NameOID.COMMON_NAME, "thing-1"), x509.NameAttribute(NameOID.SERIAL_NUMBER, "42")]

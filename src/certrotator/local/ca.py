@@ -26,19 +26,13 @@ atomically (temp file, fsync, rename, fsync directory).
 from __future__ import annotations
 
 import datetime as dt
-import fcntl
-import ipaddress
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
@@ -46,16 +40,19 @@ from certrotator.compat import UTC, StrEnum
 from certrotator.crypto import (
     CaSigningAlgorithm,
     CryptoError,
-    Family,
-    KeyAlgorithm,
     PrivateKey,
-    certificate_matches_key,
     certificate_pem,
-    generate_private_key,
     inspect_csr,
-    load_certificate,
 )
 from certrotator.fsutil import atomic_write
+from certrotator.local.ca_material import (
+    ensure_ca_pair,
+    ensure_server_cert,
+    existing_algorithm,
+    file_lock,
+    key_usage,
+    local_name,
+)
 
 # AWS IoT's CreateCertificateFromCsr certificates are valid until this instant.
 AWS_IOT_NOT_AFTER: Final = dt.datetime(2049, 12, 31, 23, 59, 59, tzinfo=UTC)
@@ -71,15 +68,6 @@ AWS_IOT_ISSUER: Final = x509.Name(
 )
 AWS_IOT_SIGNING_ALGORITHM: Final = CaSigningAlgorithm.SHA256WITHRSA
 DEFAULT_PRIVATE_CA_SIGNING_ALGORITHM: Final = CaSigningAlgorithm.SHA256WITHECDSA
-# Long enough to cover AWS_IOT_NOT_AFTER, which the "AWS IoT" issuer puts in every certificate.
-CA_VALIDITY: Final = dt.timedelta(days=50 * 365)
-SERVER_CERT_VALIDITY: Final = dt.timedelta(days=825)
-# Reissue the server certificate at start-up when it has less than this left.
-SERVER_CERT_RENEW_BEFORE: Final = dt.timedelta(days=30)
-# CA and server certificates start a little in the past so a slightly slow clock elsewhere accepts them.
-_BACKDATE: Final = dt.timedelta(minutes=5)
-_ORGANIZATION: Final = "certrotator local IoT Core"
-SERVER_NAMES: Final = ("localhost", "127.0.0.1", "::1")
 
 
 class IssuerName(StrEnum):
@@ -164,7 +152,7 @@ class Issuer:
             .not_valid_before(start)
             .not_valid_after(end)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(_key_usage(digital_signature=True), critical=True)
+            .add_extension(key_usage(digital_signature=True), critical=True)
             .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
             .add_extension(
@@ -214,30 +202,30 @@ def ensure_local_ca(
     files = CaFiles.in_data_dir(data_dir)
     files.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     when = now or dt.datetime.now(UTC)
-    with _file_lock(files.directory / ".lock"):
-        server_ca_cert, server_ca_key = _ensure_ca_pair(
+    with file_lock(files.directory / ".lock"):
+        server_ca_cert, server_ca_key = ensure_ca_pair(
             files.root_ca,
             files.server_ca_key,
-            _local_name("certrotator local server CA"),
+            local_name("certrotator local server CA"),
             CaSigningAlgorithm.SHA256WITHECDSA,
             when,
         )
-        _ensure_server_cert(files, server_ca_cert, server_ca_key, when)
+        ensure_server_cert(files.server_cert, files.server_key, server_ca_cert, server_ca_key, when)
         # An "AWS IoT" CA made before it became RSA stays as it is: see the module docstring.
-        iot_algorithm = _existing_algorithm(
+        iot_algorithm = existing_algorithm(
             files.issuer_cert(IssuerName.IOT), files.issuer_key(IssuerName.IOT)
         )
-        iot_cert, iot_key = _ensure_ca_pair(
+        iot_cert, iot_key = ensure_ca_pair(
             files.issuer_cert(IssuerName.IOT),
             files.issuer_key(IssuerName.IOT),
             AWS_IOT_ISSUER,
             iot_algorithm or AWS_IOT_SIGNING_ALGORITHM,
             when,
         )
-        private_cert, private_key = _ensure_ca_pair(
+        private_cert, private_key = ensure_ca_pair(
             files.issuer_cert(IssuerName.PRIVATE_CA),
             files.issuer_key(IssuerName.PRIVATE_CA),
-            _local_name("certrotator local private CA"),
+            local_name("certrotator local private CA"),
             private_ca_signing_algorithm,
             when,
         )
@@ -269,7 +257,7 @@ def load_local_ca(
     of an existing data directory: `local provision`, the process handle. The validity of what the
     private CA issues is an engine option, not kept in the data directory: pass it."""
     files = CaFiles.in_data_dir(data_dir)
-    algorithm = _existing_algorithm(
+    algorithm = existing_algorithm(
         files.issuer_cert(IssuerName.PRIVATE_CA), files.issuer_key(IssuerName.PRIVATE_CA)
     )
     return ensure_local_ca(
@@ -278,181 +266,3 @@ def load_local_ca(
         private_ca_validity_days=private_ca_validity_days,
         now=now,
     )
-
-
-def ca_signing_algorithm_of(certificate: x509.Certificate) -> CaSigningAlgorithm | None:
-    """The algorithm a self-signed CA certificate was signed with (its key's family and the signature's
-    hash), which is the algorithm its issuer signs with; None if it is none of the table's."""
-    public = certificate.public_key()
-    digest = certificate.signature_hash_algorithm
-    if digest is None or not isinstance(public, rsa.RSAPublicKey | ec.EllipticCurvePublicKey):
-        return None
-    family = Family.RSA if isinstance(public, rsa.RSAPublicKey) else Family.EC
-    return next((a for a in CaSigningAlgorithm if a.family is family and a.hash().name == digest.name), None)
-
-
-# ------------------------------------------------------------------------------------------ internals
-
-
-def _key_usage(*, digital_signature: bool = False, cert_sign: bool = False) -> x509.KeyUsage:
-    return x509.KeyUsage(
-        digital_signature=digital_signature,
-        content_commitment=False,
-        key_encipherment=False,
-        data_encipherment=False,
-        key_agreement=False,
-        key_cert_sign=cert_sign,
-        crl_sign=cert_sign,
-        encipher_only=False,
-        decipher_only=False,
-    )
-
-
-def _key_family(key: PrivateKey) -> Family:
-    return Family.RSA if isinstance(key, rsa.RSAPrivateKey) else Family.EC
-
-
-def _local_name(common_name: str) -> x509.Name:
-    return x509.Name(
-        [
-            x509.NameAttribute(NameOID.ORGANIZATION_NAME, _ORGANIZATION),
-            x509.NameAttribute(NameOID.COMMON_NAME, common_name),
-        ]
-    )
-
-
-def _default_algorithm(family: Family) -> CaSigningAlgorithm:
-    return CaSigningAlgorithm.SHA256WITHRSA if family is Family.RSA else CaSigningAlgorithm.SHA256WITHECDSA
-
-
-def _existing_algorithm(cert_path: Path, key_path: Path) -> CaSigningAlgorithm | None:
-    """What an existing CA signs with: its certificate's algorithm, or (a key whose certificate a crash
-    kept from being written) the key family's SHA-256 one; None when there is no CA yet."""
-    if cert_path.exists():
-        algorithm = ca_signing_algorithm_of(load_certificate(cert_path.read_bytes()))
-        if algorithm is not None:
-            return algorithm
-    if key_path.exists():
-        return _default_algorithm(_key_family(_load_key(key_path)))
-    return None
-
-
-def _ensure_ca_pair(
-    cert_path: Path,
-    key_path: Path,
-    name: x509.Name,
-    signing_algorithm: CaSigningAlgorithm,
-    now: dt.datetime,
-) -> tuple[x509.Certificate, PrivateKey]:
-    """Load a self-signed CA, or create it (RSA-2048 or P-256, after the algorithm's family). The key is
-    written before the certificate, so a crash in between leaves a key whose certificate is simply
-    created on the next start."""
-    cert = load_certificate(cert_path.read_bytes()) if cert_path.exists() else None
-    key = _load_key(key_path) if key_path.exists() else None
-    if key is None:
-        if cert is not None:
-            raise CryptoError(f"{cert_path} exists but its private key {key_path} is missing")
-        key_algorithm = (
-            KeyAlgorithm.RSA_2048 if signing_algorithm.family is Family.RSA else KeyAlgorithm.ECDSA_P256
-        )
-        key = generate_private_key(key_algorithm)
-        atomic_write(key_path, _key_pem(key), 0o600)
-    if _key_family(key) is not signing_algorithm.family:
-        raise CryptoError(
-            f"CA key {key_path} is {_key_family(key).value}, signing algorithm {signing_algorithm.value} "
-            f"needs {signing_algorithm.family.value}"
-        )
-    if cert is None:
-        public = key.public_key()
-        cert = (
-            x509.CertificateBuilder()
-            .subject_name(name)
-            .issuer_name(name)
-            .public_key(public)
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - _BACKDATE)
-            .not_valid_after(now + CA_VALIDITY)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-            .add_extension(_key_usage(cert_sign=True), critical=True)
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
-            .sign(key, signing_algorithm.hash())
-        )
-        atomic_write(cert_path, certificate_pem(cert).encode(), 0o644)
-    elif not certificate_matches_key(cert, key):
-        raise CryptoError(f"CA certificate {cert_path} does not match its key {key_path}")
-    return cert, key
-
-
-def _ensure_server_cert(
-    files: CaFiles, ca_cert: x509.Certificate, ca_key: PrivateKey, now: dt.datetime
-) -> None:
-    if files.server_cert.exists() and files.server_key.exists():
-        cert = load_certificate(files.server_cert.read_bytes())
-        fresh = cert.not_valid_after_utc - now > SERVER_CERT_RENEW_BEFORE
-        if fresh and _issued_by(cert, ca_cert) and certificate_matches_key(cert, _load_key(files.server_key)):
-            return
-    key = generate_private_key(KeyAlgorithm.ECDSA_P256)
-    public = key.public_key()
-    names: list[x509.GeneralName] = []
-    for name in SERVER_NAMES:
-        try:
-            names.append(x509.IPAddress(ipaddress.ip_address(name)))
-        except ValueError:
-            names.append(x509.DNSName(name))
-    ca_ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
-        .issuer_name(ca_cert.subject)
-        .public_key(public)
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - _BACKDATE)
-        .not_valid_after(now + SERVER_CERT_VALIDITY)
-        .add_extension(x509.SubjectAlternativeName(names), critical=False)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(_key_usage(digital_signature=True), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
-        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski), critical=False)
-        .sign(ca_key, CaSigningAlgorithm.SHA256WITHECDSA.hash())
-    )
-    # Key first: a crash before the certificate is replaced leaves a mismatch that the check above repairs.
-    atomic_write(files.server_key, _key_pem(key), 0o600)
-    atomic_write(files.server_cert, certificate_pem(cert).encode(), 0o644)
-
-
-def _issued_by(cert: x509.Certificate, ca_cert: x509.Certificate) -> bool:
-    try:
-        cert.verify_directly_issued_by(ca_cert)
-    except (ValueError, TypeError, InvalidSignature):
-        return False
-    return True
-
-
-def _key_pem(key: PrivateKey) -> bytes:
-    return key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
-
-
-def _load_key(path: Path) -> PrivateKey:
-    if os.stat(path).st_mode & 0o077:
-        os.chmod(path, 0o600)  # tighten a key someone loosened; never serve from a world-readable key
-    try:
-        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
-    except (ValueError, TypeError) as exc:
-        raise CryptoError(f"{path} is not an unencrypted PEM private key ({exc})") from None
-    if not isinstance(key, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey):
-        raise CryptoError(f"{path}: CA keys must be RSA or EC, got {type(key).__name__}")
-    return key
-
-
-@contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    """An exclusive advisory lock, so two processes starting at once generate one set of CAs."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)  # closing releases the lock
