@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from certrotator.local.db import Database
-from certrotator.local.jobs import DEFAULT_TEMPLATE, JobConfig, JobError, JobStore, device_transition
-from certrotator.local.jobs_api import handle_jobs_request, notify_next_message
+from certrotator.local.jobs import DEFAULT_TEMPLATE, JobConfig, JobError, JobStore
+from certrotator.local.jobs_api import device_transition, handle_jobs_request, notify_next_message
 from certrotator.protocol import JOB_DOCUMENT, JobExecutionStatus, parse_topic
 
 S = JobExecutionStatus

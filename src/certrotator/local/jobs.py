@@ -1,19 +1,21 @@
-"""Local IoT Jobs: templates, jobs, rollout, job executions and their transitions, with AWS semantics.
+"""Local IoT Jobs' store: templates, jobs, rollout, job executions and their transitions, kept in the
+shared SQLite database with AWS semantics.
 
-Transition rules are pure (`device_transition`); `JobStore` keeps everything in the shared SQLite
-database. Timing (rollout ticks, in-progress timeouts) is driven by the engine, which asks this module
-what is due; nothing here sleeps or polls.
+The records are in `local.job_records`, the device's update rule in `local.jobs_api`. Timing (rollout
+ticks, in-progress timeouts) is driven by the engine, which asks this module what is due; nothing here
+sleeps or polls.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, replace
-from typing import Any
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from typing import Any, TypeVar
 
 from certrotator.local.db import Database
+from certrotator.local.job_records import DEFAULT_CONFIG, Execution, JobConfig, JobError, Rejection
 from certrotator.local.terminal_work import record_terminal
 from certrotator.protocol import (
     ACTIVE_EXECUTION_STATUSES,
@@ -21,12 +23,23 @@ from certrotator.protocol import (
     PENDING_ROLLOUT,
     JobExecutionStatus,
     JobStatus,
-    ProtocolError,
-    coerce_status_details,
     validate_job_id,
 )
 
+# The records are imported from here by most of the engine: one place to find the Jobs vocabulary.
+__all__ = [
+    "DEFAULT_CONFIG",
+    "DEFAULT_MAX_IN_FLIGHT",
+    "DEFAULT_TEMPLATE",
+    "Execution",
+    "JobConfig",
+    "JobError",
+    "JobStore",
+    "Rejection",
+]
+
 S = JobExecutionStatus
+T = TypeVar("T")
 DEFAULT_TEMPLATE = "AWSLabsCertificateRotator"
 
 # SQL takes statuses as parameters, from protocol.py's sets: `status IN {_ACTIVE_IN}` with *_ACTIVE.
@@ -35,139 +48,6 @@ _ACTIVE_IN = f"({','.join('?' * len(_ACTIVE))})"
 
 # The local IoT Core's admission limit: executions in flight at once, engine-wide (see engine.py).
 DEFAULT_MAX_IN_FLIGHT = 32
-
-
-class JobError(ValueError):
-    """A Jobs API request that AWS would reject; `code` is AWS's error code."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-@dataclass(frozen=True, slots=True)
-class JobConfig:
-    """Rollout and timeout configuration (AWS's jobExecutionsRolloutConfig + timeoutConfig)."""
-
-    # None = release every target at once. 300: the ceiling of the AWS template (ops/aws/quotas.py).
-    max_per_minute: int | None = 300
-    base_rate_per_minute: int | None = 100  # exponential rollout; None = flat max_per_minute
-    increment_factor: float = 1.2
-    succeeded_per_increase: int = 100
-    in_progress_timeout_s: float | None = 300.0
-
-    def __post_init__(self) -> None:
-        if self.max_per_minute is not None and not 1 <= self.max_per_minute <= 1000:
-            raise JobError("InvalidRequest", "maximumPerMinute must be between 1 and 1000")
-        if self.base_rate_per_minute is not None and not 1 <= self.base_rate_per_minute <= 1000:
-            raise JobError("InvalidRequest", "baseRatePerMinute must be between 1 and 1000")
-        if not 1.1 <= self.increment_factor <= 5:
-            raise JobError("InvalidRequest", "incrementFactor must be between 1.1 and 5")
-        if self.succeeded_per_increase < 1:
-            raise JobError("InvalidRequest", "numberOfSucceededThings must be at least 1")
-        if self.in_progress_timeout_s is not None and self.in_progress_timeout_s <= 0:
-            raise JobError("InvalidRequest", "the in-progress timeout must be positive")
-
-    def rate_per_minute(self, succeeded: int) -> float | None:
-        """Executions released per minute after `succeeded` successes; None = unlimited."""
-        if self.base_rate_per_minute is None:
-            return None if self.max_per_minute is None else float(self.max_per_minute)
-        rate = self.base_rate_per_minute * self.increment_factor ** (succeeded // self.succeeded_per_increase)
-        return rate if self.max_per_minute is None else min(rate, float(self.max_per_minute))
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self))
-
-    @classmethod
-    def from_json(cls, text: str) -> JobConfig:
-        return cls(**json.loads(text))
-
-
-# The stack's template: 100/min, ×1.2 per 100 successes up to 300/min, 5 min in-progress timeout.
-DEFAULT_CONFIG = JobConfig()
-
-
-@dataclass(frozen=True, slots=True)
-class Execution:
-    job_id: str
-    thing: str
-    status: JobExecutionStatus
-    status_details: dict[str, str]
-    version: int
-    execution_number: int
-    queued_at: float
-    started_at: float | None
-    updated_at: float
-    timeout_at: float | None
-    document: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass(frozen=True, slots=True)
-class Rejection:
-    """A device's update of a job execution that the Jobs API refused (the device got `/rejected`);
-    the store keeps the last one per execution, so that `jobs describe` can say why an execution did
-    not move instead of showing a silent QUEUED."""
-
-    job_id: str
-    thing: str
-    requested_status: str
-    code: str
-    message: str
-    at: float
-
-
-# What a device may ask for, from each status (AWS IoT Jobs UpdateJobExecution).
-_DEVICE_TARGETS = frozenset({S.IN_PROGRESS, S.SUCCEEDED, S.FAILED, S.REJECTED})
-
-
-def device_transition(
-    execution: Execution,
-    status: str,
-    status_details: object,
-    expected_version: object,
-    now: float,
-    timeout_s: float | None,
-) -> Execution:
-    """The execution after a device's update, or JobError with AWS's code. Pure."""
-    try:
-        target = S(status)
-    except ValueError:
-        raise JobError("InvalidRequest", f"unknown status {status!r}") from None
-    if expected_version is not None and expected_version != execution.version:
-        raise JobError(
-            "VersionMismatch", f"expected version {expected_version}, execution is at {execution.version}"
-        )
-    if execution.status.is_terminal:
-        raise JobError(
-            "InvalidStateTransition",
-            f"job execution is already {execution.status.value}; it cannot become {target.value}",
-        )
-    if target not in _DEVICE_TARGETS:
-        raise JobError("InvalidStateTransition", f"a device cannot set status {target.value}")
-    try:
-        details = (
-            dict(execution.status_details)
-            if status_details is None
-            else coerce_status_details(status_details)
-        )
-    except ProtocolError as exc:
-        raise JobError("InvalidRequest", str(exc)) from None
-    started = execution.started_at
-    timeout_at = execution.timeout_at
-    if target is S.IN_PROGRESS and execution.status is S.QUEUED:
-        started = now
-        timeout_at = now + timeout_s if timeout_s is not None else None
-    if target.is_terminal:
-        timeout_at = None
-    return replace(
-        execution,
-        status=target,
-        status_details=details,
-        version=execution.version + 1,
-        started_at=started,
-        updated_at=now,
-        timeout_at=timeout_at,
-    )
 
 
 class JobStore:
@@ -247,23 +127,24 @@ class JobStore:
 
     def config(self, job_id: str) -> JobConfig | None:
         """The job's rollout and timeout configuration (immutable after creation), or None."""
-        config = self._configs.get(job_id)
-        if config is None:
-            rows = self.db.query("SELECT config FROM jobs WHERE job_id=?", (job_id,))
-            if not rows:
-                return None
-            config = self._configs[job_id] = JobConfig.from_json(rows[0]["config"])
-        return config
+        return self._immutable(self._configs, "config", job_id, JobConfig.from_json)
 
     def document(self, job_id: str) -> dict[str, Any] | None:
         """The job's document (immutable after creation), or None if there is no such job."""
-        document = self._documents.get(job_id)
-        if document is None:
-            rows = self.db.query("SELECT document FROM jobs WHERE job_id=?", (job_id,))
+        document = self._immutable(self._documents, "document", job_id, json.loads)
+        return None if document is None else dict(document)
+
+    def _immutable(
+        self, cache: dict[str, T], column: str, job_id: str, parse: Callable[[str], T]
+    ) -> T | None:
+        """A column of the job that never changes after creation, parsed once per job."""
+        value = cache.get(job_id)
+        if value is None:
+            rows = self.db.query(f"SELECT {column} FROM jobs WHERE job_id=?", (job_id,))
             if not rows:
                 return None
-            document = self._documents[job_id] = json.loads(rows[0]["document"])
-        return dict(document)
+            value = cache[job_id] = parse(rows[0][column])
+        return value
 
     def jobs(self) -> list[dict[str, Any]]:
         ids = [r["job_id"] for r in self.db.query("SELECT job_id FROM jobs ORDER BY created")]

@@ -1,20 +1,80 @@
 """The MQTT Jobs API subset of DESIGN.md §2 ($next/get, {jobId}/get, {jobId}/update, notify-next),
 with AWS IoT's message shapes and error codes. Turns one device request into the replies to publish
-and the facts the engine acts on (a terminal execution to route to the rule, notify-next to send)."""
+and the facts the engine acts on (a terminal execution to route to the rule, notify-next to send).
+What a device's update does to an execution is `device_transition`, pure."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
-from certrotator.local.jobs import Execution, JobError, JobStore, Rejection, device_transition
+from certrotator.local.job_records import Execution, JobError, Rejection
+from certrotator.local.jobs import JobStore
 from certrotator.protocol import (
+    JobExecutionStatus,
     ParsedTopic,
     ProtocolError,
     TopicKind,
     Topics,
+    coerce_status_details,
     decode_json_object,
 )
+
+S = JobExecutionStatus
+
+
+# What a device may ask for, from each status (AWS IoT Jobs UpdateJobExecution).
+_DEVICE_TARGETS = frozenset({S.IN_PROGRESS, S.SUCCEEDED, S.FAILED, S.REJECTED})
+
+
+def device_transition(
+    execution: Execution,
+    status: str,
+    status_details: object,
+    expected_version: object,
+    now: float,
+    timeout_s: float | None,
+) -> Execution:
+    """The execution after a device's update, or JobError with AWS's code. Pure."""
+    try:
+        target = S(status)
+    except ValueError:
+        raise JobError("InvalidRequest", f"unknown status {status!r}") from None
+    if expected_version is not None and expected_version != execution.version:
+        raise JobError(
+            "VersionMismatch", f"expected version {expected_version}, execution is at {execution.version}"
+        )
+    if execution.status.is_terminal:
+        raise JobError(
+            "InvalidStateTransition",
+            f"job execution is already {execution.status.value}; it cannot become {target.value}",
+        )
+    if target not in _DEVICE_TARGETS:
+        raise JobError("InvalidStateTransition", f"a device cannot set status {target.value}")
+    try:
+        details = (
+            dict(execution.status_details)
+            if status_details is None
+            else coerce_status_details(status_details)
+        )
+    except ProtocolError as exc:
+        raise JobError("InvalidRequest", str(exc)) from None
+    started = execution.started_at
+    timeout_at = execution.timeout_at
+    if target is S.IN_PROGRESS and execution.status is S.QUEUED:
+        started = now
+        timeout_at = now + timeout_s if timeout_s is not None else None
+    if target.is_terminal:
+        timeout_at = None
+    return replace(
+        execution,
+        status=target,
+        status_details=details,
+        version=execution.version + 1,
+        started_at=started,
+        updated_at=now,
+        timeout_at=timeout_at,
+    )
 
 
 @dataclass
