@@ -9,8 +9,6 @@ from typing import Any, Final
 
 from aws_cdk import (
     Acknowledgment,
-    Aws,
-    CfnOutput,
     Duration,
     RemovalPolicy,
     Stack,
@@ -24,34 +22,17 @@ from aws_cdk import aws_logs as logs
 from aws_cdk import aws_secretsmanager as secretsmanager
 from aws_cdk import aws_sns as sns
 from aws_cdk import aws_ssm as ssm
-from aws_cdk import custom_resources as cr
 from constructs import Construct, IConstruct
 
-from certrotator.protocol import TERMINAL_EXECUTION_STATUSES
-from certrotator_infra import announce, failures, reconcile, renewal
+from certrotator_infra import announce, failures, job_events, reconcile, renewal, rotation_rules
 from certrotator_infra.config import RotatorConfig
 from certrotator_infra.lambda_asset import LAMBDA_ARCHITECTURE, LAMBDA_PYTHON_VERSION, powertools_version
+from certrotator_infra.outputs import stack_outputs
 from certrotator_infra.permissions import ALL, SHADOW_NAME, Function, Grant, IotResource, function_grants
+from certrotator_infra.rotation_rules import IOT_SQL_VERSION
 
 # The rotation job document; = certrotator.protocol.JOB_DOCUMENT, compact as the devices compare it.
 JOB_DOCUMENT: Final = json.dumps({"operation": "ROTATE_CERTIFICATE"}, separators=(",", ":"))
-
-# What only the broker knows of a request (certrotator.protocol.BrokerContext's event fields).
-BROKER_CONTEXT_SQL: Final = (
-    "topic(3) AS thingName, topic() AS topic, clientid() AS clientId, principal() AS principal"
-)
-# The request's own fields by name (protocol.CreateCertificateRequest / CommitCertificateRequest), never
-# `*`: a payload carrying its own `principal`, `thingName`, `clientId` or `topic` never reaches the
-# function, so whether AWS IoT SQL would let it shadow the alias is no longer a question.
-CREATE_SQL: Final = f"SELECT jobId, csr, {BROKER_CONTEXT_SQL} FROM 'awslabs/things/+/certificate/create'"
-COMMIT_SQL: Final = f"SELECT jobId, {BROKER_CONTEXT_SQL} FROM 'awslabs/things/+/certificate/commit'"
-# Every job's terminal execution events ($aws/events/jobExecution/{jobId}/{status}): the terminal function
-# decides from its own rotation state and the job's document, never from the device's statusDetails, so
-# the rule cannot filter on them. Not `deleted` (a DeleteJobExecution of an execution that had ended).
-TERMINAL_SQL: Final = "SELECT * FROM '$aws/events/jobExecution/+/+' WHERE " + " OR ".join(
-    f"topic(5) = '{status.value.lower()}'" for status in TERMINAL_EXECUTION_STATUSES
-)
-IOT_SQL_VERSION: Final = "2016-03-23"
 
 # Job template: rollout 100/min growing x1.2 per 100 successes up to 300/min, the ceiling the AWS quotas
 # a rotation consumes allow (certrotator.ops.aws.quotas; infra/README.md "Rollout and quotas"), as the
@@ -86,7 +67,6 @@ HANDLERS: Final = {
     Function.COMMIT: "certrotator.backend.aws.lambdas.commit_certificate",
     Function.TERMINAL: "certrotator.backend.aws.lambdas.job_execution_terminal",
 }
-RULE_SQL: Final = {Function.CREATE: CREATE_SQL, Function.COMMIT: COMMIT_SQL, Function.TERMINAL: TERMINAL_SQL}
 DESCRIPTIONS: Final = {
     Function.CREATE: "Certificate rotator: validates a create request and issues the new certificate",
     Function.COMMIT: "Certificate rotator: confirms the device connected with its new certificate",
@@ -171,7 +151,14 @@ class CertificateRotatorStack(Stack):
         self.powertools_layer = lambda_.LayerVersion.from_layer_version_arn(
             self, "PowertoolsLayer", config.powertools_layer_arn or self._powertools_layer_arn()
         )
-        self.rule_errors_log, self.rule_errors_role = self._rule_errors()
+        # Where the create, commit and announcement rules log a failed action; the terminal rule queues
+        # its failures instead (see `_rule_error_action`).
+        self.rule_errors_log, self.rule_errors_role = rotation_rules.rule_errors(
+            self,
+            name,
+            [self.rule_name(r) for r in (Function.CREATE, Function.COMMIT, announce.RULE_SUFFIX)],
+            LOG_RETENTION,
+        )
         code = lambda_.Code.from_asset(str(code_dir))
         environment = self._environment()
         self.functions = {function: self._function(function, code, environment) for function in Function}
@@ -205,8 +192,8 @@ class CertificateRotatorStack(Stack):
             job_executions_rollout_config=ROLLOUT_CONFIG,
             timeout_config=TIMEOUT_CONFIG,
         )
-        self._job_execution_events()
-        self._outputs()
+        self.job_execution_events = job_events.job_execution_events(self, name, LOG_RETENTION, ack)
+        stack_outputs(self)
 
     # ------------------------------------------------------------------------------------ functions
 
@@ -272,7 +259,9 @@ class CertificateRotatorStack(Stack):
             layers=[self.powertools_layer],
             **self._async_invocation(function),
         )
-        rule = self._rule(function, fn)
+        rule = rotation_rules.function_rule(
+            self, function, fn, self.rule_name(function), self._rule_error_action(function)
+        )
         return RotatorFunction(fn, role, log_group, rule)
 
     def lambda_function(self, id_prefix: str, **props: Any) -> lambda_.Function:
@@ -331,34 +320,6 @@ class CertificateRotatorStack(Stack):
 
     # ---------------------------------------------------------------------------------------- rules
 
-    def _rule_errors(self) -> tuple[logs.LogGroup, iam.Role]:
-        """Where the create, commit and announcement rules log a failed action (e.g. the function could
-        not be invoked, the shadow update was refused), and the role they log with: rule failures are
-        otherwise silent. (The terminal rule queues its failures instead, see `_rule_error_action`.)"""
-        log_group = logs.LogGroup(
-            self, "RuleErrors", retention=LOG_RETENTION, removal_policy=RemovalPolicy.RETAIN
-        )
-        role = iam.Role(
-            self,
-            "RuleErrorsRole",
-            assumed_by=iam.ServicePrincipal(
-                "iot.amazonaws.com",
-                conditions={
-                    "StringEquals": {"aws:SourceAccount": Aws.ACCOUNT_ID},
-                    # the three rules by name (their ARN attributes would make a dependency cycle)
-                    "ArnEquals": {
-                        "aws:SourceArn": [
-                            self.format_arn(service="iot", resource="rule", resource_name=self.rule_name(r))
-                            for r in (Function.CREATE, Function.COMMIT, announce.RULE_SUFFIX)
-                        ]
-                    },
-                },
-            ),
-            description=f"{self.config.stack_name}: IoT rules log their action failures",
-        )
-        log_group.grant_write(role)
-        return log_group, role
-
     def rule_name(self, suffix: str) -> str:
         """`suffix` is a Function or the announcement rule's. Rule names allow [a-zA-Z0-9_] only; stack
         names may contain hyphens."""
@@ -372,135 +333,4 @@ class CertificateRotatorStack(Stack):
         return self._log_rule_errors()
 
     def _log_rule_errors(self) -> iot.CfnTopicRule.ActionProperty:
-        return iot.CfnTopicRule.ActionProperty(
-            cloudwatch_logs=iot.CfnTopicRule.CloudwatchLogsActionProperty(
-                log_group_name=self.rule_errors_log.log_group_name, role_arn=self.rule_errors_role.role_arn
-            )
-        )
-
-    def _rule(self, function: Function, fn: lambda_.Function) -> iot.CfnTopicRule:
-        rule = iot.CfnTopicRule(
-            self,
-            f"{function}Rule",
-            rule_name=self.rule_name(function),
-            topic_rule_payload=iot.CfnTopicRule.TopicRulePayloadProperty(
-                description=f"Certificate rotator: invoke the {function} function",
-                sql=RULE_SQL[function],
-                aws_iot_sql_version=IOT_SQL_VERSION,
-                rule_disabled=False,
-                actions=[
-                    iot.CfnTopicRule.ActionProperty(
-                        lambda_=iot.CfnTopicRule.LambdaActionProperty(function_arn=fn.function_arn)
-                    )
-                ],
-                error_action=self._rule_error_action(function),
-            ),
-        )
-        fn.add_permission(
-            f"{function}RuleInvokes",
-            principal=iam.ServicePrincipal("iot.amazonaws.com"),
-            action="lambda:InvokeFunction",
-            source_arn=rule.attr_arn,
-            source_account=Aws.ACCOUNT_ID,
-        )
-        return rule
-
-    # ------------------------------------------------------------------------- job execution events
-
-    def _job_execution_events(self) -> None:
-        """Turn on JOB_EXECUTION events in the account (off by default): without them the terminal rule
-        never fires and old certificates are never cleaned up (seed #10). Left on when the stack is
-        deleted: other applications in the account may rely on them."""
-        role = iam.Role(
-            self,
-            "JobExecutionEventsRole",
-            assumed_by=iam.ServicePrincipal("lambda.amazonaws.com"),
-            description=f"{self.config.stack_name}: enables job execution events (custom resource)",
-        )
-        log_group = logs.LogGroup(
-            self, "JobExecutionEventsLogs", retention=LOG_RETENTION, removal_policy=RemovalPolicy.DESTROY
-        )
-        log_group.grant_write(role)
-        call = cr.AwsSdkCall(
-            service="@aws-sdk/client-iot",
-            action="UpdateEventConfigurations",
-            parameters={"eventConfigurations": {"JOB_EXECUTION": {"Enabled": True}}},
-            physical_resource_id=cr.PhysicalResourceId.of(f"{self.config.stack_name}-job-execution-events"),
-        )
-        self.job_execution_events = cr.AwsCustomResource(
-            self,
-            "JobExecutionEvents",
-            on_create=call,
-            on_update=call,
-            policy=cr.AwsCustomResourcePolicy.from_statements(
-                [iam.PolicyStatement(actions=["iot:UpdateEventConfigurations"], resources=["*"])]
-            ),
-            role=role,
-            log_group=log_group,
-            install_latest_aws_sdk=False,
-            timeout=Duration.minutes(2),
-        )
-        ack(
-            self.job_execution_events,
-            "AwsSolutions-IAM5[Resource::*]",
-            "iot:UpdateEventConfigurations supports no resource-level permissions (Service Authorization"
-            " Reference): the event configuration is account-wide. It is the custom resource's only action.",
-        )
-
-    def _outputs(self) -> None:
-        CfnOutput(
-            self,
-            "NotificationTopicArn",
-            value=self.topic.topic_arn,
-            description="Subscribe for failed rotations",
-        )
-        CfnOutput(
-            self,
-            "JobTemplateArn",
-            value=self.job_template.attr_arn,
-            description="Create rotation jobs from it",
-        )
-        CfnOutput(
-            self,
-            "CertificateIssuer",
-            value=self.ca_arn or "AWS IoT",
-            description="What issues rotated certificates: AWS IoT, or this AWS Private CA",
-        )
-        CfnOutput(
-            self, "StateKeySecretArn", value=self.state_key.secret_arn, description="Rotation-state HMAC key"
-        )
-        CfnOutput(
-            self,
-            "TerminalFailureQueueUrl",
-            value=self.terminal_failures.queue_url,
-            description="Terminal events that could not be handled; replay them (infra/README.md)",
-        )
-        for function, parts in self.functions.items():
-            CfnOutput(self, f"{function}FunctionName", value=parts.function.function_name)
-        if self.renewal is not None:
-            CfnOutput(
-                self,
-                "RenewalFunctionName",
-                value=self.renewal.function.function_name,
-                description='The renewal function; invoke it with {"dryRun": true} to see what it would do',
-            )
-        if self.renewal is not None and self.renewal.audit_topic is not None and self.renewal.audit_role:
-            CfnOutput(
-                self,
-                "AuditNotificationTopicArn",
-                value=self.renewal.audit_topic.topic_arn,
-                description="Set as the SNS target of the account's Device Defender audit configuration",
-            )
-            CfnOutput(
-                self,
-                "AuditNotificationRoleArn",
-                value=self.renewal.audit_role.role_arn,
-                description="The role Device Defender publishes audit notifications with",
-            )
-        if self.reconcile is not None:
-            CfnOutput(
-                self,
-                "ReconcileFunctionName",
-                value=self.reconcile.function.function_name,
-                description='The scheduled reconcile; invoke it with {"dryRun": true} to see what it would do',
-            )
+        return rotation_rules.log_action(self.rule_errors_log, self.rule_errors_role)

@@ -16,7 +16,7 @@ from tests.infra.support import CDK_MISSING
 
 pytest.importorskip("aws_cdk", reason=CDK_MISSING)
 
-from certrotator_infra import lambda_asset, reconcile, renewal, stack
+from certrotator_infra import lambda_asset, reconcile, renewal, rotation_rules, stack
 from certrotator_infra.lambda_asset import (
     DEPENDENCY_MARKER,
     LambdaAssetError,
@@ -66,16 +66,18 @@ def test_runtime_constants_agree() -> None:
 def test_stack_constants_agree_with_the_package() -> None:
     assert SHADOW_NAME == DEFAULT_SHADOW_NAME
     assert json.loads(stack.JOB_DOCUMENT) == protocol.JOB_DOCUMENT
-    assert f"FROM '{protocol.Topics.create('+')}'" in stack.CREATE_SQL
-    assert f"FROM '{protocol.Topics.commit('+')}'" in stack.COMMIT_SQL
+    assert f"FROM '{protocol.Topics.create('+')}'" in rotation_rules.CREATE_SQL
+    assert f"FROM '{protocol.Topics.commit('+')}'" in rotation_rules.COMMIT_SQL
     # every terminal status's event topic, selected by its fifth level, and nothing from the device
-    assert "FROM '$aws/events/jobExecution/+/+' WHERE " in stack.TERMINAL_SQL
+    assert "FROM '$aws/events/jobExecution/+/+' WHERE " in rotation_rules.TERMINAL_SQL
     levels = [
         protocol.Topics.job_execution_event("j", status).split("/")[4]
         for status in protocol.TERMINAL_EXECUTION_STATUSES
     ]
-    assert stack.TERMINAL_SQL.split(" WHERE ", 1)[1] == " OR ".join(f"topic(5) = '{lv}'" for lv in levels)
-    assert "statusDetails" not in stack.TERMINAL_SQL
+    assert rotation_rules.TERMINAL_SQL.split(" WHERE ", 1)[1] == " OR ".join(
+        f"topic(5) = '{lv}'" for lv in levels
+    )
+    assert "statusDetails" not in rotation_rules.TERMINAL_SQL
     from certrotator.backend.aws import lambdas
 
     for handler in stack.HANDLERS.values():

@@ -31,7 +31,7 @@ from tests.infra.support import (
 pytest.importorskip("aws_cdk", reason=CDK_MISSING)
 
 from aws_cdk.assertions import Match
-from certrotator_infra import stack
+from certrotator_infra import rotation_rules
 from certrotator_infra.application import build
 from certrotator_infra.lambda_asset import powertools_version
 from certrotator_infra.permissions import Function
@@ -331,8 +331,8 @@ def select_list(sql: str) -> list[str]:
 @pytest.mark.parametrize(
     ("sql", "message", "topic"),
     [
-        (stack.CREATE_SQL, CreateCertificateRequest("job", "csr"), Topics.create("+")),
-        (stack.COMMIT_SQL, CommitCertificateRequest("job"), Topics.commit("+")),
+        (rotation_rules.CREATE_SQL, CreateCertificateRequest("job", "csr"), Topics.create("+")),
+        (rotation_rules.COMMIT_SQL, CommitCertificateRequest("job"), Topics.commit("+")),
     ],
     ids=["create", "commit"],
 )
