@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from certrotator import protocol
+from certrotator import protocol, status_details
 from certrotator.protocol import (
     FAILURE_REASON_KEY,
     JOB_DOCUMENT,
@@ -608,12 +608,12 @@ def test_broker_context_validates_the_thing_name() -> None:
 
 @pytest.mark.parametrize("status", list(JobExecutionStatus))
 def test_status_update_always_carries_the_rotator_key(status: JobExecutionStatus) -> None:
-    update = protocol.status_update(status)
+    update = status_details.status_update(status)
     assert update == {"status": status.value, "statusDetails": {STATUS_DETAILS_KEY: status.value}}
 
 
 def test_status_update_with_detail_and_reason() -> None:
-    update = protocol.status_update(JobExecutionStatus.FAILED, "rolled back", "no connection in 60 s")
+    update = status_details.status_update(JobExecutionStatus.FAILED, "rolled back", "no connection in 60 s")
     assert update == {
         "status": "FAILED",
         "statusDetails": {STATUS_DETAILS_KEY: "rolled back", FAILURE_REASON_KEY: "no connection in 60 s"},
@@ -621,7 +621,7 @@ def test_status_update_with_detail_and_reason() -> None:
 
 
 def test_status_update_without_reason_has_no_failure_key() -> None:
-    details = protocol.status_update(JobExecutionStatus.IN_PROGRESS, "csr sent")["statusDetails"]
+    details = status_details.status_update(JobExecutionStatus.IN_PROGRESS, "csr sent")["statusDetails"]
     assert details == {STATUS_DETAILS_KEY: "csr sent"}
 
 
@@ -640,14 +640,14 @@ def test_status_update_without_reason_has_no_failure_key() -> None:
 )
 def test_status_update_values_satisfy_the_jobs_api(reason: str, expected: str) -> None:
     """AWS IoT Jobs accepts statusDetails values of 1-1024 characters matching [^\\p{C}]+."""
-    details = protocol.status_update(JobExecutionStatus.FAILED, reason, reason)["statusDetails"]
+    details = status_details.status_update(JobExecutionStatus.FAILED, reason, reason)["statusDetails"]
     assert details[FAILURE_REASON_KEY] == expected
     assert details[STATUS_DETAILS_KEY] == (expected if expected != "unspecified" else "FAILED")
     for value in details.values():
         assert 1 <= len(value.encode("utf-16-le")) // 2 <= 1024
         assert "\n" not in value and "\x00" not in value
     # what the device sends is what the local Jobs API (and AWS) stores, unchanged
-    assert protocol.coerce_status_details(details) == details
+    assert status_details.coerce_status_details(details) == details
 
 
 # --------------------------------------------------------------------------------- job execution events
@@ -825,7 +825,7 @@ def test_is_rotation_document(document: object, expected: bool) -> None:
 def test_coerce_status_details_keeps_what_aws_accepts_as_strings(
     details: dict[str, Any], stored: dict[str, str]
 ) -> None:
-    coerced = protocol.coerce_status_details(details)
+    coerced = status_details.coerce_status_details(details)
     assert coerced == stored
     assert all(type(v) is str for v in coerced.values())
 
@@ -834,7 +834,7 @@ def test_coerce_status_details_from_a_decoded_payload() -> None:
     """The whole way a device's update takes: bytes on the wire -> decode -> coerce."""
     payload = b'{"status":"FAILED","statusDetails":{"CertificateRotator":true,"code":42,"f":1.5}}'
     body = protocol.decode_json_object(payload, "jobs request")
-    assert protocol.coerce_status_details(body["statusDetails"]) == {
+    assert status_details.coerce_status_details(body["statusDetails"]) == {
         STATUS_DETAILS_KEY: "true",
         "code": "42",
         "f": "1.5",
@@ -882,4 +882,4 @@ def test_coerce_status_details_from_a_decoded_payload() -> None:
 )
 def test_coerce_status_details_refuses_what_aws_refuses(details: object, message: str) -> None:
     with raises(message):
-        protocol.coerce_status_details(details)
+        status_details.coerce_status_details(details)

@@ -3,7 +3,7 @@
 Bundling in Docker is not an option here, so the asset is a plain directory assembled at synthesis
 time without network access:
 
-* the `certrotator` modules the Lambda entry points import (`crypto`, `protocol`, `backend/**`),
+* the `certrotator` modules the Lambda entry points import (`crypto`, `protocol`, `strict_json`, `backend/**`),
   copied from `src/` — the same handler code the local engine runs — and those of the scheduled
   reconcile (`ops/reconcile/{aws,policy,runner}.py`, `ops/aws/clients.py`), the same code as
   `certrotator reconcile --aws`, and those of the renewal function (`ops/schedule/{aws,facts,policy,
@@ -48,6 +48,7 @@ PACKAGE_SOURCES: Final = (
     "compat.py",  # StrEnum and UTC on Python 3.10 too (the Lambda runs 3.14: the standard library's)
     "crypto.py",
     "protocol.py",
+    "strict_json.py",  # protocol's JSON decoding
     "backend",
     "ops/__init__.py",
     "ops/aws/__init__.py",

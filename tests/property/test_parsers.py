@@ -14,8 +14,6 @@ from hypothesis import strategies as st
 from certrotator.protocol import (
     MAX_CSR_BYTES,
     MAX_PAYLOAD_BYTES,
-    MAX_STATUS_DETAIL_KEY_LENGTH,
-    MAX_STATUS_DETAIL_LENGTH,
     BrokerContext,
     CommitCertificateRequest,
     CreateCertificateRequest,
@@ -24,11 +22,15 @@ from certrotator.protocol import (
     ProtocolError,
     TopicKind,
     Topics,
-    coerce_status_details,
     decode_json_object,
     parse_certificate_accepted,
     parse_rejected,
     parse_topic,
+)
+from certrotator.status_details import (
+    MAX_STATUS_DETAIL_KEY_LENGTH,
+    MAX_STATUS_DETAIL_LENGTH,
+    coerce_status_details,
 )
 
 from .strategies import (

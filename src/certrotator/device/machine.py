@@ -56,8 +56,8 @@ from certrotator.protocol import (
     parse_certificate_accepted,
     parse_rejected,
     parse_topic,
-    status_update,
 )
+from certrotator.status_details import status_update
 
 __all__ = [
     "Action",

@@ -16,9 +16,9 @@ from certrotator.protocol import (
     ProtocolError,
     TopicKind,
     Topics,
-    coerce_status_details,
     decode_json_object,
 )
+from certrotator.status_details import coerce_status_details
 
 S = JobExecutionStatus
 
