@@ -427,7 +427,7 @@ def test_pkcs11_credentials_and_provider_configuration(tmp_path: Path) -> None:
 
 
 def test_key_store_selection(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import certrotator.device.keystores.pkcs11.store as pkcs11_module
+    import certrotator.device.keystores.pkcs11.from_settings as pkcs11_module
 
     calls: list[tuple[Any, ...]] = []
     sentinel = object()

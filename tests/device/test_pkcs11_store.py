@@ -31,6 +31,7 @@ from certrotator.crypto import KeyAlgorithm, SigningAlgorithm
 from certrotator.device import journal
 from certrotator.device.keystores.base import NOT_BEFORE_ALLOWANCE, KeyStoreError, TransientKeyStoreError
 from certrotator.device.keystores.pkcs11 import store as store_module
+from certrotator.device.keystores.pkcs11.from_settings import store_from_greengrass, store_from_settings
 from certrotator.device.keystores.pkcs11.location import (
     P521_REFUSAL,
     Pkcs11Config,
@@ -38,12 +39,7 @@ from certrotator.device.keystores.pkcs11.location import (
     parse_pkcs11_uri,
 )
 from certrotator.device.keystores.pkcs11.signing import token_signer
-from certrotator.device.keystores.pkcs11.store import (
-    CRASH_POINTS,
-    Pkcs11KeyStore,
-    store_from_greengrass,
-    store_from_settings,
-)
+from certrotator.device.keystores.pkcs11.store import CRASH_POINTS, Pkcs11KeyStore
 from certrotator.device.keystores.pkcs11.token import token_error
 
 from .softhsm import (

@@ -85,7 +85,7 @@ def key_store(credentials: NucleusCredentials, work: Path, client: ConfigIpc) ->
         raise ConfigError(
             f"the nucleus key is in PKCS#11 ({credentials.private_key}) but {PKCS11_PROVIDER} has no library configured"
         )
-    from certrotator.device.keystores.pkcs11.store import (
+    from certrotator.device.keystores.pkcs11.from_settings import (
         store_from_greengrass,  # python-pkcs11 only when used
     )
 

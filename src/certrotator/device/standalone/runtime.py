@@ -26,7 +26,9 @@ def key_store(config: DeviceConfig) -> KeyStore:
     if config.store == "file":
         assert config.private_key is not None
         return FileKeyStore(config.certificate, config.private_key, config.journal)
-    from certrotator.device.keystores.pkcs11.store import store_from_settings  # python-pkcs11 only when used
+    from certrotator.device.keystores.pkcs11.from_settings import (
+        store_from_settings,  # python-pkcs11 only when used
+    )
 
     assert config.pkcs11 is not None
     return store_from_settings(config.pkcs11, config.certificate, config.journal)

@@ -31,8 +31,8 @@ With no journal, `recover()` destroys stray LABEL.new objects, adopts a certific
 file (Greengrass allows that) into the token, rewrites the file if it differs from the token's
 certificate, and in every case proves by a signature that the live key belongs to the certificate.
 
-Recovery is `pkcs11_recovery`; the session, lock and object helpers are `pkcs11_token`, token
-signatures `pkcs11_signing`.
+Recovery is `recovery`; the session, lock and object helpers are `token`, token signatures `signing`;
+the store for each mode's settings is made by `from_settings`.
 """
 
 from __future__ import annotations
@@ -40,10 +40,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Protocol
-from urllib.parse import quote
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -56,10 +55,7 @@ from certrotator.device.keystores.base import KeyStoreError, TransientKeyStoreEr
 from certrotator.device.keystores.pkcs11.location import (
     BACKUP_SUFFIX,
     NEW_SUFFIX,
-    PKCS11_PROVIDER,
     Pkcs11Config,
-    Pkcs11ConfigError,
-    parse_pkcs11_uri,
 )
 from certrotator.device.keystores.pkcs11.recovery import (
     COMMITTING,
@@ -374,70 +370,3 @@ class Pkcs11KeyStore:
             except (PKCS11Error, OSError, KeyStoreError) as again:
                 log.error("finishing the interrupted step failed too (%r); recover() will retry", again)
             raise KeyStoreError(f"token step failed: {exc!r}") from exc
-
-
-# ---------------------------------------------------------------------------------------- factories
-
-
-class Pkcs11Settings(Protocol):
-    """The PKCS#11 part of a standalone `device.toml` (certrotator.device.standalone.config.Pkcs11Settings)."""
-
-    @property
-    def library(self) -> Path: ...
-    @property
-    def user_pin(self) -> str: ...
-    @property
-    def key_label(self) -> str: ...
-    @property
-    def token_label(self) -> str | None: ...
-    @property
-    def slot_id(self) -> int | None: ...
-
-
-def store_from_settings(
-    settings: Pkcs11Settings, certificate_file: Path, journal_path: Path
-) -> Pkcs11KeyStore:
-    """Standalone mode: the key pair and the certificate object share the key label (told apart by
-    their class), and `certificate_file` is the copy the AWS CRT reads."""
-    config = Pkcs11Config(
-        library=settings.library,
-        key_label=settings.key_label,
-        certificate_label=settings.key_label,
-        user_pin=settings.user_pin,
-        token_label=settings.token_label,
-        slot_id=settings.slot_id,
-    )
-    return Pkcs11KeyStore(config, journal_path, certificate_file)
-
-
-def store_from_greengrass(
-    provider: Mapping[str, Any],
-    certificate: str,
-    private_key: str,
-    certificate_file: Path,
-    journal_path: Path,
-) -> Pkcs11KeyStore:
-    """Greengrass mode: the nucleus' `privateKeyPath` (a `pkcs11:` URI), its `certificateFilePath` (a
-    `pkcs11:` URI or a file) and the `aws.greengrass.crypto.Pkcs11Provider` configuration (`library`,
-    `slot`, `userPin`). A certificate kept as a file is stored in the token under the key label by
-    `recover()`, and the file stays the copy the nucleus reads."""
-    slot = provider.get("slot")
-    try:
-        slot_id = None if slot is None or str(slot).strip() == "" else int(str(slot))
-    except ValueError:
-        raise Pkcs11ConfigError(f"{PKCS11_PROVIDER} slot {slot!r} is not a number") from None
-    pin = provider.get("userPin")
-    key = parse_pkcs11_uri(private_key, "private")
-    certificate_uri = (
-        certificate
-        if certificate.startswith("pkcs11:")
-        else f"pkcs11:object={quote(key.object, safe='')};type=cert"
-    )
-    config = Pkcs11Config.from_uris(
-        library=str(provider.get("library") or ""),
-        private_key_uri=private_key,
-        certificate_uri=certificate_uri,
-        user_pin=None if pin is None else str(pin),
-        slot_id=slot_id,
-    )
-    return Pkcs11KeyStore(config, journal_path, certificate_file)
