@@ -47,7 +47,17 @@ SHORT = {"SUCCEEDED": "S", "FAILED": "F", "TIMED_OUT": "T", "": "?"}
 
 
 def run_batch(index: int, cells: list[Cell], work: Path, extra: list[str]) -> list[dict[str, Any]]:
-    """One batch in its own process; a batch that breaks counts against each of its cells."""
+    """One batch in its own process, tried a second time if its process breaks (e.g. the engine did not
+    start: its log is kept in the problem); a batch that breaks twice counts against each of its cells."""
+    results = run_batch_once(index, cells, work / "try-1", extra)
+    if all(r["thing"] for r in results):
+        return results
+    again = run_batch_once(index, cells, work / "try-2", extra)
+    first = results[0]["problems"][0]
+    return [{**r, "attempts": 2, "first_attempt": first[:1500]} for r in again]
+
+
+def run_batch_once(index: int, cells: list[Cell], work: Path, extra: list[str]) -> list[dict[str, Any]]:
     directory = work / f"batch-{index:03d}"
     directory.mkdir(parents=True)
     spec, out = directory / "cells.json", directory / "results.json"
@@ -60,6 +70,8 @@ def run_batch(index: int, cells: list[Cell], work: Path, extra: list[str]) -> li
         results: list[dict[str, Any]] = json.loads(out.read_text())
         return results
     tail = (directory / "batch.log").read_text(errors="replace")[-800:]
+    for engine_log in directory.rglob("*-engine.log"):
+        tail += f"\n{engine_log.name}: " + engine_log.read_text(errors="replace")[-1200:]
     return [
         {
             "fault": c.fault.value,
@@ -176,12 +188,16 @@ def main() -> int:
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
         "wall_s": round(wall, 1),
         "totals": totals,
+        "cells_retried": sum(1 for r in results if r.get("attempts", 1) > 1),
         "cells": results,
         "not_run": [{"fault": f.value, "step": int(s), "why": why} for (f, s), why in NOT_RUN.items()],
     }
     Path(args.out).write_text(json.dumps(document, indent=1))
     print_tables(results)
     print(f"\nwall time {wall:.0f} s; results in {args.out}")
+    retried = document["cells_retried"]
+    if retried:
+        print(f"{retried} cells were run a second time: their batch's process broke (see first_attempt)")
     print(" ".join(f"{k}={v}" for k, v in totals.items()))
     held = totals["passed"] == totals["cells"] and not (
         totals["bricked"] or totals["orphan_certificates"] or totals["non_terminal"]
