@@ -229,7 +229,7 @@ def parse_reconcile_schedule(value: Any) -> str | None:
 def parse_renewal_policy(value: Any) -> str:
     """The renewal function's policy, in `certrotator local up --schedule`'s form (without every=):
     checked by the same parser the function uses, and returned normalised."""
-    from certrotator.ops.schedule.policy import parse_spec
+    from certrotator.ops.schedule.settings import parse_spec
 
     text = _text(value, RENEWAL_POLICY_KEY) or DEFAULT_RENEWAL_POLICY
     try:

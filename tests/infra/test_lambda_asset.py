@@ -100,6 +100,7 @@ OPS_FILES = {
     "certrotator/ops/schedule/facts.py",
     "certrotator/ops/schedule/policy.py",
     "certrotator/ops/schedule/runner.py",
+    "certrotator/ops/schedule/settings.py",
 }
 
 

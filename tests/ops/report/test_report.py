@@ -11,7 +11,8 @@ from rich.console import Console
 from certrotator.ops.report.chart import write_png
 from certrotator.ops.report.model import EXPIRY_BINS, build_report
 from certrotator.ops.report.render import print_report
-from certrotator.ops.schedule.policy import DAY, HOUR, CertificateFacts, Rotation, Settings, ThingFacts
+from certrotator.ops.schedule.policy import CertificateFacts, Rotation, ThingFacts
+from certrotator.ops.schedule.settings import DAY, HOUR, Settings
 from certrotator.protocol import JobExecutionStatus
 
 NOW = 1_800_000_000.0

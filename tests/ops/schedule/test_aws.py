@@ -24,8 +24,9 @@ from certrotator.compat import UTC
 from certrotator.ops.aws.clients import AwsClients
 from certrotator.ops.schedule import aws as schedule_aws
 from certrotator.ops.schedule.aws import AwsBackend, expiring_checks, scheduled_handler, sns_messages
-from certrotator.ops.schedule.policy import DAY, Settings, Verdict
+from certrotator.ops.schedule.policy import Verdict
 from certrotator.ops.schedule.runner import run
+from certrotator.ops.schedule.settings import DAY, Settings
 from certrotator.protocol import JOB_DOCUMENT
 
 REGION = "us-east-1"

@@ -32,7 +32,8 @@ from certrotator.local.metrics import attach
 from certrotator.local.provision import CONFIG_FILE, ProvisionRequest, provision_thing
 from certrotator.local.registry import LocalRegistry
 from certrotator.ops.schedule.local import read_fleet
-from certrotator.ops.schedule.policy import DAY, Verdict
+from certrotator.ops.schedule.policy import Verdict
+from certrotator.ops.schedule.settings import DAY
 from certrotator.protocol import JobExecutionStatus
 from certrotator.sim.fleet import SimulatedDevice, SimulatedFleet
 

@@ -9,21 +9,17 @@ from collections import Counter
 import pytest
 
 from certrotator.ops.schedule.policy import (
-    DAY,
-    HOUR,
     CertificateFacts,
     Rotation,
-    Settings,
     ThingFacts,
     Verdict,
     backoff_s,
     decide,
     due_at,
     jitter_fraction,
-    parse_duration,
-    parse_spec,
     plan,
 )
+from certrotator.ops.schedule.settings import DAY, HOUR, Settings, parse_duration, parse_spec
 from certrotator.protocol import PENDING_ROLLOUT, JobExecutionStatus
 
 S = JobExecutionStatus

@@ -100,7 +100,9 @@ def up(
         raise fail(f"an engine is already running on {data_dir}")
     renewal = None
     if schedule is not None:
-        from certrotator.ops.schedule.policy import parse_spec  # ops/ is handed in, never imported by local/
+        from certrotator.ops.schedule.settings import (
+            parse_spec,  # ops/ is handed in, never imported by local/
+        )
 
         try:
             renewal = parse_spec(schedule, allow_every=True)

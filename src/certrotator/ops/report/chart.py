@@ -9,7 +9,7 @@ from pathlib import Path
 
 from certrotator.compat import UTC
 from certrotator.ops.report.model import Report
-from certrotator.ops.schedule.policy import DAY
+from certrotator.ops.schedule.settings import DAY
 
 
 class ChartUnavailable(RuntimeError):

@@ -14,7 +14,8 @@ from rich.markup import escape
 
 from certrotator.ops.report.model import Report, build_report
 from certrotator.ops.schedule.cli import settings_from_options
-from certrotator.ops.schedule.policy import DEFAULT_MAX_PER_JOB, Settings, ThingFacts
+from certrotator.ops.schedule.policy import ThingFacts
+from certrotator.ops.schedule.settings import DEFAULT_MAX_PER_JOB, Settings
 
 console = Console()
 err = Console(stderr=True)

@@ -9,15 +9,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Final
 
-from certrotator.ops.schedule.policy import (
-    DAY,
-    Decision,
-    Settings,
-    ThingFacts,
-    Verdict,
-    decide,
-    format_duration,
-)
+from certrotator.ops.schedule.policy import Decision, ThingFacts, Verdict, decide
+from certrotator.ops.schedule.settings import DAY, Settings, format_duration
 
 # Days-to-expiry bins: (label, upper bound in days, exclusive); the first holds the expired.
 EXPIRY_BINS: Final[tuple[tuple[str, float], ...]] = (

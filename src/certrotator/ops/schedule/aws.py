@@ -30,8 +30,9 @@ from botocore.exceptions import ClientError
 from certrotator.ops.aws.clients import AwsClients, is_not_found
 from certrotator.ops.aws.jobs import DEFAULT_TEMPLATE, create_job
 from certrotator.ops.schedule.facts import certificate_details
-from certrotator.ops.schedule.policy import CertificateFacts, Rotation, ThingFacts, parse_spec
+from certrotator.ops.schedule.policy import CertificateFacts, Rotation, ThingFacts
 from certrotator.ops.schedule.runner import run
+from certrotator.ops.schedule.settings import parse_spec
 from certrotator.protocol import JobExecutionStatus, is_rotation_document
 
 log = logging.getLogger("certrotator.schedule")

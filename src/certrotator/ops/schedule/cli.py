@@ -13,14 +13,9 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from certrotator.ops.schedule.policy import (
-    DEFAULT_MAX_PER_JOB,
-    Settings,
-    Verdict,
-    format_duration,
-    parse_duration,
-)
+from certrotator.ops.schedule.policy import Verdict
 from certrotator.ops.schedule.runner import RunResult
+from certrotator.ops.schedule.settings import DEFAULT_MAX_PER_JOB, Settings, format_duration, parse_duration
 
 console = Console()
 err = Console(stderr=True)

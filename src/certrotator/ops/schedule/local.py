@@ -27,8 +27,9 @@ from certrotator.local.jobs import JobStore
 from certrotator.local.operations import JobRequest
 from certrotator.local.registry import LocalRegistry
 from certrotator.ops.schedule.facts import certificate_details
-from certrotator.ops.schedule.policy import CertificateFacts, Rotation, Settings, ThingFacts, Verdict
+from certrotator.ops.schedule.policy import CertificateFacts, Rotation, ThingFacts, Verdict
 from certrotator.ops.schedule.runner import RunResult, run
+from certrotator.ops.schedule.settings import Settings
 from certrotator.protocol import PENDING_ROLLOUT, is_rotation_document
 
 Clock = Callable[[], float]

@@ -13,15 +13,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from certrotator.ops.schedule.policy import (
-    JOB_PREFIX,
-    Decision,
-    PlannedJob,
-    Settings,
-    ThingFacts,
-    Verdict,
-    plan,
-)
+from certrotator.ops.schedule.policy import JOB_PREFIX, Decision, PlannedJob, ThingFacts, Verdict, plan
+from certrotator.ops.schedule.settings import Settings
 
 log = logging.getLogger("certrotator.schedule")
 
