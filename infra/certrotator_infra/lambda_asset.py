@@ -7,7 +7,7 @@ time without network access:
   copied from `src/` — the same handler code the local engine runs — and those of the scheduled
   reconcile (`ops/reconcile/{aws,policy,runner}.py`, `ops/aws/clients.py`), the same code as
   `certrotator reconcile --aws`, and those of the renewal function (`ops/schedule/{aws,facts,policy,
-  runner,settings}.py`, `ops/aws/jobs.py`), the same code as `certrotator schedule --aws`;
+  runner,settings}.py`, `ops/aws/{jobs,job_overrides}.py`), the same code as `certrotator schedule --aws`;
 * `cryptography` (with `cffi` and `pycparser`) built for the Lambda platform (CPython 3.14 on
   arm64 / Amazon Linux 2023), prepared once with network access by `build_lambda_deps.py`
   (`pip install --target ... --platform ... --only-binary=:all:`) into `build/lambda-deps`;
@@ -53,6 +53,7 @@ PACKAGE_SOURCES: Final = (
     "ops/__init__.py",
     "ops/aws/__init__.py",
     "ops/aws/clients.py",
+    "ops/aws/job_overrides.py",
     "ops/aws/jobs.py",
     "ops/reconcile/__init__.py",
     "ops/reconcile/aws.py",

@@ -90,6 +90,7 @@ OPS_FILES = {
     "certrotator/ops/__init__.py",
     "certrotator/ops/aws/__init__.py",
     "certrotator/ops/aws/clients.py",
+    "certrotator/ops/aws/job_overrides.py",
     "certrotator/ops/aws/jobs.py",
     "certrotator/ops/reconcile/__init__.py",
     "certrotator/ops/reconcile/aws.py",

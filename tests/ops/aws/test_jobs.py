@@ -20,13 +20,8 @@ from certrotator.ops.aws import greengrass as aws_greengrass
 from certrotator.ops.aws.checks import run_checks
 from certrotator.ops.aws.checks_model import Check, Status, failed
 from certrotator.ops.aws.clients import AwsClients, OperationError, error_message
-from certrotator.ops.aws.jobs import (
-    JobOverrides,
-    cancel_job,
-    create_job,
-    describe_job,
-    watch_job,
-)
+from certrotator.ops.aws.job_overrides import JobOverrides
+from certrotator.ops.aws.jobs import cancel_job, create_job, describe_job, watch_job
 from certrotator.ops.component.build import build_component
 from certrotator.protocol import FAILURE_REASON_KEY, JOB_DOCUMENT, STATUS_DETAILS_KEY
 

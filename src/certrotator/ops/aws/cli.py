@@ -132,7 +132,7 @@ def create_job(
     profile: Profile = None,
 ) -> None:
     """Create a rotation job from the template for things and/or thing groups, with optional overrides."""
-    from certrotator.ops.aws.jobs import JobOverrides
+    from certrotator.ops.aws.job_overrides import JobOverrides
     from certrotator.ops.aws.jobs import create_job as create
 
     overrides = JobOverrides(
