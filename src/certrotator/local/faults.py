@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sys
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,11 +23,7 @@ from typing import Any
 
 from certrotator.local.topic_tree import filter_matches
 from certrotator.protocol import JobExecutionStatus, ParsedTopic, Reply, TopicKind
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - the local IoT Core runs on 3.11, but the package installs on 3.10
-    import tomli as tomllib
+from certrotator.tomlcompat import tomllib
 
 
 class FaultPlanError(ValueError):
