@@ -24,10 +24,7 @@ from certrotator.local.faults import Step
 
 STORES = ("file", "pkcs11")
 _CRASH_POINT = re.compile(r'crash_point\("([a-z0-9_.]+)"\)')
-_KEYSTORE_SOURCES = {
-    "file": ("device/keystores/files.py",),
-    "pkcs11": ("device/keystores/pkcs11/store.py",),
-}
+_KEYSTORE_SOURCES = {"file": "device/keystores/files.py", "pkcs11": "device/keystores/pkcs11/*.py"}
 
 
 class Fault(Enum):
@@ -94,8 +91,8 @@ def crash_points(store: str) -> list[str]:
     """Every crash point of a key store, read from its source: a new one is in the matrix at once."""
     root = Path(__file__).resolve().parents[1]
     points: list[str] = []
-    for source in _KEYSTORE_SOURCES[store]:
-        points += _CRASH_POINT.findall((root / source).read_text())
+    for source in sorted(root.glob(_KEYSTORE_SOURCES[store])):
+        points += _CRASH_POINT.findall(source.read_text())
     return list(dict.fromkeys(points))
 
 
