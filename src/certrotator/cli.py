@@ -17,6 +17,7 @@ from typer import _click as click
 from typer.core import TyperGroup
 
 from certrotator import algorithms as tables  # not certrotator.crypto: `cryptography` loads lazily
+from certrotator.console import fail
 
 # Sub-command groups, imported only when their command runs (or for --help): `certrotator agent` runs on
 # devices and must not load the local IoT Core's, Greengrass's or the AWS operator's modules (~0.1 s
@@ -99,12 +100,6 @@ app = _Cli(
     cls=_LazyGroups,
 )
 console = Console()
-err_console = Console(stderr=True)
-
-
-def fail(message: str, code: int = 2) -> typer.Exit:
-    err_console.print(f"[red]error:[/red] {message}")
-    return typer.Exit(code)
 
 
 @app.command()

@@ -8,14 +8,12 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 
 from certrotator.algorithms import CryptoError
+from certrotator.console import fail
 from certrotator.device.keystores.base import KeyStoreError
 from certrotator.device.settings import ConfigError
 from certrotator.device.startup import STARTUP_FAILED_EXIT_CODE
-
-err_console = Console(stderr=True)
 
 
 def agent(
@@ -40,9 +38,9 @@ def agent(
     pass, e.g. a busy PKCS#11 token), with 70 after an unexpected error, and with 2 for an invalid
     configuration: a service manager restarts it."""
     if greengrass == (config is not None):
-        raise _fail("give exactly one of --config FILE (standalone) or --greengrass (component)")
+        raise fail("give exactly one of --config FILE (standalone) or --greengrass (component)")
     if greengrass and root is None:
-        raise _fail("--greengrass needs --root (the recipe passes {kernel:rootPath})")
+        raise fail("--greengrass needs --root (the recipe passes {kernel:rootPath})")
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -55,21 +53,16 @@ def agent(
             try:
                 standalone.run(config)
             except standalone.AgentFailed as exc:
-                raise _fail(f"agent stopped: {exc}", exc.exit_code) from None
+                raise fail(f"agent stopped: {exc}", exc.exit_code) from None
         else:
             assert root is not None
             from certrotator.device.greengrass import runtime as greengrass_mode
 
             code = greengrass_mode.run(root, work)
     except (ConfigError, CryptoError) as exc:
-        raise _fail(f"invalid configuration: {exc}") from None
+        raise fail(f"invalid configuration: {exc}") from None
     except KeyStoreError as exc:
-        raise _fail(f"cannot open the key store: {exc}", STARTUP_FAILED_EXIT_CODE) from None
+        raise fail(f"cannot open the key store: {exc}", STARTUP_FAILED_EXIT_CODE) from None
     except ImportError as exc:
-        raise _fail(f"{exc}; install the device extra: pip install 'certrotator[device]'") from None
+        raise fail(f"{exc}; install the device extra: pip install 'certrotator[device]'") from None
     raise typer.Exit(code)
-
-
-def _fail(message: str, code: int = 2) -> typer.Exit:
-    err_console.print(f"[red]error:[/red] {message}", soft_wrap=True)
-    return typer.Exit(code)

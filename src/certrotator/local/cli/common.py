@@ -11,11 +11,11 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.markup import escape
 from rich.measure import Measurement
 from rich.table import Table
 
 from certrotator.compat import UTC
+from certrotator.console import fail
 from certrotator.local import admin
 from certrotator.local.db import Database
 from certrotator.local.jobs import JobStore
@@ -31,16 +31,10 @@ local_app.add_typer(rule_app, name="rule")
 # soft_wrap: a message is never broken mid-line where the output is not a terminal (a pipe, a log, a
 # test) and is left to the terminal to wrap where it is; tables still fit the width.
 console = Console(soft_wrap=True)
-err = Console(stderr=True, soft_wrap=True)
 
 DataDir = Annotated[Path, typer.Option("--data-dir", help="The engine's data directory.")]
 DEFAULT_DATA_DIR = Path(".certrotator")
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON for machines.")]
-
-
-def fail(message: str) -> typer.Exit:
-    err.print(f"[red]error:[/red] {escape(message)}")  # the message's own brackets are text, not markup
-    return typer.Exit(2)
 
 
 def open_stores(data_dir: Path) -> tuple[LocalRegistry, JobStore]:

@@ -10,16 +10,10 @@ from typing import Annotated
 import typer
 
 from certrotator import crypto
+from certrotator.console import fail
 from certrotator.local import admin
 from certrotator.local.ca import IssuerName, load_local_ca
-from certrotator.local.cli.common import (
-    DEFAULT_DATA_DIR,
-    DataDir,
-    console,
-    fail,
-    local_app,
-    open_stores,
-)
+from certrotator.local.cli.common import DEFAULT_DATA_DIR, DataDir, console, local_app, open_stores
 from certrotator.local.faults import FaultPlanError, load_plan
 from certrotator.local.jobs import DEFAULT_MAX_IN_FLIGHT
 from certrotator.local.provision import provision_thing

@@ -11,6 +11,7 @@ import typer
 from rich.live import Live
 from rich.progress import BarColumn, Progress, TextColumn
 
+from certrotator.console import fail
 from certrotator.local import operations
 from certrotator.local.cli.common import (
     DEFAULT_DATA_DIR,
@@ -19,7 +20,6 @@ from certrotator.local.cli.common import (
     admin_call,
     console,
     emit,
-    fail,
     iso,
     jobs_app,
     open_stores,

@@ -12,6 +12,7 @@ from typing import Annotated, Any
 import typer
 
 from certrotator.backend.ports import CertificateStatus
+from certrotator.console import fail
 from certrotator.local import admin
 from certrotator.local.cli.common import (
     DEFAULT_DATA_DIR,
@@ -21,7 +22,6 @@ from certrotator.local.cli.common import (
     certificate_app,
     console,
     emit,
-    fail,
     iso,
     local_app,
     open_stores,

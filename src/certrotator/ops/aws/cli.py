@@ -21,6 +21,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from certrotator.console import err, fail
 from certrotator.protocol import JobExecutionStatus
 
 if TYPE_CHECKING:
@@ -35,7 +36,6 @@ component_app = typer.Typer(help="The Greengrass component in AWS.", no_args_is_
 aws_app.add_typer(component_app, name="component")
 
 console = Console()
-err = Console(stderr=True)
 
 # Kept in step with the defaults in aws_operations / aws_greengrass / aws_checks (not imported: boto3).
 DEFAULT_TEMPLATE = "AWSLabsCertificateRotator"
@@ -62,11 +62,6 @@ def connect(region: str | None, profile: str | None) -> AwsClients:
     return AwsClients.from_session(region, profile)
 
 
-def _fail(message: str, code: int = 2) -> typer.Exit:
-    err.print(f"[red]error:[/red] {escape(message)}", soft_wrap=True)
-    return typer.Exit(code)
-
-
 @contextmanager
 def _aws_errors() -> Iterator[None]:
     """Operator-fixable errors (credentials, region, permissions, missing resources) as one line."""
@@ -80,7 +75,7 @@ def _aws_errors() -> Iterator[None]:
         message = error_message(exc)
         if message is None:
             raise
-        raise _fail(message) from None
+        raise fail(message) from None
 
 
 def _table(title: str, columns: list[str], rows: list[list[str]]) -> Table:

@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from certrotator.console import fail
 from certrotator.ops.component.build import (
     DEFAULT_COMPONENT_NAME,
     DEFAULT_PUBLISHER,
@@ -19,7 +20,6 @@ from certrotator.ops.component.build import (
 
 component_app = typer.Typer(no_args_is_help=True)
 console = Console()
-err_console = Console(stderr=True)
 
 
 # A callback keeps this a command group even with one command: `certrotator component build`.
@@ -65,8 +65,7 @@ def build(
             publisher=(gdk.author if gdk and gdk.author else DEFAULT_PUBLISHER),
         )
     except BuildError as exc:
-        err_console.print(f"[red]error:[/red] {exc}", soft_wrap=True)
-        raise typer.Exit(2) from None
+        raise fail(str(exc)) from None
     console.print(f"component {result.name} {result.version}")
     console.print(f"  artifact: {result.artifact} ({result.wheel})")
     console.print(f"  recipe:   {result.recipe}")

@@ -12,11 +12,11 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from certrotator.console import fail
 from certrotator.ops.reconcile.policy import DEFAULT_SETTLE_S, Verdict
 from certrotator.ops.reconcile.runner import Options, Outcome, needs_operator
 
 console = Console()
-err = Console(stderr=True)
 
 DEFAULT_DATA_DIR = Path(".certrotator")
 DEFAULT_STACK = "AWSLabsCertificateRotator"
@@ -70,7 +70,7 @@ def reconcile_command(
     options = Options(dry_run=dry_run, settle_s=settle_seconds, notify=notify)
     if aws:
         if data_dir is not None:
-            raise _fail("give --aws or --data-dir, not both")
+            raise fail("give --aws or --data-dir, not both")
         outcomes = _run_aws(options, thing, region, profile, stack, topic_arn, state_key_secret_arn)
     else:
         outcomes = _run_local(options, thing, data_dir or DEFAULT_DATA_DIR)
@@ -82,21 +82,16 @@ def reconcile_command(
     raise typer.Exit(1 if needs_operator(outcomes) else 0)
 
 
-def _fail(message: str) -> typer.Exit:
-    err.print(f"[red]error:[/red] {escape(message)}", soft_wrap=True)
-    return typer.Exit(2)
-
-
 def _run_local(options: Options, things: list[str] | None, data_dir: Path) -> list[Outcome]:
     from certrotator.local.registry import RegistryError
     from certrotator.ops.reconcile.local import reconcile_data_dir
 
     if not data_dir.is_dir():
-        raise _fail(f"{data_dir} is not a local IoT Core data directory")
+        raise fail(f"{data_dir} is not a local IoT Core data directory")
     try:
         return reconcile_data_dir(data_dir, options, things)
     except (RegistryError, OSError) as exc:
-        raise _fail(str(exc)) from None
+        raise fail(str(exc)) from None
 
 
 def _run_aws(
@@ -121,7 +116,7 @@ def _run_aws(
         message = error_message(exc)
         if message is None:
             raise
-        raise _fail(message) from None
+        raise fail(message) from None
 
 
 def _print_table(outcomes: list[Outcome], checked: int, dry_run: bool) -> None:

@@ -10,23 +10,17 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.markup import escape
 
+from certrotator.console import fail
 from certrotator.ops.report.model import Report, build_report
 from certrotator.ops.schedule.cli import settings_from_options
 from certrotator.ops.schedule.policy import ThingFacts
 from certrotator.ops.schedule.settings import DEFAULT_MAX_PER_JOB, Settings
 
 console = Console()
-err = Console(stderr=True)
 
 DEFAULT_DATA_DIR = Path(".certrotator")
 DEFAULT_FRACTION = 2 / 3  # step-ca's default: the policy a report assumes unless told
-
-
-def _fail(message: str) -> typer.Exit:
-    err.print(f"[red]error:[/red] {escape(message)}", soft_wrap=True)
-    return typer.Exit(2)
 
 
 def report_command(
@@ -63,7 +57,7 @@ def report_command(
     now = time.time()
     if aws:
         if data_dir is not None:
-            raise _fail("give --aws or --data-dir, not both")
+            raise fail("give --aws or --data-dir, not both")
         fleet = _aws_fleet(settings, region, profile)
     else:
         fleet = _local_fleet(settings, data_dir or DEFAULT_DATA_DIR)
@@ -86,9 +80,9 @@ def _write_png(report: Report, path: Path) -> None:
     try:
         write_png(report, path)
     except ChartUnavailable as exc:
-        raise _fail(str(exc)) from None
+        raise fail(str(exc)) from None
     except OSError as exc:
-        raise _fail(f"{path}: {exc}") from None
+        raise fail(f"{path}: {exc}") from None
 
 
 def _local_fleet(settings: Settings, data_dir: Path) -> list[ThingFacts]:
@@ -97,12 +91,12 @@ def _local_fleet(settings: Settings, data_dir: Path) -> list[ThingFacts]:
     from certrotator.ops.schedule.local import read_fleet
 
     if not data_dir.is_dir():
-        raise _fail(f"{data_dir} is not a local IoT Core data directory")
+        raise fail(f"{data_dir} is not a local IoT Core data directory")
     db = Database(data_dir)
     try:
         return read_fleet(db, settings.group, details=True)
     except RegistryError as exc:
-        raise _fail(str(exc)) from None
+        raise fail(str(exc)) from None
     finally:
         db.close()
 
@@ -119,4 +113,4 @@ def _aws_fleet(settings: Settings, region: str | None, profile: str | None) -> l
         message = error_message(exc)
         if message is None:
             raise
-        raise _fail(message) from None
+        raise fail(message) from None

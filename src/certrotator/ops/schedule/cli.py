@@ -13,20 +13,15 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from certrotator.console import fail
 from certrotator.ops.schedule.policy import Verdict
 from certrotator.ops.schedule.runner import RunResult
 from certrotator.ops.schedule.settings import DEFAULT_MAX_PER_JOB, Settings, format_duration, parse_duration
 
 console = Console()
-err = Console(stderr=True)
 
 DEFAULT_DATA_DIR = Path(".certrotator")
 DEFAULT_TEMPLATE = "AWSLabsCertificateRotator"
-
-
-def _fail(message: str) -> typer.Exit:
-    err.print(f"[red]error:[/red] {escape(message)}", soft_wrap=True)
-    return typer.Exit(2)
 
 
 def settings_from_options(
@@ -46,7 +41,7 @@ def settings_from_options(
             group=group,
         )
     except ValueError as exc:
-        raise _fail(f"{exc} (--renew-before 30d or --renew-at-fraction 0.66)") from None
+        raise fail(f"{exc} (--renew-before 30d or --renew-at-fraction 0.66)") from None
 
 
 def schedule_command(
@@ -94,7 +89,7 @@ def schedule_command(
     settings = settings_from_options(renew_before, renew_at_fraction, group, max_per_job, jitter)
     if aws:
         if data_dir is not None:
-            raise _fail("give --aws or --data-dir, not both")
+            raise fail("give --aws or --data-dir, not both")
         result, note = _run_aws(settings, dry_run, region, profile, template), ""
     else:
         result, note = _run_local(settings, dry_run, data_dir or DEFAULT_DATA_DIR)
@@ -118,11 +113,11 @@ def _run_local(settings: Settings, dry_run: bool, data_dir: Path) -> tuple[RunRe
     from certrotator.ops.schedule.local import schedule_data_dir
 
     if not data_dir.is_dir():
-        raise _fail(f"{data_dir} is not a local IoT Core data directory")
+        raise fail(f"{data_dir} is not a local IoT Core data directory")
     try:
         result, running = schedule_data_dir(data_dir, settings, dry_run=dry_run)
     except (RegistryError, JobError, OSError) as exc:
-        raise _fail(str(exc)) from None
+        raise fail(str(exc)) from None
     note = ""
     if result.created and not running:
         note = "[yellow]no engine running: the jobs roll out when `certrotator local up` starts[/yellow]"
@@ -145,7 +140,7 @@ def _run_aws(
         message = error_message(exc)
         if message is None:
             raise
-        raise _fail(message) from None
+        raise fail(message) from None
 
 
 _COLORS = {
