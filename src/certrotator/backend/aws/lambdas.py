@@ -29,7 +29,7 @@ import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 from aws_lambda_powertools import Logger, Metrics
 from aws_lambda_powertools.logging.utils import copy_config_to_registered_loggers
@@ -306,6 +306,9 @@ def outcome_metric(result: handlers.HandlerResult) -> tuple[str, str] | None:
 # ------------------------------------------------------------------------------- event dicts -> typed
 
 
+Request = TypeVar("Request", CreateCertificateRequest, CommitCertificateRequest)
+
+
 def _reply_thing(event: dict[str, Any]) -> str | None:
     """The thing a malformed request came from, if the rule's thingName is usable for a reply."""
     try:
@@ -314,22 +317,33 @@ def _reply_thing(event: dict[str, Any]) -> str | None:
         return None
 
 
-def create_certificate_event(event: dict[str, Any], ports: Ports) -> handlers.HandlerResult:
+def _request_event(
+    event: dict[str, Any],
+    ports: Ports,
+    kind: TopicKind,
+    parse: Callable[[dict[str, Any]], Request],
+    handle: Callable[[BrokerContext, Request, Ports], handlers.HandlerResult],
+) -> handlers.HandlerResult:
+    """A create or commit request as its rule selects it: the broker's context and the request parsed
+    from the event and handled, or the device told on `/rejected` why it did not parse."""
     try:
         context = BrokerContext.from_event(event)
-        request = CreateCertificateRequest.parse(event)
+        request = parse(event)
     except ProtocolError as exc:
-        return handlers.reject_malformed_request(TopicKind.CREATE, _reply_thing(event), str(exc), ports)
-    return handlers.handle_create_certificate(context, request, ports)
+        return handlers.reject_malformed_request(kind, _reply_thing(event), str(exc), ports)
+    return handle(context, request, ports)
+
+
+def create_certificate_event(event: dict[str, Any], ports: Ports) -> handlers.HandlerResult:
+    return _request_event(
+        event, ports, TopicKind.CREATE, CreateCertificateRequest.parse, handlers.handle_create_certificate
+    )
 
 
 def commit_certificate_event(event: dict[str, Any], ports: Ports) -> handlers.HandlerResult:
-    try:
-        context = BrokerContext.from_event(event)
-        request = CommitCertificateRequest.parse(event)
-    except ProtocolError as exc:
-        return handlers.reject_malformed_request(TopicKind.COMMIT, _reply_thing(event), str(exc), ports)
-    return handlers.handle_commit_certificate(context, request, ports)
+    return _request_event(
+        event, ports, TopicKind.COMMIT, CommitCertificateRequest.parse, handlers.handle_commit_certificate
+    )
 
 
 def job_execution_terminal_event(
