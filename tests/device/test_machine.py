@@ -239,7 +239,7 @@ MATRIX: dict[str, tuple[Exp, ...]] = {
     "ConnectionResumed(committed)": (ASK,      ASK,      ASK,       RETAKE,   _,            _,            RECOMMIT),
     "ResyncDue":                    (ASK,      _,        _,         _,        _,            _,            _),
     "ConnectFailed":                (RETRY,    RETRY,    ROLL_BACK, RETRY,    RETRY,        ROLL_BACK,    ROLL_BACK),
-    "Timeout(current)":             (_,        GIVE_UP,  ROLL_BACK, GIVE_UP,  FAIL_DISCARD, _,            FAIL_ROLL_BACK),
+    "Timeout(current)":             (_,        GIVE_UP,  ROLL_BACK, RETAKE,   FAIL_DISCARD, _,            FAIL_ROLL_BACK),
     "Timeout(stale)":               (_,        _,        _,         _,        _,            _,            _),
     "ConfigChanged":                (CONFIG,   CONFIG,   CONFIG,    CONFIG,   CONFIG,       CONFIG,       CONFIG),
     "StoreFailed":                  (_,        _,        _,         _,        FAIL_DISCARD, FAIL_DISCARD, _),
@@ -487,7 +487,7 @@ PATHS: dict[str, tuple[list[m.Event], Exp]] = {
     # name: (events from the initial state, outcome when the timer armed last fires)
     "getting": ([m.Started(False)], GIVE_UP),
     "getting+backup": ([m.Started(True)], ROLL_BACK),
-    "updating": ([m.Started(False), EVENTS["get accepted QUEUED"]], GIVE_UP),
+    "updating": ([m.Started(False), EVENTS["get accepted QUEUED"]], RETAKE),
     "creating": ([m.Started(False), EVENTS["get accepted QUEUED"], EVENTS["update accepted"]], FAIL_DISCARD),
     # The timer armed on entering CreatingCertificate is stale once installed: the agent's connect
     # timer (-> ConnectFailed) decides after the restart.
@@ -823,7 +823,9 @@ def test_an_abandoned_in_progress_job_found_by_a_resync_is_failed_with_the_reaso
     run(m.Started(has_backup=False))
     timer = run(EVENTS["get accepted QUEUED"])[-1]
     assert isinstance(timer, m.ArmTimer)
-    run(m.Timeout(timer.epoch))
+    retake = run(m.Timeout(timer.epoch))[-1]  # the first timeout takes the job once more
+    assert isinstance(retake, m.ArmTimer)
+    run(m.Timeout(retake.epoch))
     assert run.state.phase is Phase.IDLE
     run(m.ConnectionResumed())
     (failed,) = run(EVENTS["get accepted IN_PROGRESS"])
@@ -960,3 +962,30 @@ def test_a_marker_for_another_job_does_not_succeed_this_one() -> None:
     _, actions = after_started(m.Started(False, committed_job=OTHER_JOB), EVENTS["get accepted IN_PROGRESS"])
     failed = [a for a in actions if isinstance(a, m.Publish) and a.message.get("status") == "FAILED"]
     assert failed and m.ForgetCommitted() in actions
+
+
+def test_a_lost_in_progress_update_is_sent_once_more_then_given_up() -> None:
+    """Fault matrix, step 2 or 3 lost: the notify-next was already sent, so nothing else would tell this
+    device about the job again. One retake with a fresh timer; a second timeout gives up."""
+    run = Run()
+    run(m.Started(has_backup=False))
+    timer = run(EVENTS["get accepted QUEUED"])[-1]
+    assert isinstance(timer, m.ArmTimer)
+    actions = run(m.Timeout(timer.epoch))
+    assert (run.state.phase, run.state.job_id, run.state.retried) == (Phase.UPDATING_JOB, JOB, True)
+    assert [type(a) for a in actions] == [m.Publish, m.ArmTimer]
+    assert actions[0] == m.Publish(
+        UPDATE, {"status": "IN_PROGRESS", "statusDetails": {STATUS_DETAILS_KEY: "UpdatingJob"}}
+    )
+    assert run(m.Timeout(timer.epoch)) == []  # the first timer is spent
+    second = actions[-1]
+    assert isinstance(second, m.ArmTimer)
+    assert run(m.Timeout(second.epoch)) == []
+    assert (run.state.phase, run.state.retried) == (Phase.IDLE, False)
+    # The retake is the same request: accepted, the rotation goes on as if nothing was lost.
+    run(m.Started(has_backup=False))
+    timer = run(EVENTS["get accepted QUEUED"])[-1]
+    assert isinstance(timer, m.ArmTimer)
+    run(m.Timeout(timer.epoch))
+    assert isinstance(run(EVENTS["update accepted"])[0], m.RequestCertificate)
+

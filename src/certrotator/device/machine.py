@@ -91,12 +91,12 @@ log = logging.getLogger("certrotator.device")
 
 def _wait(state: State, phase: Phase, job_id: str | None, *actions: Action) -> Result:
     """Enter a waiting phase: every waiting phase has a timeout."""
-    new = replace(state, phase=phase, job_id=job_id, epoch=state.epoch + 1)
+    new = replace(state, phase=phase, job_id=job_id, epoch=state.epoch + 1, retried=False)
     return new, [*actions, ArmTimer(state.timeout_s, new.epoch)]
 
 
 def _idle(state: State, *actions: Action) -> Result:
-    return replace(state, phase=Phase.IDLE, job_id=None, epoch=state.epoch + 1), list(actions)
+    return replace(state, phase=Phase.IDLE, job_id=None, epoch=state.epoch + 1, retried=False), list(actions)
 
 
 def _update(
@@ -211,15 +211,8 @@ def _resumed(state: State, event: ConnectionResumed) -> Result:
         # ignored). With a backup this is the new pair's trial, still decided by the get's reply.
         return _ask(replace(state, committed_job=event.committed_job))
     if phase is Phase.UPDATING_JOB:
-        # Asking $next/get here would find our own job IN_PROGRESS if the update went through and make
-        # it look abandoned. Taking it again is idempotent (IN_PROGRESS -> IN_PROGRESS is accepted).
         assert job is not None
-        return _wait(
-            state,
-            Phase.UPDATING_JOB,
-            job,
-            _update(state, job, JobExecutionStatus.IN_PROGRESS, Phase.UPDATING_JOB.value),
-        )
+        return _retake(state, job)
     if phase is Phase.COMMITTING_CERTIFICATE:
         # The backend answers a repeated commit as accepted (a commit whose reply was lost), and the
         # resumed connection still uses the new pair, which is what commit checks.
@@ -237,6 +230,15 @@ def _resumed(state: State, event: ConnectionResumed) -> Result:
     return state, []
 
 
+def _retake(state: State, job: str) -> Result:
+    """Take the job again. Asking $next/get instead would find our own job IN_PROGRESS if the first
+    update went through and make it look abandoned; taking it again is idempotent (IN_PROGRESS ->
+    IN_PROGRESS is accepted)."""
+    return _wait(
+        state, Phase.UPDATING_JOB, job, _update(state, job, JobExecutionStatus.IN_PROGRESS, Phase.UPDATING_JOB.value)
+    )
+
+
 def _on_timeout(state: State) -> Result:
     phase, job = state.phase, state.job_id
     what = f"no reply in {state.timeout_s:g} s while {phase.value}"
@@ -245,7 +247,15 @@ def _on_timeout(state: State) -> Result:
             return _roll_back(state, f"new credentials unproven: {what}", None)
         return _idle(state)  # a notify-next will come when there is work
     if phase is Phase.UPDATING_JOB:
-        return _idle(state)  # could not even take the job; it stays QUEUED for the next notify
+        # The update or its reply was lost (the fault matrix's step 2 and 3): nothing else would ever
+        # tell this device about the job again, since its notify-next was already sent. Take it once
+        # more; if that is lost too, the job waits QUEUED (or times out IN_PROGRESS) for the next
+        # notify-next or re-synchronisation.
+        if not state.retried:
+            assert job is not None
+            new, actions = _retake(state, job)
+            return replace(new, retried=True), actions
+        return _idle(state)
     assert job is not None
     if phase is Phase.CREATING_CERTIFICATE:
         return _fail(state, job, what, DiscardPreparedKey())

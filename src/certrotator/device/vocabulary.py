@@ -29,6 +29,7 @@ class State:
     has_backup: bool = False
     committed_job: str | None = None
     epoch: int = 0  # bumped on every transition into a waiting phase; stale timeouts carry an old one
+    retried: bool = False  # this waiting phase's request was already sent again after a timeout
 
 
 # ------------------------------------------------------------------------------------------- events
