@@ -98,11 +98,17 @@ def test_linux_manifest_installs_a_root_owned_environment_runs_the_agent_and_res
     assert install["Timeout"] >= 600  # awscrt and cryptography wheels take a while on a small device
     script = install["Script"]
     assert f'home="{{kernel:rootPath}}/certrotator/{NAME}"' in script
-    assert 'env="$home/envs/1.4.2-' + built.wheel_sha256[:12] + '"' in script
+    assert 'env="$home/envs/1.4.2-' + built.environment_sha256[:12] + '"' in script
     assert script.startswith("set -eu\numask 022\ncd /\n")
-    assert f'"{{artifacts:decompressedPath}}/certrotator/{built.wheel}" "$wheel/{built.wheel}"' in script
-    assert f'"$wheel/{built.wheel}" "{built.wheel_sha256}"' in script  # checked before pip sees it
-    assert f'-m pip install --disable-pip-version-check --no-input "$wheel/{built.wheel}[device]"' in script
+    for name in (built.wheel, "constraints.txt"):
+        assert f'"{{artifacts:decompressedPath}}/certrotator/{name}" "$copies/{name}"' in script
+    # Both copies are checked before pip sees them (test_root_trust.py runs the check).
+    assert (
+        f'python3 -I -S - "$copies/{built.wheel}" "{built.wheel_sha256}" '
+        f'"$copies/constraints.txt" "{built.constraints_sha256}" <<'
+    ) in script
+    assert f'[ "$(cat "$env/.complete")" = "{built.environment_sha256}" ]' in script
+    assert f'echo "{built.environment_sha256}" > "$env/.complete"' in script
     assert "python3 -m" not in script and 'python" -m' not in script  # always isolated (-I)
     # The system's Python without site: no site-packages (nor their .pth files) run as root.
     assert 'python3 -I -S -m venv "$env"' in script and "verify python3 -I -S - " in script
@@ -110,7 +116,7 @@ def test_linux_manifest_installs_a_root_owned_environment_runs_the_agent_and_res
     run_script = run["Script"]
     assert 'cd "$home/state" || exit 1' in run_script
     assert (
-        f'"$home/envs/1.4.2-{built.wheel_sha256[:12]}/bin/python" -I -u -m certrotator.cli agent --greengrass '
+        f'"$home/envs/1.4.2-{built.environment_sha256[:12]}/bin/python" -I -u -m certrotator.cli agent --greengrass '
         '--root "{kernel:rootPath}" --work "$home/state"'
     ) in run_script
     assert "{work:path}" not in run_script
@@ -127,14 +133,23 @@ def test_windows_manifest_installs_an_environment_outside_the_work_path_and_rest
     install, run = lifecycle["Install"], lifecycle["Run"]
     assert install["RequiresPrivilege"] is True and run["RequiresPrivilege"] is True
     home = f"{{kernel:rootPath}}\\certrotator\\{NAME}"
-    environment = f"{home}\\envs\\1.4.2-{built.wheel_sha256[:12]}"
+    environment = f"{home}\\envs\\1.4.2-{built.environment_sha256[:12]}"
     wheel = f"{home}\\wheel\\{built.wheel}"
+    lock = f"{home}\\wheel\\constraints.txt"
     script = install["Script"]
     assert "\n" not in script  # cmd.exe gets one line: the folded scalar joined it
     assert script.startswith('cd /d "{kernel:rootPath}" && ')
     assert f'copy /y "{{artifacts:decompressedPath}}\\certrotator\\{built.wheel}" "{wheel}"' in script
-    assert f'"{wheel}" "{built.wheel_sha256}" && python -I -S -m venv "{environment}"' in script
-    assert f'"{environment}\\Scripts\\python.exe" -I -m pip install' in script
+    assert f'copy /y "{{artifacts:decompressedPath}}\\certrotator\\constraints.txt" "{lock}"' in script
+    assert (
+        f'"{wheel}" "{built.wheel_sha256}" "{lock}" "{built.constraints_sha256}" && '
+        f'python -I -S -m venv "{environment}"'
+    ) in script
+    assert (
+        f'"{environment}\\Scripts\\python.exe" -I -m pip install --disable-pip-version-check --no-input '
+        f'-c "{lock}" "{wheel}[device]"'
+    ) in script
+    assert f'(echo {built.environment_sha256}> "{environment}\\.complete")' in script
     assert script.count("(") == script.count(")")
     run_script = run["Script"]
     assert "\n" not in run_script
@@ -148,13 +163,34 @@ def test_windows_manifest_installs_an_environment_outside_the_work_path_and_rest
     assert "schtasks /Run /TN CertificateRotatorRestartGreengrass" in run_script
 
 
-def test_the_wheel_digest_in_the_recipe_is_the_artifact_wheel(built: c.BuildResult) -> None:
+def test_the_digests_in_the_recipe_are_the_artifacts_wheel_and_lock(built: c.BuildResult) -> None:
     with zipfile.ZipFile(built.artifact) as artifact:
-        digest = hashlib.sha256(artifact.read(built.wheel)).hexdigest()
-    assert digest == built.wheel_sha256
+        wheel = hashlib.sha256(artifact.read(built.wheel)).hexdigest()
+        lock = hashlib.sha256(artifact.read("constraints.txt")).hexdigest()
+    assert (wheel, lock) == (built.wheel_sha256, built.constraints_sha256)
+    assert lock == hashlib.sha256((PROJECT / "constraints.txt").read_bytes()).hexdigest()
     text = built.recipe.read_text()
-    assert text.count(digest) >= 4  # Linux: check, marker x2; Windows: check, marker
-    assert c.environment_name("1.4.2", digest) == f"1.4.2-{digest[:12]}"
+    assert text.count(wheel) == text.count(lock) == 2  # checked on Linux and on Windows
+    environment = c.environment_digest(wheel, lock)
+    assert environment == built.environment_sha256
+    assert text.count(environment) == 3  # the .complete marker: Linux compares and writes, Windows writes
+    assert c.environment_name("1.4.2", environment) == f"1.4.2-{environment[:12]}"
+    # A new lock (or wheel) is a new environment on the device.
+    assert c.environment_digest(wheel, "0" * 64) != environment != c.environment_digest("0" * 64, lock)
+
+
+def test_the_install_scripts_pass_the_lock_to_every_pip_install(recipe: dict[str, Any]) -> None:
+    """Every pip install the device runs is constrained by the lock it copied and checked, on Linux and
+    on Windows (test_root_trust.py shows pip on Linux obeys it)."""
+    locks = {"linux": '"$copies/constraints.txt"', "windows": '\\wheel\\constraints.txt"'}
+    for os_name, lock in locks.items():
+        script = manifest(recipe, os_name)["Lifecycle"]["Install"]["Script"]
+        commands = [rest.split("\n", 1)[0].split(" && ", 1)[0] for rest in script.split(" pip install ")[1:]]
+        assert commands, os_name
+        for command in commands:
+            words = command.split()
+            assert words[-1].endswith('[device]"'), command
+            assert "-c" in words and words[words.index("-c") + 1].endswith(lock), command
 
 
 def test_gdk_config_uses_the_custom_build() -> None:
@@ -183,7 +219,8 @@ def test_build_layout_and_placeholders(built: c.BuildResult) -> None:
     assert built.artifact == out / "artifacts" / NAME / "1.4.2" / "certrotator.zip"
     text = built.recipe.read_text()
     assert "{COMPONENT_" not in text and "{BUCKET_NAME}" not in text and "{WHEEL_FILE}" not in text
-    assert "{RESTART_EXIT_CODE" not in text
+    assert "{RESTART_EXIT_CODE" not in text and "{CONSTRAINTS_" not in text and "{ENV_" not in text
+    assert "{WHEEL_SHA256}" not in text
     assert "{kernel:rootPath}" in text and "{iot:thingName}" in text  # recipe variables stay for the device
     assert any("--region eu-west-1" in command for command in built.publish_commands())
     assert any(
@@ -193,8 +230,9 @@ def test_build_layout_and_placeholders(built: c.BuildResult) -> None:
 
 def test_artifact_holds_an_installable_wheel_of_the_package(built: c.BuildResult, tmp_path: Path) -> None:
     with zipfile.ZipFile(built.artifact) as artifact:
-        assert artifact.namelist() == [built.wheel]
+        assert artifact.namelist() == [built.wheel, "constraints.txt"]
         wheel_bytes = artifact.read(built.wheel)
+        assert artifact.read("constraints.txt") == (PROJECT / "constraints.txt").read_bytes()
     project = tomllib.loads((PROJECT / "pyproject.toml").read_text())["project"]
     assert built.wheel == f"certrotator-{project['version']}-py3-none-any.whl"
     with zipfile.ZipFile(io.BytesIO(wheel_bytes)) as wheel:
@@ -280,6 +318,23 @@ def test_build_is_reproducible(tmp_path: Path) -> None:
     second = c.build_component(PROJECT, tmp_path / "b", version="1.0.0")
     assert first.artifact.read_bytes() == second.artifact.read_bytes()
     assert first.recipe.read_text() == second.recipe.read_text()
+
+
+def test_a_new_lock_is_a_new_artifact_and_a_new_environment(tmp_path: Path) -> None:
+    lock = tmp_path / "constraints.txt"
+    lock.write_bytes((PROJECT / "constraints.txt").read_bytes() + b"# a new pin\n")
+    before = c.build_component(PROJECT, tmp_path / "a", version="1.0.0")
+    after = c.build_component(PROJECT, tmp_path / "b", version="1.0.0", constraints=lock)
+    assert after.wheel_sha256 == before.wheel_sha256
+    assert (
+        after.constraints_sha256 == hashlib.sha256(lock.read_bytes()).hexdigest() != before.constraints_sha256
+    )
+    assert after.environment_sha256[:12] != before.environment_sha256[:12]
+    with zipfile.ZipFile(after.artifact) as artifact:
+        assert artifact.read("constraints.txt") == lock.read_bytes()
+    assert f"/envs/1.0.0-{after.environment_sha256[:12]}" in after.recipe.read_text()
+    with pytest.raises(c.BuildError, match="cannot read the lock"):
+        c.build_component(PROJECT, tmp_path / "c", version="1.0.0", constraints=tmp_path / "missing.txt")
 
 
 def test_without_a_bucket_the_placeholder_is_left_for_gdk_publish(tmp_path: Path) -> None:

@@ -3,8 +3,8 @@ changes file owners the way the real one does (tests/ops/component/nucleus.py): 
 or imports stays root's and writable by root alone, across installs, restarts and an upgrade from the
 seed's layout. `previous_recipe.yaml` is the recipe before this rule: the same checks fail on it.
 
-pip installs the wheel alone (no index, no dependencies): the checks are about who owns what, not
-about PyPI. Needs root (it hands files to another uid, as the nucleus does)."""
+pip installs the wheel alone (no index, no dependencies), with the lock shipped beside it: the checks
+are about who owns what, not about PyPI. Needs root (it hands files to another uid, as the nucleus does)."""
 
 from __future__ import annotations
 
@@ -75,10 +75,16 @@ class Component:
         return untrusted(environment, work, cwd, python=environment / "bin" / "python")
 
 
-def component(tmp_path: Path, template: Path | None = None) -> Component:
+def component(tmp_path: Path, template: Path | None = None, constraints: Path | None = None) -> Component:
     uid = _unused_uid()
     build = c.build_component(
-        PROJECT, tmp_path / "build", name=NAME, version=VERSION, bucket="artifacts", template=template
+        PROJECT,
+        tmp_path / "build",
+        name=NAME,
+        version=VERSION,
+        bucket="artifacts",
+        template=template,
+        constraints=constraints,
     )
     recipe = yaml.safe_load(build.recipe.read_text())
     (linux,) = [m for m in recipe["Manifests"] if m["Platform"]["os"] == "linux"]
@@ -167,15 +173,45 @@ def test_what_root_runs_stays_roots_across_installs_restarts_and_the_seed_upgrad
     assert rotator.what_root_runs() == []
 
 
-def test_a_wheel_changed_in_the_artifact_directory_is_refused(tmp_path: Path) -> None:
+@pytest.mark.parametrize("changed", ["wheel", "constraints.txt"])
+def test_a_file_changed_in_the_artifact_directory_is_refused(tmp_path: Path, changed: str) -> None:
+    """The run-as user owns the artifact files: a wheel, or a lock that would steer pip to other versions,
+    changed there is refused before pip runs."""
     rotator = component(tmp_path)
-    wheel = rotator.nucleus.unarchived / "certrotator" / rotator.build.wheel
-    wheel.write_bytes(wheel.read_bytes() + b"\0")  # the run-as user owns the artifact files
+    name, digest = (
+        (rotator.build.wheel, rotator.build.wheel_sha256)
+        if changed == "wheel"
+        else ("constraints.txt", rotator.build.constraints_sha256)
+    )
+    changed_file = rotator.nucleus.unarchived / "certrotator" / name
+    changed_file.write_bytes(changed_file.read_bytes() + b"\n# changed\n")
     done = rotator.install()
     assert done.returncode != 0
-    assert f"SHA-256 {rotator.build.wheel_sha256}" in done.stderr
-    assert hashlib.sha256(wheel.read_bytes()).hexdigest() != rotator.build.wheel_sha256
+    assert f"/{name} is not the file this recipe was built with (SHA-256 {digest})" in done.stderr
+    assert done.stderr.count("is not the file this recipe was built with") == 1  # the other one is fine
+    assert hashlib.sha256(changed_file.read_bytes()).hexdigest() != digest
     assert not list((rotator.nucleus.root / "certrotator").rglob("pyvenv.cfg"))
+    assert not list((rotator.nucleus.root / "certrotator").rglob(".copies.*"))  # the copies are gone
+
+
+def test_pip_installs_with_the_shipped_lock(tmp_path: Path) -> None:
+    """The lock reaches pip: one that pins another release of certrotator makes pip refuse the wheel;
+    the project's own lock installs it, and its environment's marker names wheel and lock."""
+    other = tmp_path / "other-lock.txt"
+    other.write_text("certrotator==9.9.9\n")
+    refused = component(tmp_path / "other", constraints=other).install()
+    assert refused.returncode != 0, refused.stdout
+    # pip's words differ between releases (this is the venv's own pip): "(constraint) certrotator==9.9.9"
+    # or "No matching distribution found for certrotator[device] 0.1.0".
+    assert "ERROR" in refused.stderr and "certrotator" in refused.stderr, refused.stderr
+    assert not list((tmp_path / "other").rglob(".complete"))
+
+    rotator = component(tmp_path / "ours")
+    done = rotator.install()
+    assert done.returncode == 0, done.stdout + done.stderr
+    environment = Path(rotator.agent_command()[0][0]).parent.parent
+    assert environment.name == c.environment_name(VERSION, rotator.build.environment_sha256)
+    assert (environment / ".complete").read_text().strip() == rotator.build.environment_sha256
 
 
 def test_the_seeds_component_is_not_replaced_in_the_middle_of_its_rotation(tmp_path: Path) -> None:

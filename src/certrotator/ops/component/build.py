@@ -1,7 +1,8 @@
 """Build the Greengrass component: the artifact zip and the versioned recipe, laid out as the Greengrass
 Development Kit (GDK) expects from a custom build:
 
-    greengrass-build/artifacts/<name>/<version>/certrotator.zip   (holds certrotator-<v>-py3-none-any.whl)
+    greengrass-build/artifacts/<name>/<version>/certrotator.zip   (certrotator-<v>-py3-none-any.whl and
+                                                                   constraints.txt)
     greengrass-build/recipes/recipe.yaml
 
 The artifact carries a wheel, not the source tree: the device then installs with pip alone, without a
@@ -9,6 +10,10 @@ build backend and without writing into the (read-only) artifact directory, which
 would do (setuptools writes egg-info next to the sources). The wheel is assembled here with the
 standard library -- the package is pure Python, so a wheel is a zip with metadata (PEP 427) -- which
 needs no network and no particular setuptools in the build environment.
+
+Beside the wheel goes the project's lock, constraints.txt: the device installs with `pip install -c` it,
+so it gets the dependency versions we test, not the newest ones within pyproject.toml's ranges. The
+recipe carries the SHA-256 of both; the device checks each after copying it where only root can write.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from certrotator.device.greengrass.runtime import JOURNAL_FILE, RESTART_EXIT_COD
 from certrotator.tomlcompat import tomllib
 
 ARTIFACT_NAME = "certrotator.zip"
+CONSTRAINTS_FILE = "constraints.txt"  # the lock, at the project root and in the artifact
 DEFAULT_COMPONENT_NAME = "aws.greengrass.labs.CertificateRotator"
 DEFAULT_PUBLISHER = "certrotator"
 BUCKET_PLACEHOLDER = "{BUCKET_NAME}"
@@ -63,6 +69,8 @@ class BuildResult:
     bucket: str | None
     region: str | None
     wheel_sha256: str
+    constraints_sha256: str
+    environment_sha256: str  # what the device's environment is built from: see environment_digest
 
     def publish_commands(self) -> list[str]:
         """How to publish without GDK (with GDK: `gdk component publish`)."""
@@ -221,10 +229,12 @@ def build_component(
     region: str | None = None,
     publisher: str = DEFAULT_PUBLISHER,
     template: Path | None = None,
+    constraints: Path | None = None,
 ) -> BuildResult:
     """Write the artifact and recipe under `out`. Without `bucket`, the artifact URI keeps
     {BUCKET_NAME}: `gdk component publish` rewrites s3:// URIs with its own bucket
-    (<bucket>-<region>-<account>), which a build cannot know."""
+    (<bucket>-<region>-<account>), which a build cannot know. `constraints` is the lock shipped with
+    the wheel (default: the project's constraints.txt)."""
     version = version or str(_project_table(project_root / "pyproject.toml").get("version", ""))
     if not _SEMVER.match(version):
         raise BuildError(f"component version {version!r} is not a semantic version (major.minor.patch)")
@@ -239,15 +249,23 @@ def build_component(
         template_text = template.read_text(encoding="utf-8")
     except OSError as exc:
         raise BuildError(f"cannot read the recipe template: {exc}") from None
+    constraints = constraints or project_root / CONSTRAINTS_FILE
+    try:
+        lock = constraints.read_bytes()
+    except OSError as exc:
+        raise BuildError(f"cannot read the lock the device installs with: {exc}") from None
 
     artifact_dir = out / "artifacts" / name / version
     artifact_dir.mkdir(parents=True, exist_ok=True)
     wheel = build_wheel(project_root, out / "wheel")
     wheel_bytes = wheel.read_bytes()
-    (artifact_dir / ARTIFACT_NAME).write_bytes(_zip({wheel.name: wheel_bytes}))
-    # The device checks the wheel against this digest after copying it out of the artifact directory,
-    # which the run-as user owns; the environment it builds is named after version and digest.
+    (artifact_dir / ARTIFACT_NAME).write_bytes(_zip({wheel.name: wheel_bytes, CONSTRAINTS_FILE: lock}))
+    # The device checks the wheel and the lock against these digests after copying them out of the
+    # artifact directory, which the run-as user owns; the environment it builds is named after the
+    # version and both digests.
     digest = hashlib.sha256(wheel_bytes).hexdigest()
+    lock_digest = hashlib.sha256(lock).hexdigest()
+    environment = environment_digest(digest, lock_digest)
 
     values = {
         "COMPONENT_NAME": name,
@@ -255,7 +273,10 @@ def build_component(
         "COMPONENT_PUBLISHER": publisher,
         "WHEEL_FILE": wheel.name,
         "WHEEL_SHA256": digest,
-        "ENV_NAME": environment_name(version, digest),
+        "CONSTRAINTS_FILE": CONSTRAINTS_FILE,
+        "CONSTRAINTS_SHA256": lock_digest,
+        "ENV_SHA256": environment,
+        "ENV_NAME": environment_name(version, environment),
         "JOURNAL_FILE": JOURNAL_FILE,
         "RESTART_EXIT_CODE": str(RESTART_EXIT_CODE),
         "RESTART_EXIT_CODE_PLUS_ONE": str(RESTART_EXIT_CODE + 1),
@@ -267,11 +288,26 @@ def build_component(
     recipe.parent.mkdir(parents=True, exist_ok=True)
     recipe.write_text(recipe_text, encoding="utf-8")
     return BuildResult(
-        name, version, artifact_dir / ARTIFACT_NAME, recipe, wheel.name, bucket, region, digest
+        name,
+        version,
+        artifact_dir / ARTIFACT_NAME,
+        recipe,
+        wheel.name,
+        bucket,
+        region,
+        wheel_sha256=digest,
+        constraints_sha256=lock_digest,
+        environment_sha256=environment,
     )
 
 
-def environment_name(version: str, wheel_sha256: str) -> str:
-    """The directory of a version's Python environment on the device: a rebuilt wheel of the same
-    version gets a new one (12 hex digits keep the interpreter path short)."""
-    return f"{version}-{wheel_sha256[:12]}"
+def environment_digest(wheel_sha256: str, constraints_sha256: str) -> str:
+    """One digest of what an environment on the device is built from: the wheel and the lock pip
+    installs it with. Its `.complete` marker holds it."""
+    return hashlib.sha256(f"{wheel_sha256} {constraints_sha256}\n".encode()).hexdigest()
+
+
+def environment_name(version: str, environment_sha256: str) -> str:
+    """The directory of a version's Python environment on the device: a rebuilt wheel or a new lock of
+    the same version gets a new one (12 hex digits keep the interpreter path short)."""
+    return f"{version}-{environment_sha256[:12]}"
