@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from botocore.exceptions import ClientError
 
-from certrotator.backend.aws.clients import error_code
+from certrotator.backend.aws.clients import error_code, is_not_found, unless_missing
 from certrotator.backend.aws.issuers import IotIssuer, PrivateCaIssuer
 from certrotator.backend.aws.registry import IotRegistry, certificate_arn
 from certrotator.backend.ports import JobExecution, Notification, RotationState
@@ -60,7 +60,7 @@ class IotJobsData:
                 jobId=job_id, thingName=thing, includeJobDocument=True
             )
         except ClientError as exc:
-            if error_code(exc) == "ResourceNotFoundException":
+            if is_not_found(exc):
                 return None
             if error_code(exc) != "TerminalStateException":
                 raise
@@ -76,12 +76,11 @@ class IotJobsData:
         )
 
     def _ended_execution(self, thing: str, job_id: str) -> JobExecution | None:
-        try:
-            response = self._clients.iot.describe_job_execution(jobId=job_id, thingName=thing)
-        except ClientError as exc:
-            if error_code(exc) == "ResourceNotFoundException":
-                return None
-            raise
+        response = unless_missing(
+            lambda: self._clients.iot.describe_job_execution(jobId=job_id, thingName=thing)
+        )
+        if response is None:
+            return None
         status = JobExecutionStatus(response["execution"].get("status", ""))
         return JobExecution(thing=thing, job_id=job_id, status=status, document=None)
 
@@ -95,12 +94,9 @@ class IotJobDocuments:
 
     def document(self, thing: str, job_id: str) -> object | None:
         """The document (a dict, or the raw text if it is not a JSON object); None if the job is gone."""
-        try:
-            response = self._clients.iot.get_job_document(jobId=job_id)
-        except ClientError as exc:
-            if error_code(exc) == "ResourceNotFoundException":
-                return None
-            raise
+        response = unless_missing(lambda: self._clients.iot.get_job_document(jobId=job_id))
+        if response is None:
+            return None
         text = response.get("document", "")
         parsed = _parse_document(text)
         return parsed if parsed is not None else text
@@ -192,12 +188,11 @@ class ShadowStateStore:
         self._shadow = shadow_name
 
     def load(self, thing: str) -> RotationState | None:
-        try:
-            response = self._clients.iot_data.get_thing_shadow(thingName=thing, shadowName=self._shadow)
-        except ClientError as exc:
-            if error_code(exc) == "ResourceNotFoundException":
-                return None
-            raise
+        response = unless_missing(
+            lambda: self._clients.iot_data.get_thing_shadow(thingName=thing, shadowName=self._shadow)
+        )
+        if response is None:
+            return None
         document = json.loads(response["payload"].read() or b"{}")
         state = document.get("state") if isinstance(document, dict) else None
         reported = state.get("reported") if isinstance(state, dict) else None
@@ -254,7 +249,7 @@ class ShadowStateStore:
         try:
             self._clients.iot_data.delete_thing_shadow(thingName=thing, shadowName=self._shadow)
         except ClientError as exc:
-            if error_code(exc) != "ResourceNotFoundException":
+            if not is_not_found(exc):
                 raise
 
 

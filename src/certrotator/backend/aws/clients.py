@@ -8,8 +8,9 @@ same holds for secrets (the rotation-state key): one `GetSecretValue` per secret
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from functools import cached_property
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 import boto3
 from botocore.config import Config
@@ -38,8 +39,27 @@ IOT_DATA_ENDPOINT_ENV: Final = "IOT_DATA_ENDPOINT"
 IOT_JOBS_ENDPOINT_ENV: Final = "IOT_JOBS_ENDPOINT"
 
 
+T = TypeVar("T")
+NOT_FOUND: Final = "ResourceNotFoundException"
+
+
 def error_code(exc: ClientError) -> str:
     return str(exc.response.get("Error", {}).get("Code", ""))
+
+
+def is_not_found(exc: ClientError) -> bool:
+    return error_code(exc) == NOT_FOUND
+
+
+def unless_missing(call: Callable[[], T]) -> T | None:
+    """`call()`'s answer, or None when AWS says its resource does not exist (ResourceNotFoundException);
+    every other error propagates."""
+    try:
+        return call()
+    except ClientError as exc:
+        if is_not_found(exc):
+            return None
+        raise
 
 
 # Error codes that say "not now" rather than "no": throttling and service-side failures. botocore's own

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Final
 
 from botocore.exceptions import ClientError
 
-from certrotator.backend.aws.clients import error_code, is_transient
+from certrotator.backend.aws.clients import NOT_FOUND, error_code, is_not_found, is_transient, unless_missing
 from certrotator.backend.ports import CertificateRecord, CertificateStatus, PermanentFailure, ThingNotFound
 
 if TYPE_CHECKING:
@@ -76,18 +76,17 @@ class IotRegistry:
                     if certificate_id is not None:
                         ids.append(certificate_id)
         except ClientError as exc:
-            if error_code(exc) == "ResourceNotFoundException":
+            if is_not_found(exc):
                 raise ThingNotFound(thing) from exc
             raise
         return ids
 
     def describe_certificate(self, certificate_id: str) -> CertificateRecord | None:
-        try:
-            response = self._clients.iot.describe_certificate(certificateId=certificate_id)
-        except ClientError as exc:
-            if error_code(exc) == "ResourceNotFoundException":
-                return None
-            raise
+        response = unless_missing(
+            lambda: self._clients.iot.describe_certificate(certificateId=certificate_id)
+        )
+        if response is None:
+            return None
         description = response["certificateDescription"]
         return CertificateRecord(
             certificate_id=description.get("certificateId", certificate_id),
@@ -134,7 +133,7 @@ class IotRegistry:
             self._clients.iot.update_certificate(certificateId=certificate_id, newStatus="INACTIVE")
         except ClientError as exc:
             code = error_code(exc)
-            if code == "ResourceNotFoundException":
+            if code == NOT_FOUND:
                 return  # already deleted: nothing left to do
             # e.g. REVOKED cannot become INACTIVE, but it is not ACTIVE either, so it can be deleted
             if code != "CertificateStateException":
@@ -143,7 +142,7 @@ class IotRegistry:
         try:
             self._clients.iot.detach_thing_principal(thingName=thing, principal=arn)
         except ClientError as exc:
-            if error_code(exc) != "ResourceNotFoundException":  # thing gone or not attached
+            if not is_not_found(exc):  # thing gone or not attached
                 raise
         self._force_delete(certificate_id)
 
@@ -158,7 +157,7 @@ class IotRegistry:
                 return
             except ClientError as exc:
                 code = error_code(exc)
-                if code == "ResourceNotFoundException":
+                if code == NOT_FOUND:
                     return
                 delay = next(delays, None)
                 if code != "DeleteConflictException" or delay is None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, Final, cast
+from typing import TYPE_CHECKING, Any, Final, TypeVar, cast
 
 import boto3
 from botocore.config import Config
@@ -122,6 +122,20 @@ def error_code(exc: ClientError) -> str:
 
 def is_not_found(exc: ClientError) -> bool:
     return error_code(exc) in NOT_FOUND_CODES
+
+
+T = TypeVar("T")
+
+
+def unless_missing(call: Callable[[], T]) -> T | None:
+    """`call()`'s answer, or None when AWS says its resource does not exist (`is_not_found`); every other
+    error propagates."""
+    try:
+        return call()
+    except ClientError as exc:
+        if is_not_found(exc):
+            return None
+        raise
 
 
 @contextmanager

@@ -41,7 +41,7 @@ from certrotator.backend.aws.adapters import (
 )
 from certrotator.backend.aws.clients import Clients
 from certrotator.backend.ports import CertificateStatus, Notification, RotationState
-from certrotator.ops.aws.clients import AwsClients, OperationError, error_code, is_not_found
+from certrotator.ops.aws.clients import AwsClients, OperationError, error_code, is_not_found, unless_missing
 from certrotator.ops.reconcile.policy import (
     ActiveExecution,
     CertificateFact,
@@ -175,14 +175,12 @@ class AwsBackend:
         return self.facts(thing)  # every read is fresh
 
     def _certificate(self, certificate_id: str, thing: str, attached: bool) -> CertificateFact | None:
-        try:
-            description = self.control.iot.describe_certificate(certificateId=certificate_id)[
-                "certificateDescription"
-            ]
-        except ClientError as exc:
-            if is_not_found(exc):
-                return None
-            raise
+        described = unless_missing(
+            lambda: self.control.iot.describe_certificate(certificateId=certificate_id)
+        )
+        if described is None:
+            return None
+        description = described["certificateDescription"]
         created = description.get("creationDate")
         created_at = created.timestamp() if created is not None else 0.0
         status = CertificateStatus(description.get("status", CertificateStatus.INACTIVE.value))
@@ -219,12 +217,11 @@ class AwsBackend:
         return self._rotation_jobs[job_id]
 
     def _shadow(self, thing: str, name: str) -> dict[str, Any] | None:
-        try:
-            response = self.data.iot_data.get_thing_shadow(thingName=thing, shadowName=name)
-        except ClientError as exc:
-            if is_not_found(exc):
-                return None
-            raise
+        response = unless_missing(
+            lambda: self.data.iot_data.get_thing_shadow(thingName=thing, shadowName=name)
+        )
+        if response is None:
+            return None
         try:
             document = json.loads(response["payload"].read() or b"{}")
         except ValueError:

@@ -27,7 +27,7 @@ from typing import Any, Final
 
 from botocore.exceptions import ClientError
 
-from certrotator.ops.aws.clients import AwsClients, is_not_found
+from certrotator.ops.aws.clients import AwsClients, is_not_found, unless_missing
 from certrotator.ops.aws.jobs import DEFAULT_TEMPLATE, create_job
 from certrotator.ops.schedule.facts import certificate_details
 from certrotator.ops.schedule.policy import CertificateFacts, Rotation, ThingFacts
@@ -99,14 +99,12 @@ class AwsBackend:
         return ids
 
     def _certificate(self, certificate_id: str) -> CertificateFacts | None:
-        try:
-            description = self.clients.iot.describe_certificate(certificateId=certificate_id)[
-                "certificateDescription"
-            ]
-        except ClientError as exc:
-            if is_not_found(exc):
-                return None
-            raise
+        described = unless_missing(
+            lambda: self.clients.iot.describe_certificate(certificateId=certificate_id)
+        )
+        if described is None:
+            return None
+        description = described["certificateDescription"]
         validity = description.get("validity", {})
         issuer, key_algorithm = (
             certificate_details(description.get("certificatePem", "")) if self.details else ("", "")
