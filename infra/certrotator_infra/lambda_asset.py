@@ -10,7 +10,8 @@ time without network access:
   runner,settings}.py`, `ops/aws/{jobs,job_overrides}.py`), the same code as `certrotator schedule --aws`;
 * `cryptography` (with `cffi` and `pycparser`) built for the Lambda platform (CPython 3.14 on
   arm64 / Amazon Linux 2023), prepared once with network access by `build_lambda_deps.py`
-  (`pip install --target ... --platform ... --only-binary=:all:`) into `build/lambda-deps`;
+  (`pip install --target ... --platform ... --only-binary=:all:`) into `build/lambda-deps`, all three
+  at the versions of the lock (constraints.txt) for the Lambda's Python;
 
 and nothing else: `boto3`/`botocore` come from the Lambda Python runtime, and
 `aws-lambda-powertools` from the public Powertools for AWS Lambda layer (see `stack.py`).
@@ -19,11 +20,13 @@ and nothing else: `boto3`/`botocore` come from the Lambda Python runtime, and
 from __future__ import annotations
 
 import json
+import operator
 import re
 import shutil
 import subprocess
 import sys
-from collections.abc import Sequence
+import tempfile
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Final
 
@@ -68,6 +71,9 @@ PACKAGE_SOURCES: Final = (
 )
 # Core dependencies of certrotator that the Lambda needs and the runtime does not provide.
 LAMBDA_DEPENDENCIES: Final = ("cryptography",)
+# What pip installs for them (cryptography needs cffi, cffi needs pycparser): held to the lock's versions
+# by a constraints file, so that two builds of the asset agree. pip bringing anything else is an error.
+LAMBDA_INDIRECT_DEPENDENCIES: Final = ("cffi", "pycparser")
 DEPENDENCY_MARKER: Final = ".certrotator-lambda-deps.json"
 
 
@@ -75,46 +81,113 @@ class LambdaAssetError(RuntimeError):
     """The Lambda asset cannot be assembled; the text says what to run."""
 
 
-def _locked(constraints: Path) -> dict[str, str]:
-    """The lock's exact pins ("name==version") by normalised distribution name. Lines with an environment
-    marker pin a package per Python version and are left out: what the Lambda gets has one pin for all."""
-    pins: dict[str, str] = {}
+_COMPARISONS: Final[dict[str, Callable[[tuple[int, ...], tuple[int, ...]], bool]]] = {
+    "<": operator.lt,
+    "<=": operator.le,
+    ">": operator.gt,
+    ">=": operator.ge,
+    "==": operator.eq,
+    "!=": operator.ne,
+}
+_PYTHON_VERSION_CLAUSE: Final = re.compile(
+    r"""python_version\s*(<=|>=|==|!=|<|>)\s*(["'])(\d+(?:\.\d+)*)\2"""
+)
+
+
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in text.split("."))
+
+
+def _holds_on_lambda(marker: str) -> bool | None:
+    """Whether a lock line's environment marker holds on the Lambda's Python; None for a marker other than
+    python_version comparisons joined by `and` (the only kind the lock has: a package pinned per Python)."""
+    lambda_python = _version(LAMBDA_PYTHON_VERSION)
+    holds = True
+    for clause in marker.split(" and "):
+        match = _PYTHON_VERSION_CLAUSE.fullmatch(clause.strip())
+        if match is None:
+            return None
+        holds = holds and _COMPARISONS[match[1]](lambda_python, _version(match[3]))
+    return holds
+
+
+def _locked(constraints: Path) -> dict[str, list[str | None]]:
+    """The lock's exact pins ("name==version") that hold on the Lambda's Python, by normalised distribution
+    name: a line without a marker holds everywhere, one with a python_version marker where it says. None
+    stands for a line whose marker cannot be evaluated here."""
+    pins: dict[str, list[str | None]] = {}
     for line in constraints.read_text(encoding="utf-8").splitlines():
-        requirement = line.split("#", 1)[0].strip()
-        name, equals, version = requirement.partition("==")
-        if equals and ";" not in version:
-            name = re.sub(r"[-_.]+", "-", name.strip()).lower()
-            pins[name] = f"{name}=={version.strip()}"
+        requirement, _, marker = line.split("#", 1)[0].partition(";")
+        name, equals, version = requirement.strip().partition("==")
+        if not equals:
+            continue
+        name = re.sub(r"[-_.]+", "-", name.strip()).lower()
+        holds = _holds_on_lambda(marker) if marker.strip() else True
+        if holds is None:
+            pins.setdefault(name, []).append(None)
+        elif holds:
+            pins.setdefault(name, []).append(f"{name}=={version.strip()}")
     return pins
+
+
+def _lambda_pins(constraints: Path, names: Sequence[str]) -> list[str]:
+    """The one pin for the Lambda's Python of each of `names`; an error names those without exactly one."""
+    locked = _locked(constraints)
+    found: list[str] = []
+    unpinned: list[str] = []
+    for name in names:
+        match locked.get(name, []):
+            case [str(pin)]:
+                found.append(pin)
+            case _:
+                unpinned.append(name)
+    if unpinned:
+        raise LambdaAssetError(
+            f"{constraints} does not pin {', '.join(unpinned)} once for Python {LAMBDA_PYTHON_VERSION} "
+            "(name==version, with no marker or a python_version one)"
+        )
+    return found
 
 
 def lambda_requirements(constraints: Path = CONSTRAINTS) -> list[str]:
     """The pinned requirements (e.g. "cryptography==50.0.2") of LAMBDA_DEPENDENCIES, from the lock
     (constraints.txt), so the Lambda runs the version the tests ran."""
-    pins = _locked(constraints)
-    missing = [name for name in LAMBDA_DEPENDENCIES if name not in pins]
-    if missing:
-        raise LambdaAssetError(f"{constraints} does not pin {', '.join(missing)} (name==version, no marker)")
-    return [pins[name] for name in LAMBDA_DEPENDENCIES]
+    return _lambda_pins(constraints, LAMBDA_DEPENDENCIES)
+
+
+def lambda_constraints(constraints: Path = CONSTRAINTS) -> list[str]:
+    """The lock's pins of LAMBDA_INDIRECT_DEPENDENCIES for the Lambda's Python (e.g. "cffi==2.1.1"): what
+    build_dependencies hands pip as constraints."""
+    return _lambda_pins(constraints, LAMBDA_INDIRECT_DEPENDENCIES)
 
 
 def powertools_version(constraints: Path = CONSTRAINTS) -> str:
     """The aws-lambda-powertools version of the lock (the layer version to deploy)."""
-    requirement = _locked(constraints).get("aws-lambda-powertools", "")
+    (requirement,) = _lambda_pins(constraints, ("aws-lambda-powertools",))
     match = re.fullmatch(r"aws-lambda-powertools==(\d+\.\d+\.\d+)", requirement)
     if match is None:
-        raise LambdaAssetError(
-            f"{constraints} must pin aws-lambda-powertools==X.Y.Z (no marker), found {requirement!r}"
-        )
+        raise LambdaAssetError(f"{constraints} must pin aws-lambda-powertools==X.Y.Z, found {requirement!r}")
     return match[1]
 
 
-def _expected_marker(requirements: Sequence[str]) -> dict[str, object]:
+def _expected_marker(requirements: Sequence[str], constraints: Sequence[str]) -> dict[str, object]:
     return {
         "python": LAMBDA_PYTHON_VERSION,
         "architecture": LAMBDA_ARCHITECTURE,
         "requirements": list(requirements),
+        "constraints": list(constraints),
     }
+
+
+def _unpinned(installed: Sequence[str], pins: Sequence[str]) -> list[str]:
+    """The installed distributions ("name-version", from their .dist-info) that are not one of `pins`."""
+    wanted = set(pins)
+    found = []
+    for distribution in installed:
+        name, _, version = distribution.rpartition("-")
+        if f"{re.sub(r'[-_.]+', '-', name).lower()}=={version}" not in wanted:
+            found.append(distribution)
+    return found
 
 
 def build_dependencies(dest: Path, *, pip: Sequence[str] | None = None) -> Path:
@@ -124,29 +197,42 @@ def build_dependencies(dest: Path, *, pip: Sequence[str] | None = None) -> Path:
     a matching directory from a stale one.
     """
     requirements = lambda_requirements()
+    pinned = lambda_constraints()
     if dest.exists():
         shutil.rmtree(dest)
     dest.mkdir(parents=True)
-    command = [
-        *(pip or [sys.executable, "-m", "pip"]),
-        "install",
-        "--quiet",
-        "--target",
-        str(dest),
-        "--implementation",
-        "cp",
-        "--python-version",
-        LAMBDA_PYTHON_VERSION,
-        *(arg for platform in PIP_PLATFORMS for arg in ("--platform", platform)),
-        "--only-binary=:all:",
-        "--no-compile",
-        *requirements,
-    ]
-    subprocess.run(command, check=True)
+    with tempfile.TemporaryDirectory(prefix="lambda-deps-") as scratch:
+        # The lock's own lines cannot be handed to pip: pip evaluates their markers for the Python it runs
+        # on, not for --python-version.
+        lock = Path(scratch) / "constraints.txt"
+        lock.write_text("".join(f"{pin}\n" for pin in pinned), encoding="utf-8")
+        command = [
+            *(pip or [sys.executable, "-m", "pip"]),
+            "install",
+            "--quiet",
+            "--target",
+            str(dest),
+            "--implementation",
+            "cp",
+            "--python-version",
+            LAMBDA_PYTHON_VERSION,
+            *(arg for platform in PIP_PLATFORMS for arg in ("--platform", platform)),
+            "--only-binary=:all:",
+            "--no-compile",
+            "-c",
+            str(lock),
+            *requirements,
+        ]
+        subprocess.run(command, check=True)
     # Console scripts (e.g. cffi's) are of no use in a Lambda.
     shutil.rmtree(dest / "bin", ignore_errors=True)
     installed = sorted(p.name.removesuffix(".dist-info") for p in dest.glob("*.dist-info"))
-    marker = _expected_marker(requirements) | {"installed": installed}
+    if unpinned := _unpinned(installed, [*requirements, *pinned]):
+        raise LambdaAssetError(
+            f"pip installed {', '.join(unpinned)} into {dest}, which the lock does not pin for the Lambda: "
+            "add the package to LAMBDA_INDIRECT_DEPENDENCIES (and constraints.txt)"
+        )
+    marker = _expected_marker(requirements, pinned) | {"installed": installed}
     (dest / DEPENDENCY_MARKER).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
     return dest
 
@@ -163,7 +249,7 @@ def check_dependencies(deps_dir: Path) -> None:
         marker = json.loads(marker_path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as exc:
         raise LambdaAssetError(f"cannot read {marker_path} ({exc}); {rebuild}") from None
-    expected = _expected_marker(lambda_requirements())
+    expected = _expected_marker(lambda_requirements(), lambda_constraints())
     found = {key: marker.get(key) for key in expected} if isinstance(marker, dict) else marker
     if found != expected:
         raise LambdaAssetError(

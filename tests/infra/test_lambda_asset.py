@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +23,7 @@ from certrotator_infra.lambda_asset import (
     LambdaAssetError,
     build_dependencies,
     check_dependencies,
+    lambda_constraints,
     lambda_requirements,
     powertools_version,
     stage_lambda_code,
@@ -35,26 +37,52 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def locked_pin(name: str) -> str:
-    """The lock's one line for `name` (constraints.txt: the versions the tests run)."""
+    """The lock's line for `name` that holds on Python 3.11 and later, the Lambda's 3.14 among them
+    (constraints.txt: the versions the tests run), without its marker."""
     lines = (ROOT / "constraints.txt").read_text().splitlines()
-    (pin,) = [line for line in lines if line.startswith(f"{name}==")]
+    (pin,) = [
+        line.split(";")[0].strip()
+        for line in lines
+        if line.startswith(f"{name}==") and (";" not in line or line.endswith('python_version >= "3.11"'))
+    ]
     return pin
 
 
 def test_pins_come_from_the_lock() -> None:
     assert lambda_requirements() == [locked_pin("cryptography")]
+    assert lambda_constraints() == [locked_pin("cffi"), locked_pin("pycparser")]
     assert f"aws-lambda-powertools=={powertools_version()}" == locked_pin("aws-lambda-powertools")
 
 
-def test_a_pin_that_differs_per_python_version_is_refused(tmp_path: Path) -> None:
+def test_a_pin_per_python_version_gives_the_lambdas_python_its_own(tmp_path: Path) -> None:
     lock = tmp_path / "constraints.txt"
     lock.write_text(
         'cryptography==50.0.2; python_version >= "3.11"\ncryptography==49.0.0; python_version < "3.11"\n'
         "aws_lambda_powertools==3.37.0  # a comment\n"
+        "CFFI==2.1.1\n"
+        "pycparser==3.11; python_version < '3.11'\n"
+        "pycparser==3.12; python_version >= '3.11' and python_version < '3.15'\n"
     )
-    with pytest.raises(LambdaAssetError, match="does not pin cryptography"):
-        lambda_requirements(lock)
+    assert lambda_requirements(lock) == ["cryptography==50.0.2"]
+    assert lambda_constraints(lock) == ["cffi==2.1.1", "pycparser==3.12"]
     assert powertools_version(lock) == "3.37.0"
+
+
+@pytest.mark.parametrize(
+    "lines",
+    [
+        'cffi==2.1.1\npycparser==3.12; python_version < "3.14"\n',  # no line for 3.14
+        'cffi==2.1.1\npycparser==3.12; sys_platform == "linux"\n',  # a marker this cannot evaluate
+        "cffi==2.1.1\npycparser==3.12\npycparser==3.11\n",  # two lines
+        "cffi==2.1.1\npycparser>=3.12\n",  # not a pin
+    ],
+    ids=["none-for-3.14", "other-marker", "two", "range"],
+)
+def test_a_package_without_one_pin_for_the_lambdas_python_is_refused(tmp_path: Path, lines: str) -> None:
+    lock = tmp_path / "constraints.txt"
+    lock.write_text(lines)
+    with pytest.raises(LambdaAssetError, match=r"does not pin pycparser once for Python 3\.14"):
+        lambda_constraints(lock)
 
 
 def test_runtime_constants_agree() -> None:
@@ -223,6 +251,7 @@ def write_marker(directory: Path, **overrides: object) -> None:
         "python": lambda_asset.LAMBDA_PYTHON_VERSION,
         "architecture": lambda_asset.LAMBDA_ARCHITECTURE,
         "requirements": lambda_requirements(),
+        "constraints": lambda_constraints(),
     } | overrides
     directory.mkdir(parents=True, exist_ok=True)
     (directory / DEPENDENCY_MARKER).write_text(json.dumps(marker))
@@ -236,8 +265,14 @@ def test_missing_dependencies_are_refused(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     "overrides",
-    [{"architecture": "x86_64"}, {"python": "3.12"}, {"requirements": ["cryptography==1.0"]}],
-    ids=["architecture", "python", "requirements"],
+    [
+        {"architecture": "x86_64"},
+        {"python": "3.12"},
+        {"requirements": ["cryptography==1.0"]},
+        {"constraints": ["cffi==1.0", "pycparser==1.0"]},
+        {"constraints": None},  # built before the indirect dependencies were pinned
+    ],
+    ids=["architecture", "python", "requirements", "constraints", "no-constraints"],
 )
 def test_stale_dependencies_are_refused(tmp_path: Path, overrides: dict[str, object]) -> None:
     write_marker(tmp_path / "deps", **overrides)
@@ -255,31 +290,64 @@ def test_matching_dependencies_are_staged_with_the_code(tmp_path: Path) -> None:
     assert (staged / "certrotator" / "backend" / "aws" / "lambdas.py").is_file()
 
 
+# Installs what it is asked for as pip would with the lock: each requirement and each constraint (as if
+# cryptography needed cffi and cffi pycparser), plus the distributions FAKE_PIP_EXTRA names.
 FAKE_PIP = """
-import json, pathlib, sys
+import json, os, pathlib, sys
 args = sys.argv[1:]
 target = pathlib.Path(args[args.index("--target") + 1])
+constraints = pathlib.Path(args[args.index("-c") + 1]).read_text()
+requirements = [a for a in args if "==" in a]
+pins = requirements + constraints.split() + os.environ.get("FAKE_PIP_EXTRA", "").split()
 (target / "cryptography").mkdir(parents=True)
-(target / "cryptography-50.0.2.dist-info").mkdir()
-(target / "cffi-2.1.1.dist-info").mkdir()
+for pin in pins:
+    name, _, version = pin.partition("==")
+    (target / f"{name.replace('-', '_')}-{version}.dist-info").mkdir()
 (target / "bin").mkdir()
 (target / "bin" / "tool").write_text("")
-pathlib.Path(sys.argv[0]).with_suffix(".json").write_text(json.dumps(args))
+pathlib.Path(sys.argv[0]).with_suffix(".json").write_text(json.dumps({"args": args, "constraints": constraints}))
 """
 
 
-def test_build_dependencies_asks_pip_for_lambda_platform_wheels(tmp_path: Path) -> None:
+def fake_pip(tmp_path: Path) -> Path:
     fake = tmp_path / "pip.py"
     fake.write_text(FAKE_PIP)
+    return fake
+
+
+def test_build_dependencies_asks_pip_for_lambda_platform_wheels_at_the_locks_versions(tmp_path: Path) -> None:
+    fake = fake_pip(tmp_path)
     dest = build_dependencies(tmp_path / "deps", pip=[sys.executable, str(fake)])
-    args = json.loads(fake.with_suffix(".json").read_text())
+    called = json.loads(fake.with_suffix(".json").read_text())
+    args = called["args"]
     assert args[0] == "install"
     assert args[args.index("--python-version") + 1] == "3.14"
     assert args[args.index("--implementation") + 1] == "cp"
     assert [args[i + 1] for i, a in enumerate(args) if a == "--platform"] == list(lambda_asset.PIP_PLATFORMS)
     assert "--only-binary=:all:" in args
     assert args[-1] == locked_pin("cryptography")
+    # cffi and pycparser at the lock's versions for Python 3.14, as constraints (pip would evaluate the
+    # lock's own markers for the Python it runs on); the file is gone afterwards.
+    assert called["constraints"] == f"{locked_pin('cffi')}\n{locked_pin('pycparser')}\n"
+    assert not Path(args[args.index("-c") + 1]).exists()
     assert not (dest / "bin").exists()
     marker = json.loads((dest / DEPENDENCY_MARKER).read_text())
-    assert marker["installed"] == ["cffi-2.1.1", "cryptography-50.0.2"]
+    assert marker["installed"] == sorted(
+        pin.replace("==", "-")
+        for pin in (locked_pin("cffi"), locked_pin("cryptography"), locked_pin("pycparser"))
+    )
+    assert marker["constraints"] == [locked_pin("cffi"), locked_pin("pycparser")]
     check_dependencies(dest)
+
+
+@pytest.mark.parametrize("extra", ["six==1.17.0", "cffi==1.0.0"], ids=["unpinned", "other-version"])
+def test_a_distribution_the_lock_does_not_pin_for_the_lambda_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, extra: str
+) -> None:
+    """What pip brings beyond the pinned set (a new dependency of cryptography, a version the lock does not
+    name) stops the build, and the directory gets no marker: synthesis refuses it."""
+    monkeypatch.setenv("FAKE_PIP_EXTRA", extra)
+    with pytest.raises(LambdaAssetError, match=re.escape(f"pip installed {extra.replace('==', '-')} into")):
+        build_dependencies(tmp_path / "deps", pip=[sys.executable, str(fake_pip(tmp_path))])
+    with pytest.raises(LambdaAssetError, match="missing"):
+        check_dependencies(tmp_path / "deps")
