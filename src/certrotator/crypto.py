@@ -11,7 +11,7 @@ import functools
 import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
@@ -169,8 +169,30 @@ def _not_exportable(*_args: Any, **_kwargs: Any) -> Any:
     raise CryptoError("an external (token) private key cannot be exported or used for this operation")
 
 
-class ExternalRSAKey(rsa.RSAPrivateKey):
+_Key = TypeVar("_Key", bound="_ExternalKey")
+
+
+class _ExternalKey:
+    """What both external keys share: the public half's size, and no copies (the key is in the token:
+    a copy would be the same key, so copy and deepcopy give the object itself)."""
+
+    _public: rsa.RSAPublicKey | ec.EllipticCurvePublicKey
+
+    @property
+    def key_size(self) -> int:
+        return self._public.key_size
+
+    def __copy__(self: _Key) -> _Key:
+        return self
+
+    def __deepcopy__(self: _Key, memo: dict[int, Any]) -> _Key:
+        return self
+
+
+class ExternalRSAKey(_ExternalKey, rsa.RSAPrivateKey):
     """An RSA private key living elsewhere (an HSM); only sign() and public_key() work."""
+
+    _public: rsa.RSAPublicKey
 
     def __init__(self, public: rsa.RSAPublicKey, sign: ExternalSign) -> None:
         self._public, self._sign = public, sign
@@ -183,21 +205,13 @@ class ExternalRSAKey(rsa.RSAPrivateKey):
     def public_key(self) -> rsa.RSAPublicKey:
         return self._public
 
-    @property
-    def key_size(self) -> int:
-        return self._public.key_size
-
     decrypt = private_numbers = private_bytes = _not_exportable
 
-    def __copy__(self) -> ExternalRSAKey:
-        return self
 
-    def __deepcopy__(self, memo: dict[int, Any]) -> ExternalRSAKey:
-        return self
-
-
-class ExternalECKey(ec.EllipticCurvePrivateKey):
+class ExternalECKey(_ExternalKey, ec.EllipticCurvePrivateKey):
     """An EC private key living elsewhere (an HSM); only sign() and public_key() work."""
+
+    _public: ec.EllipticCurvePublicKey
 
     def __init__(self, public: ec.EllipticCurvePublicKey, sign: ExternalSign) -> None:
         self._public, self._sign = public, sign
@@ -217,17 +231,7 @@ class ExternalECKey(ec.EllipticCurvePrivateKey):
     def curve(self) -> ec.EllipticCurve:
         return self._public.curve
 
-    @property
-    def key_size(self) -> int:
-        return self._public.key_size
-
     exchange = private_numbers = private_bytes = _not_exportable
-
-    def __copy__(self) -> ExternalECKey:
-        return self
-
-    def __deepcopy__(self, memo: dict[int, Any]) -> ExternalECKey:
-        return self
 
 
 def external_key(public: PublicKey, sign: ExternalSign) -> PrivateKey:
