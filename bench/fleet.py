@@ -58,11 +58,12 @@ from certrotator import crypto
 from certrotator.device.journal import atomic_write, remove
 from certrotator.device.keystores.files import FileKeyStore
 from certrotator.local.ca import LocalCa, ensure_local_ca
-from certrotator.local.engine import EngineConfig, relax_gc
+from certrotator.local.engine import EngineConfig
 from certrotator.local.handles.base import EngineHandle
 from certrotator.local.handles.process import EngineProcess, RemoteEngine
 from certrotator.local.handles.thread import EngineThread
 from certrotator.local.jobs import DEFAULT_MAX_IN_FLIGHT
+from certrotator.local.serve import relax_gc
 from certrotator.protocol import JobExecutionStatus
 from certrotator.sim.fleet import SimulatedFleet
 from certrotator.sim.report import JobReport, percentile

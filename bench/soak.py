@@ -33,10 +33,10 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from certrotator.local.engine import relax_gc
 from certrotator.local.fault_hooks import FAULT_LOG
 from certrotator.local.handles.process import EngineProcess, RemoteEngine
 from certrotator.local.operations import JobRequest
+from certrotator.local.serve import relax_gc
 from certrotator.ops.reconcile.local import reconcile_data_dir
 from certrotator.ops.reconcile.runner import Options
 from certrotator.protocol import (

@@ -5,8 +5,8 @@ broker's callback, already authenticated (`authorizer`), and are handled one uni
 Jobs API topics go to `jobs_api`, the create/commit topics through their rules (`rules`) to the shared
 backend handlers; an execution that ends is recorded with its status change and goes through the
 terminal rule to the terminal handler once that has committed, at least once (`terminal_work`).
-Timers (rollout in `rollout`, in-progress timeouts and periodic tasks here) are scheduled for the moment
-they are due; nothing polls.
+Timers (rollout in `rollout`; in-progress timeouts, periodic tasks and the inbox in `loop_work`) fire when
+they are due; nothing polls. `serve` runs an engine as a process's job.
 
 A client that subscribes to its thing's notify-next is sent its current head execution at once (AWS IoT
 does not do this; it makes the engine at least as forgiving: a notify-next sent while the device was
@@ -16,12 +16,10 @@ away, or at QoS 0 while the engine restarted, is not lost to a device that only 
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
 import time
-from collections import deque
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -37,7 +35,7 @@ from certrotator.local.adapters import (
     RegistryPort,
     StatePort,
 )
-from certrotator.local.admin import AdminOp, AdminServer, engine_ops
+from certrotator.local.admin import AdminOp, engine_ops
 from certrotator.local.authorizer import RegistryAuthorizer
 from certrotator.local.broker import Connection, LocalBroker
 from certrotator.local.ca import IssuerName, LocalCa, ensure_local_ca
@@ -46,6 +44,7 @@ from certrotator.local.fault_hooks import FaultInjector
 from certrotator.local.faults import FaultPlan
 from certrotator.local.jobs import DEFAULT_MAX_IN_FLIGHT, Execution, JobStore
 from certrotator.local.jobs_api import handle_jobs_request, notify_next_message
+from certrotator.local.loop_work import Inbox, PeriodicTasks, TimeoutTimer
 from certrotator.local.metrics import EngineEvents, NullEvents
 from certrotator.local.operations import JobRequest
 from certrotator.local.registry import LocalRegistry
@@ -65,8 +64,6 @@ from certrotator.protocol import (
 
 log = logging.getLogger("certrotator.local")
 
-# Longest stretch of device-message handling per event-loop turn (see LocalIoTCore._on_message).
-WORK_SLICE_S = 0.05
 
 
 @dataclass
@@ -150,13 +147,10 @@ class LocalIoTCore:
             self.jobs, config.max_in_flight, self._released, config.admission_window_s
         )
         self.listeners: list[Callable[[Execution], None]] = []  # told of every execution status change
-        self._timeout_at = 0.0
-        self._timeout_timer: asyncio.TimerHandle | None = None
+        self._timeouts = TimeoutTimer(self._timeouts_due)
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._inbox: deque[tuple[str, Connection, Callable[[], None]]] = deque()  # device messages to handle
-        self._worker: asyncio.Task[None] | None = None
-        self._periodic: dict[str, tuple[float, Callable[[], object]]] = {}
-        self._periodic_timers: dict[str, asyncio.TimerHandle] = {}
+        self._inbox = Inbox(self._unit)  # device messages to handle
+        self._periodic = PeriodicTasks(self._run_periodic)
         self._stopping = False
 
     @property
@@ -176,8 +170,7 @@ class LocalIoTCore:
         self.rollout.start(self._loop)
         self._expire_due(time.time())  # also those that timed out while the engine was down
         self.terminal_work.run_due()
-        for name in self._periodic:
-            self._arm_periodic(name)
+        self._periodic.start(self._loop)
         log.info(
             "local IoT Core listening on %s:%d (data in %s)",
             self.config.host,
@@ -188,20 +181,12 @@ class LocalIoTCore:
     async def stop(self) -> None:
         self.rollout.stop()
         self.terminal_work.stop()  # what is left is finished at the next start
-        if self._timeout_timer:
-            self._timeout_timer.cancel()
-        for timer in self._periodic_timers.values():
-            timer.cancel()
-        self._periodic_timers.clear()
+        self._timeouts.cancel()
+        self._periodic.stop()
         # Stop handling messages before the broker goes: a unit of work finishing during broker.stop()
-        # would publish through a broker that is gone. Messages not handled yet are dropped, as
-        # messages in flight are.
+        # would publish through a broker that is gone.
         self._stopping = True
-        self._inbox.clear()
-        if self._worker is not None:
-            self._worker.cancel()
-            with suppress(asyncio.CancelledError):
-                await self._worker
+        await self._inbox.close()
         await self.broker.stop()
         self.db.close()
 
@@ -247,27 +232,14 @@ class LocalIoTCore:
         """Run `task` every `interval_s` seconds on the engine's loop, as one unit of work (one
         transaction), from start until stop; an exception is logged and the next run still comes.
         The CLI adds `local up --reconcile-every` this way (the engine knows nothing of ops/)."""
-        if interval_s <= 0:
-            raise ValueError(f"the interval of {name} must be positive, not {interval_s}")
-        self._periodic[name] = (interval_s, task)
-        if self._loop is not None and not self._stopping:
-            self._arm_periodic(name)
+        self._periodic.add(name, interval_s, task)
 
-    def _arm_periodic(self, name: str) -> None:
-        assert self._loop is not None
-        interval_s, _task = self._periodic[name]
-        self._periodic_timers[name] = self._loop.call_later(interval_s, self._run_periodic, name)
-
-    def _run_periodic(self, name: str) -> None:
-        _interval, task = self._periodic[name]
+    def _run_periodic(self, task: Callable[[], object]) -> None:
         try:
             with self._unit_of_work():
                 task()
-        except Exception:
-            log.exception("periodic task %s failed", name)
-        self.terminal_work.run_due()
-        if not self._stopping:
-            self._arm_periodic(name)
+        finally:
+            self.terminal_work.run_due()
 
     # ------------------------------------------------------------------------ executions, timers
 
@@ -286,7 +258,7 @@ class LocalIoTCore:
         for listener in self.listeners:
             listener(execution)
         if execution.timeout_at is not None:
-            self._add_timeout(execution.timeout_at)
+            self._timeouts.fire_by(execution.timeout_at)
         if not execution.status.is_terminal:
             return
         now = time.time()
@@ -310,18 +282,7 @@ class LocalIoTCore:
             message = encode(notify_next_message(head, time.time()))
             self.broker.publish_to(connection.client_id, topic, message, qos=0)
 
-    def _add_timeout(self, at: float) -> None:
-        """Make sure the timer fires by `at`; one timer serves all executions (the DB knows the rest)."""
-        assert self._loop is not None
-        if self._timeout_timer is not None and self._timeout_at <= at:
-            return
-        if self._timeout_timer is not None:
-            self._timeout_timer.cancel()
-        self._timeout_at = at
-        self._timeout_timer = self._loop.call_later(max(at - time.time(), 0.0), self._on_timeout_timer)
-
-    def _on_timeout_timer(self) -> None:
-        self._timeout_timer = None
+    def _timeouts_due(self) -> None:
         self._expire_due(time.time())
         self.terminal_work.run_due()
 
@@ -330,7 +291,7 @@ class LocalIoTCore:
             self._execution_changed(execution)
         next_timeout = self.jobs.next_timeout()
         if next_timeout is not None:
-            self._add_timeout(next_timeout)
+            self._timeouts.fire_by(next_timeout)
 
     # ------------------------------------------------------------------------------- messages
 
@@ -354,20 +315,7 @@ class LocalIoTCore:
             work = partial(self.rules.certificate_request, parsed, topic, payload, connection)
         else:
             return
-        # Device messages are handled in arrival order, at most WORK_SLICE_S of them per event-loop
-        # turn, so the broker's own work (handshakes, CONNECT, SUBSCRIBE) never waits behind a burst
-        # (see docs/performance.md, fix 11).
-        self._inbox.append((topic, connection, work))
-        if self._worker is None or self._worker.done():
-            self._worker = asyncio.get_running_loop().create_task(self._work())
-
-    async def _work(self) -> None:
-        loop = asyncio.get_running_loop()
-        while self._inbox:
-            turn_ends = loop.time() + WORK_SLICE_S
-            while self._inbox and loop.time() < turn_ends:
-                self._unit(*self._inbox.popleft())
-            await asyncio.sleep(0)  # let the rest of this turn's I/O run
+        self._inbox.put(topic, connection, work)
 
     @contextmanager
     def _unit_of_work(self) -> Iterator[None]:
@@ -397,30 +345,3 @@ class LocalIoTCore:
         if outcome.changed is not None:
             self._execution_changed(outcome.changed)
 
-
-def relax_gc() -> None:
-    """For processes that run an engine or a fleet (`local up`, the demo, the benchmarks; not the
-    library's callers): freeze what exists (imports, set-up) out of the collector's way and run young
-    collections every 50,000 allocations instead of 700, since with thousands of live connections each
-    one walks many survivors. Reference cycles are still collected, in larger batches (see
-    docs/performance.md, fix 5)."""
-    gc.freeze()
-    gc.set_threshold(50_000, 50, 100)
-
-
-async def serve(
-    config: EngineConfig, stop: asyncio.Event, ready: Callable[[LocalIoTCore], None] | None = None
-) -> None:
-    """Run the engine with its admin endpoint until `stop` is set."""
-    engine = LocalIoTCore(config)
-    await engine.start()
-    relax_gc()  # this process is the engine's
-    admin = AdminServer(asyncio.get_running_loop(), engine.admin_ops())  # loopback only
-    admin.write_engine_file(config.data_dir, config.host, engine.port)
-    try:
-        if ready is not None:
-            ready(engine)
-        await stop.wait()
-    finally:
-        admin.close(config.data_dir)
-        await engine.stop()

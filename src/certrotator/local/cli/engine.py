@@ -74,7 +74,8 @@ def up(
     ] = None,
 ) -> None:
     """Run the local IoT Core in the foreground (Ctrl-C stops it cleanly)."""
-    from certrotator.local.engine import EngineConfig, LocalIoTCore, serve  # the broker only here
+    from certrotator.local.engine import EngineConfig, LocalIoTCore  # the broker only here
+    from certrotator.local.serve import serve
 
     try:
         config = EngineConfig(
