@@ -10,17 +10,15 @@ from typing import Any
 
 import pytest
 
+from certrotator.local.fault_decisions import Decider, StepTracker, draw
 from certrotator.local.faults import (
-    Decider,
     Direction,
     FaultPlan,
     FaultPlanError,
     MessageAction,
     Step,
     StepAction,
-    StepTracker,
     When,
-    draw,
     load_plan,
     parse_plan,
 )

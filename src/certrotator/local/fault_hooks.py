@@ -1,5 +1,5 @@
 """The engine's side of a fault plan (`local up --faults plan.toml`): the imperative shell around
-`faults.Decider`. Installed only when a plan is given; without one the engine has no fault code in its
+`fault_decisions.Decider`. Installed only when a plan is given; without one the engine has no fault code in its
 path but a single `if` (see LocalIoTCore._on_message).
 
 Where it sits: device messages at the engine's inbox (`incoming`), everything the engine publishes at
@@ -32,14 +32,11 @@ from certrotator.backend.ports import (
     Registry,
 )
 from certrotator.local.broker import Connection, LocalBroker
+from certrotator.local.fault_decisions import Act, Decider, StepTracker, Verdict
 from certrotator.local.faults import (
-    Act,
-    Decider,
     Direction,
     FaultPlan,
     StepAction,
-    StepTracker,
-    Verdict,
 )
 from certrotator.local.registry import LocalRegistry
 from certrotator.local.rules import Rules
