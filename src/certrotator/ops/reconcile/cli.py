@@ -13,20 +13,17 @@ from rich.markup import escape
 from rich.table import Table
 
 from certrotator.console import fail
+from certrotator.ops.options import LocalDataDir, local_data_dir
 from certrotator.ops.reconcile.policy import DEFAULT_SETTLE_S, Verdict
 from certrotator.ops.reconcile.runner import Options, Outcome, needs_operator
 
 console = Console()
 
-DEFAULT_DATA_DIR = Path(".certrotator")
 DEFAULT_STACK = "AWSLabsCertificateRotator"
 
 
 def reconcile_command(
-    data_dir: Annotated[
-        Path | None,
-        typer.Option("--data-dir", help="The local IoT Core's data directory (default: .certrotator)."),
-    ] = None,
+    data_dir: LocalDataDir = None,
     aws: Annotated[bool, typer.Option("--aws", help="Reconcile the things in AWS IoT instead.")] = False,
     region: Annotated[str | None, typer.Option(help="AWS region (--aws; default: AWS_REGION).")] = None,
     profile: Annotated[str | None, typer.Option(help="Named AWS profile (--aws).")] = None,
@@ -68,12 +65,11 @@ def reconcile_command(
     Exit status: 0 when nothing needs an operator, 1 when something does, 2 on a usage or access error.
     """
     options = Options(dry_run=dry_run, settle_s=settle_seconds, notify=notify)
-    if aws:
-        if data_dir is not None:
-            raise fail("give --aws or --data-dir, not both")
+    local = local_data_dir(data_dir, aws)
+    if local is None:
         outcomes = _run_aws(options, thing, region, profile, stack, topic_arn, state_key_secret_arn)
     else:
-        outcomes = _run_local(options, thing, data_dir or DEFAULT_DATA_DIR)
+        outcomes = _run_local(options, thing, local)
     shown = outcomes if all_things else [o for o in outcomes if o.decision.verdict is not Verdict.OK]
     if as_json:
         console.print_json(json.dumps([o.to_dict() for o in shown]))

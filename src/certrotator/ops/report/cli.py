@@ -12,6 +12,7 @@ import typer
 from rich.console import Console
 
 from certrotator.console import fail
+from certrotator.ops.options import LocalDataDir, local_data_dir
 from certrotator.ops.report.model import Report, build_report
 from certrotator.ops.schedule.cli import settings_from_options
 from certrotator.ops.schedule.policy import ThingFacts
@@ -19,15 +20,11 @@ from certrotator.ops.schedule.settings import DEFAULT_MAX_PER_JOB, Settings
 
 console = Console()
 
-DEFAULT_DATA_DIR = Path(".certrotator")
 DEFAULT_FRACTION = 2 / 3  # step-ca's default: the policy a report assumes unless told
 
 
 def report_command(
-    data_dir: Annotated[
-        Path | None,
-        typer.Option("--data-dir", help="The local IoT Core's data directory (default: .certrotator)."),
-    ] = None,
+    data_dir: LocalDataDir = None,
     aws: Annotated[bool, typer.Option("--aws", help="Report on the things in AWS IoT instead.")] = False,
     as_json: Annotated[
         bool, typer.Option("--json", help="Print the whole report as one JSON object.")
@@ -55,12 +52,8 @@ def report_command(
         renew_at_fraction = DEFAULT_FRACTION
     settings = settings_from_options(renew_before, renew_at_fraction, group, DEFAULT_MAX_PER_JOB, None)
     now = time.time()
-    if aws:
-        if data_dir is not None:
-            raise fail("give --aws or --data-dir, not both")
-        fleet = _aws_fleet(settings, region, profile)
-    else:
-        fleet = _local_fleet(settings, data_dir or DEFAULT_DATA_DIR)
+    local = local_data_dir(data_dir, aws)
+    fleet = _aws_fleet(settings, region, profile) if local is None else _local_fleet(settings, local)
     report = build_report(fleet, now, settings)
     if png is not None:
         _write_png(report, png)

@@ -14,13 +14,13 @@ from rich.markup import escape
 from rich.table import Table
 
 from certrotator.console import fail
+from certrotator.ops.options import LocalDataDir, local_data_dir
 from certrotator.ops.schedule.policy import Verdict
 from certrotator.ops.schedule.runner import RunResult
 from certrotator.ops.schedule.settings import DEFAULT_MAX_PER_JOB, Settings, format_duration, parse_duration
 
 console = Console()
 
-DEFAULT_DATA_DIR = Path(".certrotator")
 DEFAULT_TEMPLATE = "AWSLabsCertificateRotator"
 
 
@@ -45,10 +45,7 @@ def settings_from_options(
 
 
 def schedule_command(
-    data_dir: Annotated[
-        Path | None,
-        typer.Option("--data-dir", help="The local IoT Core's data directory (default: .certrotator)."),
-    ] = None,
+    data_dir: LocalDataDir = None,
     aws: Annotated[bool, typer.Option("--aws", help="Schedule the things in AWS IoT instead.")] = False,
     renew_before: Annotated[
         str | None,
@@ -87,12 +84,11 @@ def schedule_command(
     things, a job not created), 2 on a usage or access error.
     """
     settings = settings_from_options(renew_before, renew_at_fraction, group, max_per_job, jitter)
-    if aws:
-        if data_dir is not None:
-            raise fail("give --aws or --data-dir, not both")
+    local = local_data_dir(data_dir, aws)
+    if local is None:
         result, note = _run_aws(settings, dry_run, region, profile, template), ""
     else:
-        result, note = _run_local(settings, dry_run, data_dir or DEFAULT_DATA_DIR)
+        result, note = _run_local(settings, dry_run, local)
     if as_json:
         body = {
             "settings": settings.describe(),
