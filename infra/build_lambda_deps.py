@@ -3,7 +3,7 @@
 
     python build_lambda_deps.py [DEST]      # default: build/lambda-deps (cdk.json: LambdaDependenciesDir)
 
-Installs the `cryptography` pinned in constraints.txt as CPython 3.14 / manylinux aarch64 wheels into
+Installs the `cryptography` pinned in constraints.txt (with cffi/pycparser at the lock's versions) as CPython 3.14 / manylinux aarch64 wheels into
 DEST, with a marker recording what it was built for; `cdk synth` refuses a missing or stale DEST.
 Run it again after changing the pin or the Lambda runtime.
 """
