@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from aws_cdk import CfnOutput
 
-if TYPE_CHECKING:
-    from certrotator_infra.stack import CertificateRotatorStack
+from certrotator_infra.parts import RotatorStack
 
 
-def stack_outputs(stack: CertificateRotatorStack) -> None:
+def stack_outputs(stack: RotatorStack) -> None:
     CfnOutput(
         stack,
         "NotificationTopicArn",

@@ -13,7 +13,7 @@ notification topic (the function's asynchronous on-failure destination).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Final
+from typing import Final
 
 import jsii
 from aws_cdk import Duration, RemovalPolicy
@@ -27,10 +27,8 @@ from constructs import Construct
 
 from certrotator.backend.aws.adapters import STATE_KEY_SECRET_ARN_ENV
 from certrotator.ops.reconcile.aws import TOPIC_ENV, scheduled_handler
+from certrotator_infra.parts import RotatorStack
 from certrotator_infra.permissions import reconcile_grants
-
-if TYPE_CHECKING:
-    from certrotator_infra.stack import CertificateRotatorStack
 
 NAME_SUFFIX: Final = "Reconcile"  # the function and the schedule rule: "<stack>Reconcile"
 HANDLER: Final = f"{scheduled_handler.__module__}.{scheduled_handler.__name__}"
@@ -69,7 +67,7 @@ class ScheduledReconcile:
 
 
 def scheduled_reconcile(
-    stack: CertificateRotatorStack, code: lambda_.Code, schedule: str
+    stack: RotatorStack, code: lambda_.Code, schedule: str
 ) -> ScheduledReconcile:
     name = f"{stack.config.stack_name}{NAME_SUFFIX}"
     role = iam.Role(

@@ -17,7 +17,7 @@ failed run is not retried (the next one plans again); the failure goes to the no
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Final
+from typing import Final
 
 from aws_cdk import Aws, Duration, RemovalPolicy
 from aws_cdk import aws_events as events
@@ -29,11 +29,9 @@ from aws_cdk import aws_sns as sns
 from aws_cdk import aws_sns_subscriptions as subscriptions
 
 from certrotator.ops.schedule.aws import POLICY_ENV, TEMPLATE_ENV, scheduled_handler
+from certrotator_infra.parts import RotatorStack
 from certrotator_infra.permissions import IotResource, renewal_grants
 from certrotator_infra.reconcile import TopicDestination
-
-if TYPE_CHECKING:
-    from certrotator_infra.stack import CertificateRotatorStack
 
 NAME_SUFFIX: Final = "Renewal"  # the function and the schedule rule: "<stack>Renewal"
 HANDLER: Final = f"{scheduled_handler.__module__}.{scheduled_handler.__name__}"
@@ -55,7 +53,7 @@ class Renewal:
     audit_role: iam.Role | None  # the role Device Defender publishes with
 
 
-def renewal(stack: CertificateRotatorStack, code: lambda_.Code, template_id: str) -> Renewal:
+def renewal(stack: RotatorStack, code: lambda_.Code, template_id: str) -> Renewal:
     config = stack.config
     name = f"{config.stack_name}{NAME_SUFFIX}"
     template = IotResource(f"jobtemplate/{template_id}")
@@ -122,7 +120,7 @@ def renewal(stack: CertificateRotatorStack, code: lambda_.Code, template_id: str
     return Renewal(function, role, log_group, rule, audit_topic, audit_role)
 
 
-def _audit_trigger(stack: CertificateRotatorStack, function: lambda_.Function) -> tuple[sns.Topic, iam.Role]:
+def _audit_trigger(stack: RotatorStack, function: lambda_.Function) -> tuple[sns.Topic, iam.Role]:
     """The topic Device Defender's audits notify (under the stack's key, TLS only), the role they publish
     with (only this account's IoT may assume it), and the function's subscription."""
     name = stack.config.stack_name
