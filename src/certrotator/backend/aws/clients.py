@@ -51,13 +51,13 @@ def is_not_found(exc: ClientError) -> bool:
     return error_code(exc) == NOT_FOUND
 
 
-def unless_missing(call: Callable[[], T]) -> T | None:
-    """`call()`'s answer, or None when AWS says its resource does not exist (ResourceNotFoundException);
-    every other error propagates."""
+def unless_missing(call: Callable[[], T], missing: Callable[[ClientError], bool] = is_not_found) -> T | None:
+    """`call()`'s answer, or None when the error says its resource does not exist (`missing`: by default
+    AWS's ResourceNotFoundException); every other error propagates."""
     try:
         return call()
     except ClientError as exc:
-        if is_not_found(exc):
+        if missing(exc):
             return None
         raise
 

@@ -21,6 +21,9 @@ from botocore.exceptions import (
     ProfileNotFound,
 )
 
+from certrotator.backend.aws import clients as backend_clients
+from certrotator.backend.aws.clients import error_code as error_code  # noqa: PLC0414  (one spelling of it)
+
 if TYPE_CHECKING:
     from mypy_boto3_cloudformation import CloudFormationClient
     from mypy_boto3_greengrassv2 import GreengrassV2Client
@@ -116,10 +119,6 @@ class AwsClients:
 # --------------------------------------------------------------------------------------------- errors
 
 
-def error_code(exc: ClientError) -> str:
-    return str(exc.response.get("Error", {}).get("Code", ""))
-
-
 def is_not_found(exc: ClientError) -> bool:
     return error_code(exc) in NOT_FOUND_CODES
 
@@ -128,14 +127,9 @@ T = TypeVar("T")
 
 
 def unless_missing(call: Callable[[], T]) -> T | None:
-    """`call()`'s answer, or None when AWS says its resource does not exist (`is_not_found`); every other
-    error propagates."""
-    try:
-        return call()
-    except ClientError as exc:
-        if is_not_found(exc):
-            return None
-        raise
+    """`call()`'s answer, or None when AWS says its resource does not exist (`is_not_found`, the wider
+    set of not-found codes of the services the operator's commands call); every other error propagates."""
+    return backend_clients.unless_missing(call, is_not_found)
 
 
 @contextmanager
