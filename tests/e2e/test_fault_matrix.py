@@ -114,7 +114,9 @@ def test_the_other_faults_of_a_plan_end_on_a_working_pair(tmp_path: Path) -> Non
     assert statuses[1] == "FAILED"  # the new pair cannot connect: rolled back, new certificate deleted
     assert statuses[2] == "SUCCEEDED"  # late, not lost
     if skew:
-        assert statuses[3:] == ["SUCCEEDED", "SUCCEEDED"]  # the device checks no dates of its own
+        # The key stores refuse a certificate outside its validity, but neither skew puts it there: an hour
+        # ahead is past its notBefore, two minutes behind is within the 60-minute notBefore allowance.
+        assert statuses[3:] == ["SUCCEEDED", "SUCCEEDED"]
 
 
 def test_a_slow_issuer_loses_the_race_with_the_device_and_nothing_is_left_behind(tmp_path: Path) -> None:
