@@ -93,7 +93,7 @@ def outage(tmp_path: Path, count: int, *engine_args: str) -> Iterator[Outage]:
     # EngineProcess passes `--port 0`; a later --port wins, as for any option given twice.
     engine = EngineProcess(data, args=["--port", str(free_port()), *engine_args])
     engine.start()
-    remote = RemoteEngine(data)
+    remote = engine.open_handle()
     try:
         with SimulatedFleet(remote, tmp_path, threads=1) as fleet:
             devices = fleet.provision(count, state_timeout_s=STATE_TIMEOUT_S)
@@ -295,3 +295,4 @@ def pending_terminal_work(o: Outage) -> list[tuple[str, str, str]]:
         return [(w.thing, w.job_id, w.status.value) for w in TerminalWorkStore(db).pending()]
     finally:
         db.close()
+

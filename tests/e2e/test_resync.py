@@ -50,7 +50,7 @@ def engine_and_fleet(
     # `local up` gets `--port 0` from the handle; a later --port wins, as for any option given twice.
     engine = EngineProcess(data, args=["--port", str(port)])
     engine.start()
-    remote = RemoteEngine(data)
+    remote = engine.open_handle()
     try:
         assert remote.port == port
         with SimulatedFleet(remote, tmp_path, threads=1) as fleet:
@@ -260,3 +260,4 @@ def test_a_job_created_while_the_agents_are_cut_off_is_picked_up_when_they_recon
                 )
         finally:
             relay.close()
+

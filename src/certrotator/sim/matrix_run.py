@@ -87,7 +87,7 @@ def run_batch(
         data, ["--port", str(free_port()), "--max-in-flight", "0", "--faults", str(plan_path)]
     )
     engine.start()
-    remote = RemoteEngine(data)
+    remote = engine.open_handle()
     try:
         with SimulatedFleet(remote, work, threads=1, resync_s=settings.resync_s) as fleet:
             devices = fleet.provision(
@@ -254,3 +254,4 @@ def main(argv: list[str]) -> int:
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))
+

@@ -154,6 +154,16 @@ class EngineProcess:
         self.stop()
         raise EngineGone(f"the engine did not start in {timeout_s:g} s; see {self.log}")
 
+    def open_handle(self) -> RemoteEngine:
+        """A handle on this running engine. The engine is stopped if none can be opened (e.g. its data
+        directory is of a newer schema than this process knows), so a caller's clean-up, which needs
+        the handle, cannot leave the engine process behind."""
+        try:
+            return RemoteEngine(self.data_dir)
+        except BaseException:
+            self.stop()
+            raise
+
     def stop(self, timeout_s: float = 30.0) -> None:
         process, self.process = self.process, None
         if process is None or process.poll() is not None:
