@@ -25,8 +25,8 @@ from certrotator.console import fail
 _LAZY_GROUPS: dict[str, tuple[str, str]] = {
     "component": ("certrotator.ops.component.cli", "component_app"),
     "aws": ("certrotator.ops.aws.cli", "aws_app"),
-    "local": ("certrotator.local.cli", "local_app"),
-    "jobs": ("certrotator.local.cli", "jobs_app"),
+    "local": ("certrotator.local_cli", "local_app"),
+    "jobs": ("certrotator.local_cli", "jobs_app"),
 }
 # Single commands, the same way: (module, function with typer annotations).
 _LAZY_COMMANDS: dict[str, tuple[str, str]] = {

@@ -14,7 +14,8 @@ import typer
 from certrotator.backend.ports import CertificateStatus
 from certrotator.console import fail
 from certrotator.local import admin
-from certrotator.local.cli.common import (
+from certrotator.local.registry import RULES, RegistryError
+from certrotator.local_cli.common import (
     DEFAULT_DATA_DIR,
     DataDir,
     JsonFlag,
@@ -28,7 +29,6 @@ from certrotator.local.cli.common import (
     rule_app,
     when,
 )
-from certrotator.local.registry import RULES, RegistryError
 
 
 @certificate_app.command("set-status")

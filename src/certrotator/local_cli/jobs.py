@@ -13,7 +13,9 @@ from rich.progress import BarColumn, Progress, TextColumn
 
 from certrotator.console import fail
 from certrotator.local import operations
-from certrotator.local.cli.common import (
+from certrotator.local.jobs import DEFAULT_TEMPLATE, JobError, JobStore
+from certrotator.local.registry import RegistryError
+from certrotator.local_cli.common import (
     DEFAULT_DATA_DIR,
     DataDir,
     JsonFlag,
@@ -24,8 +26,6 @@ from certrotator.local.cli.common import (
     jobs_app,
     open_stores,
 )
-from certrotator.local.jobs import DEFAULT_TEMPLATE, JobError, JobStore
-from certrotator.local.registry import RegistryError
 from certrotator.protocol import (
     ACTIVE_EXECUTION_STATUSES,
     FAILURE_REASON_KEY,

@@ -5,7 +5,7 @@ that change live state go through the running engine's admin endpoint, or straig
 when no engine runs (the engine catches up when it starts). One module per group of commands; importing
 them registers their commands on the apps in `common`."""
 
-from certrotator.local.cli import engine, jobs, registry  # noqa: F401  (registers the commands)
-from certrotator.local.cli.common import jobs_app, local_app
+from certrotator.local_cli import engine, jobs, registry  # noqa: F401  (registers the commands)
+from certrotator.local_cli.common import jobs_app, local_app
 
 __all__ = ["jobs_app", "local_app"]

@@ -13,11 +13,11 @@ from certrotator import crypto
 from certrotator.console import fail
 from certrotator.local import admin
 from certrotator.local.ca import IssuerName, load_local_ca
-from certrotator.local.cli.common import DEFAULT_DATA_DIR, DataDir, console, local_app, open_stores
 from certrotator.local.faults import FaultPlanError, load_plan
 from certrotator.local.jobs import DEFAULT_MAX_IN_FLIGHT
 from certrotator.local.provision import provision_thing
 from certrotator.local.registry import RegistryError
+from certrotator.local_cli.common import DEFAULT_DATA_DIR, DataDir, console, local_app, open_stores
 
 # -------------------------------------------------------------------------------------------- engine
 
