@@ -21,6 +21,9 @@ from certrotator.ops.aws.clients import (
     thing_group_arn,
 )
 
+# A component version's state (GreengrassV2 CreateComponentVersion), not a job execution status.
+COMPONENT_VERSION_FAILED: Final = "FAILED"
+
 DEFAULT_COMPONENT: Final = "aws.greengrass.labs.CertificateRotator"
 NUCLEUS: Final = "aws.greengrass.Nucleus"
 BUCKET_PLACEHOLDER: Final = "{BUCKET_NAME}"
@@ -244,7 +247,7 @@ def publish_component(clients: AwsClients, build_dir: Path, bucket: str | None =
     created = clients.greengrass.create_component_version(inlineRecipe=recipe_text.encode())
     status = created.get("status", {})
     state = str(status.get("componentState", "REQUESTED"))
-    if state == "FAILED":
+    if state == COMPONENT_VERSION_FAILED:
         errors = "; ".join(f"{k}: {v}" for k, v in (status.get("errors") or {}).items())
         raise OperationError(
             f"Greengrass rejected {build.name} {build.version}: {status.get('message', '')} {errors}".strip()
