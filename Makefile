@@ -59,21 +59,27 @@ if command -v pyenv >/dev/null 2>&1; then \
 exit 0
 endef
 
-# SoftHSM2 backs the PKCS#11 key-store tests. Installed with apt when missing; never fatal when it cannot be.
-softhsm:
-	@if [ -e "$(SOFTHSM_MODULE)" ]; then exit 0; fi; \
+# Debian packages the tests use, installed with apt when missing; never fatal when they cannot be.
+# $(call apt_package,PACKAGE,SHELL TEST THAT IT IS THERE,WHAT NEEDS IT)
+define apt_package
+	@if $(2); then exit 0; fi; \
 	if ! command -v apt-get >/dev/null 2>&1; then \
-	  echo "warning: $(SOFTHSM_MODULE) is missing and apt-get is not available: install SoftHSM2 yourself;" \
-	       "the PKCS#11 tests need it." >&2; exit 0; fi; \
+	  echo "warning: $(1) is missing and apt-get is not available: install it yourself; $(3)." >&2; exit 0; fi; \
 	if [ "$$(id -u)" -eq 0 ]; then SUDO=""; \
 	elif command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then SUDO="sudo -n"; \
-	else echo "warning: $(SOFTHSM_MODULE) is missing and installing it needs root:" \
-	          "run 'sudo apt-get install -y softhsm2'; the PKCS#11 tests need it." >&2; exit 0; fi; \
+	else echo "warning: $(1) is missing and installing it needs root:" \
+	          "run 'sudo apt-get install -y $(1)'; $(3)." >&2; exit 0; fi; \
 	export DEBIAN_FRONTEND=noninteractive; \
 	if ! compgen -G '/var/lib/apt/lists/*_Packages*' >/dev/null; then $$SUDO apt-get update -qq; fi; \
-	if ! $$SUDO apt-get install -y -qq softhsm2; then \
-	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq softhsm2; fi; \
-	test -e "$(SOFTHSM_MODULE)" || { echo "error: softhsm2 installed but $(SOFTHSM_MODULE) is missing" >&2; exit 1; }
+	if ! $$SUDO apt-get install -y -qq $(1); then \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq $(1); fi; \
+	$(2) || { echo "error: $(1) installed but not found" >&2; exit 1; }
+endef
+
+# SoftHSM2 backs the PKCS#11 key-store tests; libfaketime runs the fault matrix's clock-skewed devices.
+softhsm:
+	$(call apt_package,softhsm2,test -e "$(SOFTHSM_MODULE)",the PKCS#11 tests need it)
+	$(call apt_package,libfaketime,compgen -G '/usr/lib/*/faketime/libfaketime.so.1' >/dev/null,the clock-skew fault tests need it)
 
 lint: venv
 	$(BIN)/ruff check $(LINT_PATHS)
