@@ -17,24 +17,14 @@ from moto import mock_aws
 
 from certrotator.backend.aws import lambdas
 from certrotator.backend.aws.clients import Clients, get_clients, reset_clients
+from tests.aws_isolation import isolate_from_aws
 
-from .support import DEAD_PROXY, MOTO_DATA_ENDPOINT, REGION, TestCa
+from .support import REGION, TestCa
 
 
 @pytest.fixture(autouse=True)
 def aws_sandbox(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    for name in ("HTTPS_PROXY", "HTTP_PROXY", "https_proxy", "http_proxy"):
-        monkeypatch.setenv(name, DEAD_PROXY)
-    for name in ("NO_PROXY", "no_proxy", "AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL"):
-        monkeypatch.delenv(name, raising=False)
-    nowhere = tmp_path_factory.mktemp("aws") / "none"
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(nowhere))
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(nowhere))
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", REGION)
-    monkeypatch.setenv("AWS_REGION", REGION)
-    monkeypatch.setenv("IOT_DATA_ENDPOINT", MOTO_DATA_ENDPOINT)
+    isolate_from_aws(monkeypatch, tmp_path_factory, REGION)
     monkeypatch.setenv("IOT_JOBS_ENDPOINT", f"data.jobs.iot.{REGION}.amazonaws.com")
     # The entry points copy the powertools handler onto the "certrotator" logger; undo that so
     # tests elsewhere see the standard logging setup again.

@@ -34,10 +34,10 @@ from certrotator.backend.ports import RotationState
 from certrotator.ops.reconcile.aws import ANNOUNCE_SHADOW_NAME, scheduled_handler
 from certrotator.ops.reconcile.policy import DEFAULT_SETTLE_S, HANDLER_GRACE_S
 from certrotator.protocol import RotationProgress, encode
+from tests.aws_isolation import isolate_from_aws
 
 REGION = "us-east-1"
 ACCOUNT = "123456789012"  # moto's
-DEAD_PROXY = "http://127.0.0.1:9"  # a client that escapes moto fails at once
 STATE_SHADOW = "AWSLabsCertificateRotator"
 HOUR = 3600.0
 
@@ -56,18 +56,7 @@ NOT_EXERCISED = {
 
 @pytest.fixture(autouse=True)
 def aws_sandbox(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> None:
-    for name in ("HTTPS_PROXY", "HTTP_PROXY", "https_proxy", "http_proxy"):
-        monkeypatch.setenv(name, DEAD_PROXY)
-    for name in ("NO_PROXY", "no_proxy", "AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_SESSION_TOKEN"):
-        monkeypatch.delenv(name, raising=False)
-    nowhere = tmp_path_factory.mktemp("aws") / "none"
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(nowhere))
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(nowhere))
-    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", REGION)
-    monkeypatch.setenv("IOT_DATA_ENDPOINT", f"data-ats.iot.{REGION}.amazonaws.com")
+    isolate_from_aws(monkeypatch, tmp_path_factory, REGION)
 
 
 class Account:

@@ -30,10 +30,10 @@ from moto.iot.models import iot_backends
 from certrotator.compat import UTC
 from certrotator.ops.schedule.aws import scheduled_handler
 from certrotator.protocol import JOB_DOCUMENT
+from tests.aws_isolation import isolate_from_aws
 
 REGION = "us-east-1"
 ACCOUNT = "123456789012"  # moto's
-DEAD_PROXY = "http://127.0.0.1:9"
 EXPIRING_CHECK = "DEVICE_CERTIFICATE_EXPIRING_CHECK"
 TASK_ID = "4e2bcd1ccbc2a5dd15292a82ab80c380"
 
@@ -50,17 +50,7 @@ ALWAYS_UNUSED = {
 
 @pytest.fixture(autouse=True)
 def aws_sandbox(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> None:
-    for name in ("HTTPS_PROXY", "HTTP_PROXY", "https_proxy", "http_proxy"):
-        monkeypatch.setenv(name, DEAD_PROXY)
-    for name in ("NO_PROXY", "no_proxy", "AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_SESSION_TOKEN"):
-        monkeypatch.delenv(name, raising=False)
-    nowhere = tmp_path_factory.mktemp("aws") / "none"
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(nowhere))
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(nowhere))
-    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", REGION)
+    isolate_from_aws(monkeypatch, tmp_path_factory, REGION)
 
 
 class Account:

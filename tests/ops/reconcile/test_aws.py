@@ -36,28 +36,16 @@ from certrotator.ops.reconcile.aws import (
 from certrotator.ops.reconcile.policy import DEFAULT_SETTLE_S
 from certrotator.ops.reconcile.runner import Options, reconcile
 from certrotator.protocol import JOB_DOCUMENT, RotationProgress, encode
+from tests.aws_isolation import isolate_from_aws
 
 REGION = "us-east-1"
 ACCOUNT = "123456789012"  # moto's default account
-DEAD_PROXY = "http://127.0.0.1:9"
 HOUR = 3600.0
 
 
 @pytest.fixture(autouse=True)
 def aws_sandbox(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> None:
-    for name in ("HTTPS_PROXY", "HTTP_PROXY", "https_proxy", "http_proxy"):
-        monkeypatch.setenv(name, DEAD_PROXY)
-    for name in ("NO_PROXY", "no_proxy", "AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_SESSION_TOKEN"):
-        monkeypatch.delenv(name, raising=False)
-    nowhere = tmp_path_factory.mktemp("aws") / "none"
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(nowhere))
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(nowhere))
-    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", REGION)
-    # moto's iot-data answers only on the default host, not DescribeEndpoint's account-specific one
-    monkeypatch.setenv("IOT_DATA_ENDPOINT", f"data-ats.iot.{REGION}.amazonaws.com")
+    isolate_from_aws(monkeypatch, tmp_path_factory, REGION)
 
 
 @dataclass

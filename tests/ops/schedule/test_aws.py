@@ -28,28 +28,17 @@ from certrotator.ops.schedule.policy import Verdict
 from certrotator.ops.schedule.runner import run
 from certrotator.ops.schedule.settings import DAY, Settings
 from certrotator.protocol import JOB_DOCUMENT
+from tests.aws_isolation import isolate_from_aws
 
 REGION = "us-east-1"
 ACCOUNT = "123456789012"  # moto's default account
-DEAD_PROXY = "http://127.0.0.1:9"
 TEMPLATE = "AWSLabsCertificateRotator"
 RENEW_30D = Settings(renew_before_s=30 * DAY)
 
 
 @pytest.fixture(autouse=True)
 def aws_sandbox(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> None:
-    for name in ("HTTPS_PROXY", "HTTP_PROXY", "https_proxy", "http_proxy"):
-        monkeypatch.setenv(name, DEAD_PROXY)
-    for name in ("NO_PROXY", "no_proxy", "AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_SESSION_TOKEN"):
-        monkeypatch.delenv(name, raising=False)
-    nowhere = tmp_path_factory.mktemp("aws") / "none"
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(nowhere))
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(nowhere))
-    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", REGION)
-    monkeypatch.setenv("AWS_REGION", REGION)
+    isolate_from_aws(monkeypatch, tmp_path_factory, REGION)
 
 
 class Fleet:
