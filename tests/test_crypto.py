@@ -15,7 +15,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, padding, rsa
-from cryptography.x509.oid import NameOID, SignatureAlgorithmOID
+from cryptography.x509.oid import NameOID
 
 from certrotator import crypto
 from certrotator.crypto import (
@@ -28,23 +28,13 @@ from certrotator.crypto import (
     PrivateKey,
     SigningAlgorithm,
 )
+from tests.signature_oids import SIGNATURE_OIDS
 
 SUBJECT = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "device-1")])
 
 COMBOS = [(k, s) for k in KeyAlgorithm for s in SigningAlgorithm if k.family is s.family]
 MISMATCHES = [(k, s) for k in KeyAlgorithm for s in SigningAlgorithm if k.family is not s.family]
 
-_SIGNATURE_OIDS = {
-    SigningAlgorithm.SHA256WITHRSA: SignatureAlgorithmOID.RSA_WITH_SHA256,
-    SigningAlgorithm.SHA384WITHRSA: SignatureAlgorithmOID.RSA_WITH_SHA384,
-    SigningAlgorithm.SHA512WITHRSA: SignatureAlgorithmOID.RSA_WITH_SHA512,
-    SigningAlgorithm.SHA256WITHRSAANDMGF1: SignatureAlgorithmOID.RSASSA_PSS,
-    SigningAlgorithm.SHA384WITHRSAANDMGF1: SignatureAlgorithmOID.RSASSA_PSS,
-    SigningAlgorithm.SHA512WITHRSAANDMGF1: SignatureAlgorithmOID.RSASSA_PSS,
-    SigningAlgorithm.ECDSA_WITH_SHA256: SignatureAlgorithmOID.ECDSA_WITH_SHA256,
-    SigningAlgorithm.ECDSA_WITH_SHA384: SignatureAlgorithmOID.ECDSA_WITH_SHA384,
-    SigningAlgorithm.ECDSA_WITH_SHA512: SignatureAlgorithmOID.ECDSA_WITH_SHA512,
-}
 
 
 def _combo_id(combo: tuple[KeyAlgorithm, SigningAlgorithm]) -> str:
@@ -125,7 +115,7 @@ def _assert_csr(pem: str, key: PrivateKey, algorithm: SigningAlgorithm) -> None:
     assert crypto.key_algorithm_of(info.public_key) is crypto.key_algorithm_of(key.public_key())
 
     digest = algorithm.hash()
-    assert csr.signature_algorithm_oid == _SIGNATURE_OIDS[algorithm]
+    assert csr.signature_algorithm_oid == SIGNATURE_OIDS[algorithm]
     assert csr.signature_hash_algorithm is not None
     requested = re.search(r"SHA(256|384|512)", algorithm.value)
     assert requested is not None

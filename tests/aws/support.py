@@ -140,3 +140,14 @@ def sign_csrs_for_real(clients: Clients, ca: TestCa) -> None:
         "before-call.iot.CreateCertificateFromCsr",
         create_from_csr,  # type: ignore[arg-type]
     )
+
+
+def calls(client: Any, event: str) -> list[dict[str, Any]]:
+    """Record the parameters of every call matching `event` (e.g. 'iot.DescribeEndpoint')."""
+    seen: list[dict[str, Any]] = []
+
+    def record(params: dict[str, Any], **_: Any) -> None:
+        seen.append(dict(params))
+
+    client.meta.events.register(f"provide-client-params.{event}", record)
+    return seen

@@ -41,6 +41,7 @@ from .support import (
     REGION,
     ROTATION_DOCUMENT,
     TestCa,
+    calls,
     execution_response,
     provision,
 )
@@ -51,15 +52,6 @@ def registry(clients: Clients, sleeps: list[float] | None = None) -> IotRegistry
     return IotRegistry(clients, account=ACCOUNT, sleep=recorded.append)
 
 
-def calls(client: Any, event: str) -> list[dict[str, Any]]:
-    """Record the parameters of every call matching `event` (e.g. 'iot.DescribeEndpoint')."""
-    seen: list[dict[str, Any]] = []
-
-    def record(params: dict[str, Any], **_: Any) -> None:
-        seen.append(dict(params))
-
-    client.meta.events.register(f"provide-client-params.{event}", record)
-    return seen
 
 
 # -------------------------------------------------------------------------------------------- clients

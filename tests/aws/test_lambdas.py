@@ -35,6 +35,7 @@ from .support import (
     ROTATION_DOCUMENT,
     Device,
     TestCa,
+    calls,
     execution_response,
     provision,
     sign_csrs_for_real,
@@ -285,15 +286,6 @@ def execution_event(thing: str, job_id: str, status: JobExecutionStatus) -> dict
     }
 
 
-def calls(client: Any, event: str) -> list[dict[str, Any]]:
-    """Record the parameters of every call matching `event` (e.g. 'iot.DeleteCertificate')."""
-    seen: list[dict[str, Any]] = []
-
-    def record(params: dict[str, Any], **_: Any) -> None:
-        seen.append(dict(params))
-
-    client.meta.events.register(f"provide-client-params.{event}", record)
-    return seen
 
 
 def write_reported(clients: Clients, thing: str, reported: dict[str, Any]) -> None:

@@ -22,7 +22,6 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
-from cryptography.x509.oid import SignatureAlgorithmOID
 from pkcs11 import Attribute, ObjectClass
 from pkcs11.exceptions import DeviceError
 
@@ -41,6 +40,7 @@ from certrotator.device.keystores.pkcs11.location import (
 from certrotator.device.keystores.pkcs11.signing import token_signer
 from certrotator.device.keystores.pkcs11.store import CRASH_POINTS, Pkcs11KeyStore
 from certrotator.device.keystores.pkcs11.token import token_error
+from tests.signature_oids import SIGNATURE_OIDS
 
 from .softhsm import (
     CERT_LABEL,
@@ -60,17 +60,6 @@ from .softhsm import (
 
 HELPER = Path(__file__).with_name("pkcs11_crash_helper.py")
 TOKEN_KEY_ALGORITHMS = [a for a in KeyAlgorithm if a is not KeyAlgorithm.ECDSA_P521]
-_SIGNATURE_OIDS = {
-    SigningAlgorithm.SHA256WITHRSA: SignatureAlgorithmOID.RSA_WITH_SHA256,
-    SigningAlgorithm.SHA384WITHRSA: SignatureAlgorithmOID.RSA_WITH_SHA384,
-    SigningAlgorithm.SHA512WITHRSA: SignatureAlgorithmOID.RSA_WITH_SHA512,
-    SigningAlgorithm.SHA256WITHRSAANDMGF1: SignatureAlgorithmOID.RSASSA_PSS,
-    SigningAlgorithm.SHA384WITHRSAANDMGF1: SignatureAlgorithmOID.RSASSA_PSS,
-    SigningAlgorithm.SHA512WITHRSAANDMGF1: SignatureAlgorithmOID.RSASSA_PSS,
-    SigningAlgorithm.ECDSA_WITH_SHA256: SignatureAlgorithmOID.ECDSA_WITH_SHA256,
-    SigningAlgorithm.ECDSA_WITH_SHA384: SignatureAlgorithmOID.ECDSA_WITH_SHA384,
-    SigningAlgorithm.ECDSA_WITH_SHA512: SignatureAlgorithmOID.ECDSA_WITH_SHA512,
-}
 
 
 def signing_algorithms(key_algorithm: KeyAlgorithm) -> list[SigningAlgorithm]:
@@ -138,7 +127,7 @@ def check_csr(
     """Verify the CSR's signature ourselves, with exactly the parameters AWS IoT expects."""
     csr = x509.load_pem_x509_csr(csr_pem.encode())
     assert csr.subject == DEVICE_SUBJECT
-    assert csr.signature_algorithm_oid == _SIGNATURE_OIDS[signing_algorithm]
+    assert csr.signature_algorithm_oid == SIGNATURE_OIDS[signing_algorithm]
     assert crypto.key_algorithm_of(csr.public_key()) is key_algorithm
     public = csr.public_key()
     digest = signing_algorithm.hash()
