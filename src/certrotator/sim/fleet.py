@@ -37,6 +37,8 @@ from certrotator.protocol import (
 from certrotator.sim.report import JobReport, Problem
 from certrotator.sim.softhsm import SoftHsm
 
+# What the agent logs once it is connected and subscribed: it can hear its job from then on.
+AGENT_SUBSCRIBED_LOG = "connected and subscribed"
 OPEN = (*ACTIVE_EXECUTION_STATUSES, PENDING_ROLLOUT)
 # Where OpenSSL-style libraries (aws-lc in the AWS CRT) find the default trust store.
 _DEFAULT_TRUST_ENV = ("SSL_CERT_FILE", "SSL_CERT_DIR")
@@ -184,11 +186,19 @@ class SimulatedFleet(Generic[H]):
         each with its device's environment (its SoftHSM2 configuration) plus `env`; returns once each
         is connected to the engine. `stop_agents` (and closing the fleet) ends them."""
         processes = [self.start_agent_process(d, env) for d in devices]
-        if not self.wait_connected(devices, timeout_s):
+        # Connected is not enough: until its SUBSCRIBEs are answered an agent cannot hear its job, and a
+        # connection lost before then is a fresh start to it, not a resumed one.
+        if not (self.wait_connected(devices, timeout_s) and self._wait_subscribed(devices, timeout_s)):
             self.stop_agents()
             logs = [str(d.directory / "agent.log") for d in devices]
-            raise TimeoutError(f"agent processes did not connect in {timeout_s:g} s; see {logs}")
+            raise TimeoutError(f"agent processes did not connect and subscribe in {timeout_s:g} s; see {logs}")
         return processes
+
+    def _wait_subscribed(self, devices: list[SimulatedDevice], timeout_s: float) -> bool:
+        def subscribed() -> bool:
+            return all(AGENT_SUBSCRIBED_LOG in (d.directory / "agent.log").read_text(errors="replace") for d in devices)
+
+        return self.engine.wait_for(subscribed, timeout_s, 0.05)
 
     def start_agent_process(
         self, device: SimulatedDevice, env: dict[str, str] | None = None

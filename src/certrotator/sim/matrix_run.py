@@ -40,7 +40,7 @@ from certrotator.protocol import (
     RotationProgress,
 )
 from certrotator.sim.faults import FaultDriver
-from certrotator.sim.fleet import KeyStoreKind, SimulatedDevice, SimulatedFleet
+from certrotator.sim.fleet import AGENT_SUBSCRIBED_LOG, KeyStoreKind, SimulatedDevice, SimulatedFleet
 from certrotator.sim.matrix import STEP_RULES, Cell, CellResult, Fault, plan_for, thing_name, to_toml
 
 log = logging.getLogger("certrotator.sim")
@@ -48,7 +48,6 @@ log = logging.getLogger("certrotator.sim")
 GROUP = "cell"
 JOB = "matrix"
 OPEN = {*(s.value for s in ACTIVE_EXECUTION_STATUSES), PENDING_ROLLOUT}
-SUBSCRIBED = "connected and subscribed"  # the agent's log line once it can hear its job
 
 
 @dataclass(frozen=True)
@@ -97,7 +96,7 @@ def run_batch(
             with FaultDriver(fleet, faults, engine) as driver:
                 driver.start_agents(devices)
                 subscribed = remote.wait_for(
-                    lambda: all(SUBSCRIBED in agent_log(d) for d in devices), 60, 0.1
+                    lambda: all(AGENT_SUBSCRIBED_LOG in agent_log(d) for d in devices), 60, 0.1
                 )
                 if not subscribed:
                     raise TimeoutError(f"agents did not subscribe; see the agent.log files under {work}")
