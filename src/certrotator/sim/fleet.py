@@ -194,6 +194,18 @@ class SimulatedFleet(Generic[H]):
             raise TimeoutError(f"agent processes did not connect and subscribe in {timeout_s:g} s; see {logs}")
         return processes
 
+    def _wait_cleaned_up(self, job_id: str, timeout_s: float = 10.0) -> None:
+        """The terminal clean-up runs just after a status change commits (local.terminal_work), so a
+        reader in another process can see SUCCEEDED before the old certificate is gone: wait (bounded)
+        until each succeeded thing holds one certificate; what does not settle, verify() reports."""
+        things = [e.thing for e in self.engine.executions(job_id) if e.status is JobExecutionStatus.SUCCEEDED]
+        if things:
+            self.engine.wait_for(
+                lambda: all(len(ids) == 1 for ids in self.engine.attached_certificates(things).values()),
+                timeout_s,
+                0.05,
+            )
+
     def _wait_subscribed(self, devices: list[SimulatedDevice], timeout_s: float) -> bool:
         def subscribed() -> bool:
             return all(AGENT_SUBSCRIBED_LOG in (d.directory / "agent.log").read_text(errors="replace") for d in devices)
@@ -287,6 +299,8 @@ class SimulatedFleet(Generic[H]):
 
         finished = self.engine.wait_for(done, timeout_s, tick_s=0.25)
         duration = time.monotonic() - started
+        if finished:
+            self._wait_cleaned_up(job_id)
         executions = self.engine.executions(job_id)
         report = JobReport(
             job_id=job_id,
