@@ -3,6 +3,9 @@ rotate-then-check-every-invariant step most tests share."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -33,3 +36,31 @@ def rotate_verified(fleet: Fleet, job_id: str, group: str = "fleet", timeout_s: 
     assert report.problems == [], report.problems
     assert report.verified == report.devices > 0
     return report
+
+
+def create_job_offline(data_dir: Path, job_id: str, *options: str) -> None:
+    """`certrotator jobs create --group fleet` as an operator runs it with no engine up: the shipped CLI
+    writes the job to the data directory, and says the engine will roll it out when it starts."""
+    created = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "certrotator.cli",
+            "jobs",
+            "create",
+            "--group",
+            "fleet",
+            "--job-id",
+            job_id,
+            *options,
+            "--data-dir",
+            str(data_dir),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "COLUMNS": "200"},
+        check=False,
+    )
+    assert created.returncode == 0, created.stdout + created.stderr
+    assert "no engine running" in created.stdout

@@ -9,11 +9,8 @@ certificate attached to each thing, and no other certificate left in the registr
 
 from __future__ import annotations
 
-import os
 import signal
 import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -29,6 +26,8 @@ from certrotator.local.registry import LocalRegistry
 from certrotator.local.terminal_work import CRASH_ENV, CRASH_TERMINAL_RECORDED, TerminalWorkStore
 from certrotator.protocol import ACTIVE_EXECUTION_STATUSES, PENDING_ROLLOUT, JobExecutionStatus
 from certrotator.sim.fleet import SimulatedDevice, SimulatedFleet
+
+from .harness import create_job_offline
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -188,30 +187,9 @@ def test_a_job_created_while_the_engine_is_down_rotates_every_device_once_it_is_
         o.start_agents()
         before = {d.thing: d.certificate_id() for d in o.devices}
         o.kill_engine()
-        created = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "certrotator.cli",
-                "jobs",
-                "create",
-                "--group",
-                "fleet",
-                "--job-id",
-                "while-down",
-                "--in-progress-timeout-minutes",
-                str(IN_PROGRESS_TIMEOUT_MINUTES),
-                "--data-dir",
-                str(o.engine.data_dir),
-            ],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            env={**os.environ, "COLUMNS": "200"},
-            check=False,
+        create_job_offline(
+            o.engine.data_dir, "while-down", "--in-progress-timeout-minutes", str(IN_PROGRESS_TIMEOUT_MINUTES)
         )
-        assert created.returncode == 0, created.stdout + created.stderr
-        assert "no engine running" in created.stdout
 
         o.engine.start()
         back = time.monotonic()

@@ -10,11 +10,9 @@ connection it gets (docs/reliability.md, "Device re-synchronisation").
 
 from __future__ import annotations
 
-import os
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -27,6 +25,8 @@ from certrotator.local.handles.process import EngineProcess, RemoteEngine
 from certrotator.local.operations import JobRequest
 from certrotator.protocol import JobExecutionStatus
 from certrotator.sim.fleet import SimulatedDevice, SimulatedFleet
+
+from .harness import create_job_offline
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -118,28 +118,7 @@ def test_a_job_created_while_the_engine_is_down_is_picked_up_after_it_comes_back
             engine.process.wait(timeout=30)
             engine.process = None
 
-            created = subprocess.run(
-                [
-                    sys.executable,
-                    "-m",
-                    "certrotator.cli",
-                    "jobs",
-                    "create",
-                    "--group",
-                    "fleet",
-                    "--job-id",
-                    "while-down",
-                    "--data-dir",
-                    str(engine.data_dir),
-                ],
-                capture_output=True,
-                text=True,
-                timeout=60,
-                env={**os.environ, "COLUMNS": "200"},
-                check=False,
-            )
-            assert created.returncode == 0, created.stderr
-            assert "no engine running" in created.stdout
+            create_job_offline(engine.data_dir, "while-down")
 
             engine.start()
             back = time.monotonic()
